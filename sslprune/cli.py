@@ -1,0 +1,209 @@
+"""Command line: demo, lottery, retrain, report. Config flags mirror the config dataclass fields
+(their help is the field's trailing comment in config.py); a --preset sets many at once, and
+flags given on the command line override it."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from pathlib import Path
+
+from . import config
+from .config import PRESETS, Experiment
+from .errors import UserError
+
+RUNTIME_DEFAULTS = {"levels": 3, "replicates": 1}
+
+
+def _field_help() -> dict[str, str]:
+    """Trailing comments of config.py's fields: one place documents each option."""
+    src = inspect.getsource(config)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]+#(.*)$", src, re.M)}
+
+
+def _sections():
+    return [(f.name, f.default_factory) for f in dataclasses.fields(Experiment)]
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    helps = _field_help()
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset (flags override it)")
+    for section, cls in _sections():
+        g = p.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            h = f"{helps.get(f.name, '')} [default: {default!r}]"
+            if isinstance(default, bool):
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+            elif isinstance(default, tuple):
+                g.add_argument(flag, type=_int_tuple, default=None, metavar="A,B,...", help=h)
+            else:
+                g.add_argument(flag, type=type(default), default=None, help=h)
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def resolve(args: argparse.Namespace) -> tuple[Experiment, dict]:
+    """defaults < preset < flags. Returns the experiment and run-time settings (levels, replicates)."""
+    values = dict(RUNTIME_DEFAULTS)
+    if args.preset:
+        values.update(PRESETS[args.preset])
+    for name in [f.name for _, cls in _sections() for f in dataclasses.fields(cls)] + list(RUNTIME_DEFAULTS):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    return Experiment.from_flat(values), {k: values[k] for k in RUNTIME_DEFAULTS}
+
+
+def _levels_arg(text: str) -> list[int]:
+    """'3' -> [3]; '0-5' -> [0..5]; '1,3,5' -> [1, 3, 5]."""
+    try:
+        out = []
+        for part in text.split(","):
+            a, _, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected levels like '3', '0-5' or '1,3', got '{text}'") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 [default: cpu]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sslprune", description="Prune convnets trained with or without "
+                                "labels (Caron et al. 2020) and measure what the pruned networks are worth.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the whole method in miniature (digits, no download, <10 min)",
+                       description="Labels- and RotNet-driven lottery-ticket pruning on scikit-learn's "
+                       "digits, masks re-trained on labels (winning ticket, re-init, random pruning), "
+                       "and a report.")
+    d.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder [default: demo_out]")
+    d.add_argument("--replicates", type=int, default=PRESETS["demo"]["replicates"], help="replicates (seeds)")
+    d.add_argument("--levels", type=int, default=PRESETS["demo"]["levels"], help="pruning levels after the dense one")
+    _common(d)
+
+    lo = sub.add_parser("lottery", help="iterative magnitude pruning: train, prune, reset, repeat",
+                        description="Runs levels 0..LEVELS for replicates 1..REPLICATES under ROOT/<name>, "
+                        "resuming whatever exists. Prints the experiment directory.")
+    add_config_flags(lo)
+    lo.add_argument("--root", type=Path, default=Path("runs"), help="where experiments live [default: runs]")
+    lo.add_argument("--data-root", default=None, help="dataset location (cifar10: folder holding "
+                    "cifar-10-batches-py, downloaded there when absent; imagefolder: folder or .tar.gz)")
+    lo.add_argument("--levels", type=int, default=None, help=f"prune this many levels after the dense "
+                    f"one [default: preset's, else {RUNTIME_DEFAULTS['levels']}]")
+    lo.add_argument("--replicates", type=int, default=None, help=f"run replicates 1..N [default: "
+                    f"preset's, else {RUNTIME_DEFAULTS['replicates']}]")
+    _common(lo)
+
+    r = sub.add_parser("retrain", help="re-train masks of a lottery run on labels",
+                       description="For each level: re-train the mask on labels with a fresh label head, "
+                       "from the winning ticket (rewind), a random re-init (reinit), or a random mask at "
+                       "the same density (random). Results go next to each level.")
+    r.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    r.add_argument("--reset", nargs="+", default=["rewind", "reinit", "random"],
+                   choices=["rewind", "reinit", "random"], help="which starts [default: all three]")
+    r.add_argument("--levels", type=_levels_arg, default=None,
+                   help="levels to evaluate: '3', '0-5' or '1,3' [default: every trained level]")
+    r.add_argument("--replicates", type=int, default=None, help="replicates 1..N [default: all found]")
+    r.add_argument("--data-root", default=None, help="override the data root saved with the run")
+    _common(r)
+
+    rep = sub.add_parser("report", help="results.csv, summary.md and plots from experiment directories")
+    rep.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
+    rep.add_argument("--out", type=Path, default=Path("report"), help="output folder [default: report]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args, argv)
+    except UserError as e:
+        print(f"sslprune: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_lottery(args, argv) -> int:
+    from .data import load_dataset
+    from .lottery import prepare, run_replicate
+
+    exp, run = resolve(args)
+    _check_counts(run["levels"], run["replicates"])
+    exp_dir = prepare(exp, args.root, args.data_root, ["lottery", *argv])
+    data = load_dataset(exp.data, args.data_root)
+    for replicate in range(1, run["replicates"] + 1):
+        run_replicate(exp, exp_dir, data, replicate, run["levels"], args.device, not args.quiet)
+    print(exp_dir)
+    return 0
+
+
+def cmd_retrain(args, argv) -> int:
+    from . import layout
+    from .data import load_dataset
+    from .lottery import load_experiment
+    from .retrain import retrain
+
+    exp, saved = load_experiment(args.run_dir)
+    data = load_dataset(exp.data, args.data_root or saved.get("data_root"))
+    reps = sorted(int(p.name.split("_")[1]) for p in args.run_dir.glob("replicate_*"))
+    if args.replicates:
+        reps = [r for r in reps if r <= args.replicates]
+    if not reps:
+        raise UserError(f"no replicates in {args.run_dir}; run 'sslprune lottery' first")
+    for r in reps:
+        levels = args.levels
+        if levels is None:
+            levels = sorted(int(p.parent.name.split("_")[1])
+                            for p in layout.replicate_dir(args.run_dir, r).glob(f"level_*/train/{layout.DONE}"))
+        for level in levels:
+            for reset in args.reset:
+                retrain(exp, args.run_dir, data, r, level, reset, args.device, not args.quiet)
+    print(args.run_dir)
+    return 0
+
+
+def cmd_report(args, argv) -> int:
+    from . import layout
+    from .report import write_report
+
+    dirs = []
+    for d in args.run_dirs:
+        if (d / layout.CONFIG).exists():
+            dirs.append(d)
+        else:
+            found = sorted(p.parent for p in d.glob(f"*/{layout.CONFIG}"))
+            if not found:
+                raise UserError(f"{d} holds no experiment (no {layout.CONFIG} in it or its subfolders)")
+            dirs += found
+    paths = write_report(dirs, args.out)
+    print("\n".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_demo(args, argv) -> int:
+    from .demo import run_demo
+
+    _check_counts(args.levels, args.replicates)
+    paths = run_demo(args.out, args.replicates, args.levels, args.device, not args.quiet)
+    print("\n".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _check_counts(levels: int, replicates: int) -> None:
+    if levels < 0 or replicates < 1:
+        raise UserError(f"--levels must be >= 0 and --replicates >= 1 (got {levels}, {replicates})")
+
+
+COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report}

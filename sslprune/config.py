@@ -1,0 +1,163 @@
+"""Typed, frozen configuration. Defaults mean "off"; the run directory is named by a hash of the
+non-default fields, so adding an option whose default changes nothing keeps old run names intact
+(open_lth's discipline).
+
+Presets are plain dicts of flag values applied before the user's own flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Data:
+    dataset: str = ""            # DATASETS key: digits | cifar10 | imagefolder
+    image_size: int = 0          # resize + centre-crop to this side (0 = keep native size)
+    train_per_class: int = 0     # keep the first N training images of each class (0 = all)
+    test_per_class: int = 0      # keep the first N test images of each class (0 = all)
+    crop_pad: int = 0            # random crop of an image zero-padded by this many pixels (0 = off)
+    flip: bool = False           # random horizontal flip
+
+
+@dataclass(frozen=True)
+class Model:
+    model: str = ""              # MODELS key
+
+
+@dataclass(frozen=True)
+class Task:
+    task: str = ""               # TASKS key: labels | rotation
+
+
+@dataclass(frozen=True)
+class Train:
+    optimizer: str = "sgd"       # sgd | adam
+    lr: float = 0.0
+    momentum: float = 0.0        # SGD only
+    weight_decay: float = 0.0    # L2 added to the gradient (Adam + L2, as in the paper)
+    batch_size: int = 0
+    epochs: int = 0
+    schedule: str = "constant"   # constant | step | cosine
+    milestones: tuple[int, ...] = ()  # epochs at which the step schedule multiplies lr by gamma
+    gamma: float = 0.1
+    warmup_epochs: int = 0       # linear warm-up from 0, in epochs (0 = off)
+
+
+@dataclass(frozen=True)
+class Prune:
+    fraction: float = 0.2        # fraction of the *surviving* prunable weights removed per level
+    reset: str = "rewind"        # how each level starts: rewind (winning ticket) | reinit (random re-init)
+    rewind: str = "0it"          # rewind point: "<N>it" (updates) or "<N>ep" (epochs); 0 = the init
+
+
+@dataclass(frozen=True)
+class Experiment:
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    task: Task = field(default_factory=Task)
+    train: Train = field(default_factory=Train)
+    prune: Prune = field(default_factory=Prune)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Experiment":
+        sections = {}
+        for f in fields(cls):
+            sub = f.default_factory  # the section's class
+            known = {g.name for g in fields(sub)}
+            given = d.get(f.name, {})
+            unknown = set(given) - known
+            if unknown:
+                raise UserError(f"unknown config field(s) {sorted(unknown)} in section '{f.name}'; "
+                                f"valid: {sorted(known)}")
+            vals = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+            sections[f.name] = sub(**vals)
+        return cls(**sections)
+
+    @classmethod
+    def from_flat(cls, values: dict) -> "Experiment":
+        """From flag-style values {field: value} (field names are unique across sections);
+        keys that are no config field (e.g. levels) are ignored."""
+        return cls(**{f.name: f.default_factory(**{g.name: values[g.name] for g in fields(f.default_factory)
+                                                    if g.name in values}) for f in fields(cls)})
+
+    def non_default(self) -> dict:
+        """Only the fields that differ from their default: what names the run."""
+        out = {}
+        for f in fields(self):
+            section = getattr(self, f.name)
+            default = type(section)()
+            diff = {g.name: _jsonable(getattr(section, g.name)) for g in fields(section)
+                    if getattr(section, g.name) != getattr(default, g.name)}
+            if diff:
+                out[f.name] = diff
+        return out
+
+    def hash(self) -> str:
+        blob = json.dumps(self.non_default(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def name(self) -> str:
+        return f"{self.task.task}_{self.model.model}_{self.data.dataset}_{self.hash()}"
+
+    def validate(self) -> None:
+        """Fail early, before any work, with the fix in the message."""
+        from .data import DATASETS
+        from .models import MODELS
+        from .tasks import TASKS
+        _choose("dataset", self.data.dataset, DATASETS)
+        _choose("model", self.model.model, MODELS)
+        _choose("task", self.task.task, TASKS)
+        _choose("optimizer", self.train.optimizer, {"sgd", "adam"})
+        _choose("schedule", self.train.schedule, {"constant", "step", "cosine"})
+        _choose("reset", self.prune.reset, {"rewind", "reinit"})
+        if not 0.0 < self.prune.fraction < 1.0:
+            raise UserError(f"--fraction must be in (0, 1), got {self.prune.fraction}")
+        for name in ("lr", "batch_size", "epochs"):
+            if getattr(self.train, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got "
+                                f"{getattr(self.train, name)}); set it or pick a --preset")
+        if self.train.weight_decay < 0 or self.train.momentum < 0:
+            raise UserError("--weight-decay and --momentum must be >= 0")
+        parse_rewind(self.prune.rewind)
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _choose(what: str, name: str, valid) -> None:
+    if not name:
+        raise UserError(f"--{what} is required; choose one of: {', '.join(sorted(valid))}")
+    if name not in valid:
+        raise UserError(f"unknown {what} '{name}'; choose one of: {', '.join(sorted(valid))}")
+
+
+def parse_rewind(text: str) -> tuple[int, str]:
+    """'3ep' -> (3, 'ep'); '100it' -> (100, 'it')."""
+    for unit in ("ep", "it"):
+        if text.endswith(unit) and text[: -len(unit)].isdigit():
+            return int(text[: -len(unit)]), unit
+    raise UserError(f"--rewind must look like '1ep' (epochs) or '500it' (updates), got '{text}'")
+
+
+# Presets: flag values, applied before the user's flags (which override them). `levels` and
+# `replicates` are run-time settings: they extend a run without renaming it.
+PRESETS: dict[str, dict] = {
+    # The miniature study: scikit-learn's digits (8x8, embedded, no download), a small convnet.
+    "demo": dict(dataset="digits", model="convnet", optimizer="adam", lr=2e-3, weight_decay=1e-4,
+                 batch_size=64, epochs=12, schedule="cosine", crop_pad=1, rewind="1ep",
+                 levels=15, replicates=2),
+    # Caron et al. 2020, supplementary: CIFAR-10 Labels & RotNet, ResNet-18 (CIFAR variant).
+    "cifar10-resnet18-paper": dict(dataset="cifar10", model="resnet18_cifar", optimizer="adam",
+                                   lr=1e-3, weight_decay=1e-4, batch_size=512, epochs=160,
+                                   schedule="step", milestones=(80, 120), gamma=0.1, crop_pad=2,
+                                   flip=True, fraction=0.2, rewind="1ep", levels=30, replicates=6),
+}

@@ -1,0 +1,124 @@
+"""An ImageFolder tree, `root/train/<class>/*` and `root/test/<class>/*` (or `val/`), given as a
+folder or as a .tar.gz of that tree (as in shared/data). Images are decoded once with Pillow and
+cached as safetensors in a cache folder, so the second load is fast.
+
+Classes are the sorted folder names of the training split (torchvision's ImageFolder order).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..layout import load_tensors, save_tensors
+from .tensors import Dataset, Split
+
+SPLITS = ("train", "test", "val")
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SSLPRUNE_CACHE", Path.home() / ".cache" / "sslprune"))
+
+
+def _entries(root: Path) -> dict[str, dict[str, list[tuple[str, object]]]]:
+    """{split: {class: [(file name, opener)]}} for a folder or a .tar.gz of one."""
+    out: dict = {}
+    if root.is_dir():
+        for split in SPLITS:
+            if not (root / split).is_dir():
+                continue
+            for cdir in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+                files = [p for p in cdir.iterdir() if p.suffix.lower() in EXTENSIONS]
+                out.setdefault(split, {})[cdir.name] = [(p.name, p.read_bytes) for p in files]
+        return out
+    try:
+        with tarfile.open(root, "r:*") as t:
+            for m in t:
+                parts = Path(m.name).parts
+                if not m.isfile() or len(parts) < 3 or parts[-3] not in SPLITS:
+                    continue
+                if Path(parts[-1]).suffix.lower() not in EXTENSIONS:
+                    continue
+                data = t.extractfile(m).read()
+                out.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(
+                    (parts[-1], (lambda d=data: d)))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"cannot read archive {root} ({e}); pass an ImageFolder folder or an "
+                        f"intact .tar.gz of one") from None
+    return out
+
+
+def _decode(blob: bytes, size: int, name: str) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(blob)).convert("RGB")
+    except Exception as e:
+        raise UserError(f"cannot decode image {name} ({e}); remove it from the dataset") from None
+    if size:
+        # Shorter side to `size`, then centre crop: keeps the aspect ratio of variable-size images.
+        w, h = img.size
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
+
+
+def _read(root: Path, image_size: int, train_per_class: int, test_per_class: int) -> Dataset:
+    tree = _entries(root)
+    if "train" not in tree or not ({"test", "val"} & set(tree)):
+        raise UserError(f"{root} is not an ImageFolder tree: expected train/<class>/<image> and "
+                        f"test/<class>/<image> (or val/); found splits {sorted(tree) or 'none'}")
+    classes = sorted(tree["train"])
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, limit in (("train", train_per_class), ("test" if "test" in tree else "val", test_per_class)):
+        images, labels = [], []
+        for c in sorted(tree[split]):
+            if c not in index:
+                raise UserError(f"class '{c}' is in {split}/ but not in train/ of {root}")
+            files = sorted(tree[split][c], key=lambda e: e[0])
+            for name, read in files[: limit or None]:
+                images.append(_decode(read(), image_size, f"{split}/{c}/{name}"))
+                labels.append(index[c])
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise UserError(f"images in {root}/{split} have different sizes ({len(shapes)} kinds); "
+                            f"pass --image-size N to resize them")
+        splits[split] = Split(torch.from_numpy(np.stack(images)), torch.tensor(labels))
+    return Dataset(root.name, splits["train"], splits.get("test", splits.get("val")), classes)
+
+
+def load_imagefolder(root, image_size: int = 0, train_per_class: int = 0, test_per_class: int = 0,
+                     **_) -> Dataset:
+    if not root:
+        raise UserError("--data-root is required for --dataset imagefolder (a folder with train/ "
+                        "and test/, or a .tar.gz of one)")
+    root = Path(root).resolve()
+    if not root.exists():
+        raise UserError(f"data root {root} does not exist; pass --data-root pointing at an "
+                        f"ImageFolder tree or its .tar.gz")
+    st = root.stat()
+    key = json.dumps([str(root), st.st_size, st.st_mtime_ns, image_size, train_per_class,
+                      test_per_class, 1])  # the last item is the cache format version
+    cached = cache_dir() / f"imagefolder-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if cached.exists():
+        t = load_tensors(cached)
+        meta = json.loads(t.pop("classes_json").numpy().tobytes().decode())
+        return Dataset(meta["name"], Split(t["train_images"], t["train_labels"]),
+                       Split(t["test_images"], t["test_labels"]), meta["classes"])
+    ds = _read(root, image_size, train_per_class, test_per_class)
+    meta = json.dumps({"name": ds.name, "classes": ds.classes}).encode()
+    save_tensors(cached, {"train_images": ds.train.images, "train_labels": ds.train.labels,
+                          "test_images": ds.test.images, "test_labels": ds.test.labels,
+                          "classes_json": torch.frombuffer(bytearray(meta), dtype=torch.uint8)})
+    return ds

@@ -1,0 +1,132 @@
+"""The on-disk contract: directory and file names, atomic writes, strict loads, done-files.
+
+    ROOT/<task>_<model>_<dataset>_<hash>/         one experiment (hash of non-default config)
+        config.json                               resolved config, git sha, command lines, versions
+        replicate_<r>/
+            init.safetensors                      dense initialisation (backbone + task head)
+            rewind.safetensors                    weights after k updates of level-0 training
+            level_<L>/
+                mask.safetensors                  bool mask over the backbone's prunable weights
+                train/                            training run of this level (see train.py)
+                retrain_<rewind|reinit>/          the mask re-trained on labels
+                random/mask.safetensors, random/  random-pruning baseline at the same density
+
+    a training run:  checkpoint.pt (per-epoch, for resume), log.jsonl, model.safetensors, done.json
+
+Every file is written to a temporary name and renamed, so a killed process leaves either the old
+file or the new one, never half of one. A step is done when its done.json exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+CONFIG = "config.json"
+DONE = "done.json"
+MODEL = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+MASK = "mask.safetensors"
+INIT = "init.safetensors"
+REWIND = "rewind.safetensors"
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def replicate_dir(exp_dir: Path, replicate: int) -> Path:
+    return Path(exp_dir) / f"replicate_{replicate}"
+
+
+def level_dir(exp_dir: Path, replicate: int, level: int) -> Path:
+    return replicate_dir(exp_dir, replicate) / f"level_{level}"
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path`; the temp file lives in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_json(path: Path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    _atomic(path, write)
+
+
+def load_json(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}); it was truncated or edited: "
+                        f"move it away to recompute that step") from None
+
+
+def save_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic(path, write)
+
+
+def save_bytes(path: Path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    _atomic(path, write)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(flat, tmp))
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"missing file {path}; re-run the command that writes it")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e}); move it away and re-run "
+                        f"to recompute it") from None
+
+
+def save_checkpoint(path: Path, obj: dict) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """weights_only=True: a checkpoint never runs code, even one a user was handed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for bad files
+        raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}); move it away to "
+                        f"resume from the start of that step") from None
+
+
+def is_done(run_dir: Path) -> bool:
+    return (Path(run_dir) / DONE).exists()

@@ -1,0 +1,132 @@
+"""The level runner: init -> train (saving the rewind point) -> [prune -> reset -> train]*.
+
+Level 0 trains the dense network and saves the weights after k updates (the rewind point).
+Level L >= 1 prunes `fraction` of the weights surviving level L-1, by magnitude of level L-1's
+trained weights, globally; resets the survivors (rewind: to the rewind point, the winning ticket
+with late resetting of Frankle et al. 2019; reinit: a fresh random init, Liu et al. 2019) and
+trains. Every step is idempotent: re-running the same command resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import layout
+from .config import Experiment
+from .data import Dataset
+from .errors import UserError
+from .models import build_model
+from .pruning import SCORES, Mask, dense_mask, prunable, prune
+from .tasks import Task, build_task
+from .train import load_weights, rewind_step, train, weights
+
+
+def derive_seed(*parts) -> int:
+    """A seed for one purpose (e.g. ('reinit', replicate, level)), independent of the others."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
+
+
+def build(exp: Experiment, num_classes: int, seed: int, task_name: str | None = None) -> tuple[nn.Module, Task]:
+    """A freshly initialised backbone and task head; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    backbone = build_model(exp.model.model)
+    task = build_task(task_name or exp.task.task, backbone.feature_dim, num_classes)
+    return backbone, task
+
+
+def prepare(exp: Experiment, root: Path, data_root: str | None, argv: list[str]) -> Path:
+    """Create (or re-open) the experiment directory. A saved config that differs from the one
+    asked for is an error: nothing already computed is touched."""
+    exp.validate()
+    exp_dir = Path(root) / exp.name()
+    cfg_path = exp_dir / layout.CONFIG
+    if cfg_path.exists():
+        saved = layout.load_json(cfg_path)
+        if saved.get("config") != exp.to_dict():
+            raise UserError(f"{cfg_path} holds a different configuration than the one asked for "
+                            f"(same name {exp.name()}); use another --root or move {exp_dir} away")
+        saved["commands"] = saved.get("commands", []) + [argv]
+        layout.save_json(cfg_path, saved)
+        return exp_dir
+    layout.save_json(cfg_path, {
+        "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_root": data_root,
+        "git": _git_sha(), "commands": [argv], "versions": _versions()})
+    return exp_dir
+
+
+def load_experiment(exp_dir: Path) -> tuple[Experiment, dict]:
+    cfg_path = Path(exp_dir) / layout.CONFIG
+    if not cfg_path.exists():
+        raise UserError(f"{exp_dir} is not an experiment directory (no {layout.CONFIG}); pass the "
+                        f"directory that 'sslprune lottery' printed")
+    saved = layout.load_json(cfg_path)
+    return Experiment.from_dict(saved["config"]), saved
+
+
+def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backbone: nn.Module) -> Mask:
+    """Mask of `level`, computed from level-1's trained weights once, then read from disk."""
+    path = layout.level_dir(exp_dir, replicate, level) / layout.MASK
+    if path.exists():
+        return layout.load_tensors(path)
+    if level == 0:
+        mask = dense_mask(backbone)
+    else:
+        prev = layout.level_dir(exp_dir, replicate, level - 1)
+        if not layout.is_done(prev / "train"):
+            raise UserError(f"level {level - 1} of replicate {replicate} is not trained yet; run "
+                            f"'sslprune lottery' with --levels {level} first")
+        trained = layout.load_tensors(prev / "train" / layout.MODEL)
+        scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
+        mask = prune(scores, level_mask(exp, exp_dir, replicate, level - 1, backbone), exp.prune.fraction)
+    layout.save_tensors(path, mask)
+    return mask
+
+
+def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, levels: int,
+                  device: str = "cpu", progress: bool = True) -> None:
+    rdir = layout.replicate_dir(exp_dir, replicate)
+    backbone, task = build(exp, data.num_classes, seed=derive_seed("init", replicate))
+    init_path = rdir / layout.INIT
+    if init_path.exists():
+        load_weights(backbone, task, layout.load_tensors(init_path))
+    else:
+        layout.save_tensors(init_path, weights(backbone, task))
+    k = rewind_step(exp.prune.rewind, len(data.train), exp.train.batch_size)
+
+    for level in range(levels + 1):
+        out = layout.level_dir(exp_dir, replicate, level) / "train"
+        mask = level_mask(exp, exp_dir, replicate, level, backbone)
+        if layout.is_done(out):
+            continue
+        if level == 0:
+            load_weights(backbone, task, layout.load_tensors(init_path))
+        elif exp.prune.reset == "rewind":
+            load_weights(backbone, task, layout.load_tensors(rdir / layout.REWIND))
+        else:  # reinit: fresh weights from the init distribution, a new draw per level
+            backbone, task = build(exp, data.num_classes, seed=derive_seed("reinit", replicate, level))
+        train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, device=device,
+              snapshot=(k, rdir / layout.REWIND) if level == 0 else None, progress=progress)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("sslprune", "torch", "numpy", "safetensors", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

@@ -1,0 +1,148 @@
+"""Collect saved results into results.csv, a Markdown summary (mean ± standard error over
+replicates) and plots of accuracy against remaining weights (log axis; the paper's Fig. 3).
+
+Reads nothing but saved files: config.json, masks and done.json of each step.
+
+results.csv columns: objective, reset, replicate, level, remaining, eval, metric, value
+- eval 'task':    the lottery run itself, its objective's own metric (labels: class accuracy,
+                  rotation: rotation accuracy); reset is the run's reset.
+- eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random.
+- remaining:      fraction of prunable weights kept.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from . import layout
+from .lottery import load_experiment
+from .pruning import density
+
+COLUMNS = ["objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
+METRICS = ("test_acc", "train_acc", "test_loss")
+
+
+def collect(exp_dirs: list[Path]) -> list[dict]:
+    rows = []
+    for exp_dir in exp_dirs:
+        exp, _ = load_experiment(exp_dir)
+        for rdir in sorted(Path(exp_dir).glob("replicate_*"), key=_number):
+            replicate = _number(rdir)
+            for ldir in sorted(rdir.glob("level_*"), key=_number):
+                level = _number(ldir)
+                runs = [("task", exp.prune.reset, ldir / "train", ldir / layout.MASK)]
+                for sub in sorted(ldir.glob("retrain_*")):
+                    reset = sub.name.removeprefix("retrain_")
+                    mask = sub / layout.MASK if reset == "random" else ldir / layout.MASK
+                    runs.append(("retrain", reset, sub, mask))
+                for eval_name, reset, run, mask_path in runs:
+                    if not layout.is_done(run):
+                        continue
+                    done = layout.load_json(run / layout.DONE)
+                    remaining = density(layout.load_tensors(mask_path))
+                    for metric in METRICS:
+                        rows.append(dict(objective=exp.task.task, reset=reset, replicate=replicate,
+                                         level=level, remaining=remaining, eval=eval_name,
+                                         metric=metric, value=done[metric]))
+    return rows
+
+
+def _number(p: Path) -> int:
+    return int(re.search(r"_(\d+)$", p.name).group(1))
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard error over replicates per (eval, objective, reset, level, metric)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["eval"], r["objective"], r["reset"], r["level"], r["metric"])].append(r)
+    out = []
+    for (ev, obj, reset, level, metric), rs in sorted(groups.items()):
+        vals = [r["value"] for r in rs]
+        n = len(vals)
+        mean = sum(vals) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan")
+        out.append(dict(eval=ev, objective=obj, reset=reset, level=level,
+                        remaining=sum(r["remaining"] for r in rs) / n, metric=metric, mean=mean,
+                        se=se, n=n))
+    return out
+
+
+def markdown(summary: list[dict], metric: str = "test_acc") -> str:
+    lines = []
+    for ev, title in (("retrain", "Masks re-trained on labels: test accuracy"),
+                      ("task", "Each objective's own task during pruning: test accuracy")):
+        rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]
+        if not rows:
+            continue
+        curves = sorted({(s["objective"], s["reset"]) for s in rows})
+        levels = sorted({s["level"] for s in rows})
+        cell = {(s["objective"], s["reset"], s["level"]): s for s in rows}
+        lines += [f"## {title} (mean ± s.e. over replicates)", "",
+                  "| level | remaining | " + " | ".join(f"{o} / {r}" for o, r in curves) + " |",
+                  "|---|---|" + "---|" * len(curves)]
+        for level in levels:
+            rem = next(s["remaining"] for s in rows if s["level"] == level)
+            vals = []
+            for o, r in curves:
+                s = cell.get((o, r, level))
+                vals.append("" if s is None else
+                            f"{s['mean']:.4f} ± {s['se']:.4f} (n={s['n']})" if s["n"] > 1 else
+                            f"{s['mean']:.4f} (n=1)")
+            lines.append(f"| {level} | {rem:.2%} | " + " | ".join(vals) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path, metric: str = "test_acc") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, ev, title in ((axes[0], "retrain", "Masks re-trained on labels"),
+                          (axes[1], "task", "Objective's own task while pruning")):
+        rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]
+        for obj, reset in sorted({(s["objective"], s["reset"]) for s in rows}):
+            pts = sorted((s for s in rows if (s["objective"], s["reset"]) == (obj, reset)),
+                         key=lambda s: -s["remaining"])
+            x = [100 * s["remaining"] for s in pts]
+            y = [s["mean"] for s in pts]
+            err = [0 if math.isnan(s["se"]) else s["se"] for s in pts]
+            label = "random pruning" if reset == "random" else f"{obj} / {reset}"
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2,
+                        ls="--" if reset == "random" else "-", label=label)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.invert_xaxis()  # pruning proceeds to the right, as in the paper
+        ax.set_xlabel("remaining weights (%)")
+        ax.set_ylabel(f"{metric} (mean ± s.e.)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if rows:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    layout.save_bytes(path, buf.getvalue())
+
+
+def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
+    rows = collect(exp_dirs)
+    summary = summarise(rows)
+    out = Path(out)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    paths = {"csv": out / "results.csv", "md": out / "summary.md", "png": out / "accuracy_vs_remaining.png"}
+    layout.save_text(paths["csv"], buf.getvalue())
+    layout.save_text(paths["md"], "# sslprune report\n\n" + markdown(summary))
+    plot(summary, paths["png"])
+    return paths

@@ -1,0 +1,180 @@
+"""The training loop: one plain function you can read top to bottom.
+
+Resumable: after every epoch it writes checkpoint.pt (weights, task state, optimizer, epoch, the
+data generator's and torch's RNG states, the metric history). Re-running the same call resumes
+from it and gives bit-identical weights to an uninterrupted run. When the run is finished it
+writes model.safetensors and then done.json; a finished run is loaded, never re-trained.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import layout
+from .config import Data as DataConfig
+from .config import Train as TrainConfig
+from .config import parse_rewind
+from .data import Dataset
+from .data.augment import Normalize, batch_crop, batch_flip_lr
+from .errors import UserError
+from .pruning import Mask, MaskEnforcer, apply_mask
+from .tasks import Task
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, n // batch_size)  # the last incomplete batch is dropped (BN needs full batches)
+
+
+def rewind_step(rewind: str, n: int, batch_size: int) -> int:
+    """The rewind point as a number of updates of the dense training."""
+    k, unit = parse_rewind(rewind)
+    return k * steps_per_epoch(n, batch_size) if unit == "ep" else k
+
+
+def learning_rate(cfg: TrainConfig, step: int, per_epoch: int) -> float:
+    """lr before update `step` (0-based): linear warm-up, then constant, step or cosine decay."""
+    total, warm = cfg.epochs * per_epoch, cfg.warmup_epochs * per_epoch
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "step":
+        epoch = step // per_epoch
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return cfg.lr
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":  # weight_decay here is L2 added to the gradient (Adam + L2)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def weights(backbone: nn.Module, task: Task) -> dict[str, torch.Tensor]:
+    """Everything a trained network is: backbone state and task state (head, BN buffers)."""
+    return {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+            **{f"task.{k}": v for k, v in task.state_dict().items()}}
+
+
+def load_weights(backbone: nn.Module, task: Task | None, tensors: dict[str, torch.Tensor]) -> None:
+    """Strict: every key must match. With task=None only the backbone is loaded."""
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        backbone.load_state_dict(part("backbone."), strict=True)
+        if task is not None:
+            task.load_state_dict(part("task."), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"saved weights do not match the model ({str(e).splitlines()[0]}); "
+                        f"check --model/--task against the run's config.json") from None
+
+
+@torch.no_grad()
+def evaluate(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torch.Tensor,
+             normalize: Normalize, batch_size: int) -> dict[str, float]:
+    """Task loss and accuracy on a split, batch-norm in eval mode, no augmentation."""
+    backbone.eval(), task.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(images), batch_size):
+        loss, c, n = task.step(backbone, normalize(images[i:i + batch_size]), labels[i:i + batch_size])
+        loss_sum += float(loss) * n
+        correct += int(c)
+        count += n
+    return {"loss": loss_sum / count, "acc": correct / count}
+
+
+def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug: DataConfig,
+          mask: Mask, out: Path, seed: int, device: str = "cpu", snapshot: tuple[int, Path] | None = None,
+          progress: bool = True) -> dict:
+    """Train backbone + task head under `mask` into directory `out`; return the final metrics.
+
+    snapshot=(k, path) saves the weights after k updates (the rewind point; k=0 is the init)."""
+    out = Path(out)
+    if layout.is_done(out):
+        load_weights(backbone, task, layout.load_tensors(out / layout.MODEL))
+        return layout.load_json(out / layout.DONE)
+
+    backbone.to(device), task.to(device)
+    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
+    test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
+    normalize = Normalize(*data.channel_stats()).to(device)
+    per_epoch = steps_per_epoch(len(train_x), cfg.batch_size)
+    batch = min(cfg.batch_size, len(train_x))
+
+    if snapshot and snapshot[0] > cfg.epochs * per_epoch:
+        raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
+                        f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
+    apply_mask(backbone, mask)
+    enforce_mask = MaskEnforcer(backbone, mask)
+    optimizer = make_optimizer(cfg, [*backbone.parameters(), *task.parameters()])
+    generator = torch.Generator(device=device).manual_seed(seed)   # data order and augmentation
+    torch.manual_seed(seed)                                        # anything else random (dropout)
+    start_epoch, history = 0, []
+
+    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_x)}
+    ckpt_path = out / layout.CHECKPOINT
+    if ckpt_path.exists():
+        ckpt = layout.load_checkpoint(ckpt_path)
+        if ckpt["fingerprint"] != fingerprint:
+            raise UserError(f"{ckpt_path} belongs to a different configuration; move {out} away "
+                            f"or run with the configuration that wrote it")
+        load_weights(backbone, task, ckpt["weights"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+    if snapshot and snapshot[0] == 0 and start_epoch == 0:
+        layout.save_tensors(snapshot[1], weights(backbone, task))
+
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="/".join(out.parts[-3:]), disable=not progress,
+               leave=False, initial=start_epoch, total=cfg.epochs)
+    for epoch in bar:
+        backbone.train(), task.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(train_x), generator=generator, device=device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        count = 0
+        for i in range(per_epoch):
+            step = epoch * per_epoch + i
+            idx = order[i * batch:(i + 1) * batch]
+            x = train_x[idx]                                        # (B, 3, H, W) uint8
+            if aug.crop_pad:
+                x = batch_crop(x, aug.crop_pad, generator)
+            if aug.flip:
+                x = batch_flip_lr(x, generator)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, per_epoch)
+            loss, c, n = task.step(backbone, normalize(x), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            enforce_mask()                                          # pruned weights stay exactly 0
+            loss_sum += loss.detach() * n
+            correct += c
+            count += n
+            if snapshot and step + 1 == snapshot[0]:
+                layout.save_tensors(snapshot[1], weights(backbone, task))
+        test = evaluate(backbone, task, test_x, test_y, normalize, max(batch, 256))
+        history.append({"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
+                        "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / count,
+                        "train_acc": int(correct) / count, "test_loss": test["loss"],
+                        "test_acc": test["acc"], "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", test_acc=f"{test['acc']:.3f}")
+        layout.save_text(out / layout.LOG, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+        layout.save_checkpoint(ckpt_path, {
+            "fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
+            "weights": weights(backbone, task), "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
+
+    final = {**history[-1], "epochs": cfg.epochs, "seed": seed}
+    layout.save_tensors(out / layout.MODEL, weights(backbone, task))
+    layout.save_json(out / layout.DONE, final)
+    ckpt_path.unlink()  # model.safetensors now holds everything the finished run is
+    return final

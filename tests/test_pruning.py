@@ -1,0 +1,84 @@
+import torch
+from torch import nn
+
+from sslprune.models import build_model
+from sslprune.pruning import (SCORES, MaskEnforcer, apply_mask, dense_mask, density, prunable,
+                              prune, report)
+
+
+def magnitude_levels(backbone, levels, fraction=0.2):
+    masks = [dense_mask(backbone)]
+    for _ in range(levels):
+        scores = SCORES["magnitude"](prunable(backbone))
+        masks.append(prune(scores, masks[-1], fraction))
+    return masks
+
+
+def test_prunable_is_conv_and_linear_weights_only():
+    for name in ("convnet", "resnet20", "vgg19"):
+        b = build_model(name)
+        names = set(prunable(b))
+        convs = {f"{n}.weight" for n, m in b.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        assert names == convs
+        bn = {f"{n}.{p}" for n, m in b.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")}
+        assert not names & bn
+        assert all(not n.endswith("bias") for n in names)
+
+
+def test_exact_count_per_level_and_nesting():
+    b = build_model("resnet20")
+    masks = magnitude_levels(b, 6)
+    total = sum(m.numel() for m in masks[0].values())
+    kept = total
+    for level, (prev, cur) in enumerate(zip(masks, masks[1:]), start=1):
+        kept -= round(0.2 * kept)
+        assert sum(int(m.sum()) for m in cur.values()) == kept  # exactly 20% of the survivors
+        for n in cur:
+            assert not (cur[n] & ~prev[n]).any()                  # nested: nothing regrows
+        assert abs(density(cur) - 0.8 ** level) < 1e-4
+
+
+def test_global_not_layerwise():
+    b = build_model("convnet")
+    w = prunable(b)
+    with torch.no_grad():
+        w["features.0.weight"].mul_(1e-8)  # a layer of tiny weights goes first under a global ranking
+    mask = prune(SCORES["magnitude"](w), dense_mask(b), 0.01)
+    removed = round(0.01 * sum(p.numel() for p in w.values()))   # 930; features.0 has 864 weights
+    assert not mask["features.0.weight"].any()
+    assert int((~mask["features.3.weight"]).sum() + (~mask["features.6.weight"]).sum()) == removed - 864
+
+
+def test_ties_at_zero_still_remove_exact_count():
+    b = build_model("convnet")
+    w = prunable(b)
+    with torch.no_grad():
+        for p in w.values():
+            p.view(-1)[: p.numel() // 2] = 0.0   # half of every layer exactly zero: massive ties
+    mask = prune(SCORES["magnitude"](w), dense_mask(b), 0.2)
+    total = sum(p.numel() for p in w.values())
+    assert sum(int(m.sum()) for m in mask.values()) == total - round(0.2 * total)
+    for n, m in mask.items():                      # only zeros were removed
+        assert (w[n][~m] == 0).all()
+
+
+def test_random_scores_are_seeded():
+    b = build_model("convnet")
+    a = prune(SCORES["random"](prunable(b), torch.Generator().manual_seed(1)), dense_mask(b), 0.5)
+    c = prune(SCORES["random"](prunable(b), torch.Generator().manual_seed(1)), dense_mask(b), 0.5)
+    d = prune(SCORES["random"](prunable(b), torch.Generator().manual_seed(2)), dense_mask(b), 0.5)
+    assert all(torch.equal(a[n], c[n]) for n in a)
+    assert any(not torch.equal(a[n], d[n]) for n in a)
+
+
+def test_enforcer_and_apply_zero_pruned_weights():
+    b = build_model("convnet")
+    mask = magnitude_levels(b, 3)[-1]
+    with torch.no_grad():
+        for p in prunable(b).values():
+            p.add_(1.0)            # every weight non-zero
+    MaskEnforcer(b, mask)()
+    for n, p in prunable(b).items():
+        assert (p[~mask[n]] == 0).all() and (p[mask[n]] != 0).all()
+    apply_mask(b, mask)
+    assert report(mask)[-1]["density"] == density(mask)

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from sslprune import layout
+from sslprune import train as train_mod
+from sslprune.lottery import build
+from sslprune.pruning import SCORES, dense_mask, prunable, prune
+from sslprune.train import learning_rate, train
+
+from .conftest import tiny_experiment
+
+
+def _pruned_mask(backbone, levels=3):
+    mask = dense_mask(backbone)
+    for _ in range(levels):
+        mask = prune(SCORES["magnitude"](prunable(backbone)), mask, 0.2)
+    return mask
+
+
+def test_learns_and_pruned_weights_stay_zero(tmp_path, data):
+    exp = tiny_experiment(epochs=10)  # 30 steps: enough for batch-norm's running statistics
+    backbone, task = build(exp, data.num_classes, seed=0)
+    mask = _pruned_mask(backbone)
+    res = train(backbone, task, data, exp.train, exp.data, mask, tmp_path / "run", seed=0, progress=False)
+    assert res["test_acc"] > 0.8  # 3 classes: chance is 1/3
+    for n, w in prunable(backbone).items():
+        assert (w[~mask[n]] == 0).all()          # Adam + L2 did not revive pruned weights
+    saved = layout.load_tensors(tmp_path / "run" / layout.MODEL)
+    for n in mask:
+        assert (saved[f"backbone.{n}"][~mask[n]] == 0).all()
+    log = (tmp_path / "run" / layout.LOG).read_text().splitlines()
+    assert len(log) == 10 and not (tmp_path / "run" / layout.CHECKPOINT).exists()
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path, data, monkeypatch):
+    exp = tiny_experiment(epochs=3)
+
+    def run(out):
+        backbone, task = build(exp, data.num_classes, seed=0)
+        return train(backbone, task, data, exp.train, exp.data, _pruned_mask(backbone), out, seed=5,
+                     snapshot=(2, out / "snap.safetensors"), progress=False)
+
+    run(tmp_path / "straight")
+    calls = {"n": 0}
+    real_eval = train_mod.evaluate
+
+    def dying_eval(*a, **k):  # killed during epoch 2's evaluation, after epoch 1's checkpoint
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", dying_eval)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    assert layout.load_checkpoint(tmp_path / "killed" / layout.CHECKPOINT)["epoch"] == 1
+    monkeypatch.setattr(train_mod, "evaluate", real_eval)
+    run(tmp_path / "killed")
+    for f in (layout.MODEL, "snap.safetensors"):
+        a = layout.load_tensors(tmp_path / "straight" / f)
+        b = layout.load_tensors(tmp_path / "killed" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert (tmp_path / "straight" / layout.LOG).read_text().count("\n") == 3
+    assert (tmp_path / "killed" / layout.LOG).read_text().count("\n") == 3
+
+
+def test_finished_run_is_loaded_not_retrained(tmp_path, data, monkeypatch):
+    exp = tiny_experiment()
+    backbone, task = build(exp, data.num_classes, seed=0)
+    first = train(backbone, task, data, exp.train, exp.data, dense_mask(backbone), tmp_path, seed=0, progress=False)
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: pytest.fail("retrained"))
+    b2, t2 = build(exp, data.num_classes, seed=1)
+    assert train(b2, t2, data, exp.train, exp.data, dense_mask(b2), tmp_path, seed=0, progress=False) == first
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), b2.state_dict().values()))
+
+
+def test_schedules():
+    exp = tiny_experiment(lr=1.0, epochs=10, schedule="step", milestones=(5, 8), warmup_epochs=1)
+    lrs = [learning_rate(exp.train, s, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[49] == 1.0
+    assert lrs[50] == pytest.approx(0.1) and lrs[80] == pytest.approx(0.01)
+    cos = tiny_experiment(lr=1.0, epochs=10, schedule="cosine")
+    assert learning_rate(cos.train, 0, 10) == 1.0 and learning_rate(cos.train, 99, 10) < 0.01
