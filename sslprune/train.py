@@ -161,11 +161,13 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
             count += n
             if snapshot and step + 1 == snapshot[0]:
                 layout.save_tensors(snapshot[1], weights(backbone, task))
+        train_loss, train_acc = float(loss_sum) / count, int(correct) / count  # one sync per epoch
+        t1 = time.perf_counter()
         test = evaluate(backbone, task, test_x, test_y, normalize, max(batch, 256))
         history.append({"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
-                        "lr": optimizer.param_groups[0]["lr"], "train_loss": float(loss_sum) / count,
-                        "train_acc": int(correct) / count, "test_loss": test["loss"],
-                        "test_acc": test["acc"], "seconds": time.perf_counter() - t0})
+                        "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+                        "train_acc": train_acc, "test_loss": test["loss"], "test_acc": test["acc"],
+                        "train_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", test_acc=f"{test['acc']:.3f}")
         layout.save_text(out / layout.LOG, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
         layout.save_checkpoint(ckpt_path, {
