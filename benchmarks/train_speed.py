@@ -23,7 +23,7 @@ from sslprune.config import Experiment
 from sslprune.data import Dataset, Split
 from sslprune.data.augment import Normalize, batch_crop, batch_flip_lr
 from sslprune.lottery import build
-from sslprune.pruning import SCORES, MaskEnforcer, dense_mask, prunable, prune
+from sslprune.pruning import MaskEnforcer, prune_iteratively
 from sslprune.tasks.rotation import rotate4
 from sslprune.train import train
 
@@ -34,13 +34,6 @@ def fake_cifar(n: int, n_test: int) -> Dataset:
     def split(k):
         return Split(torch.randint(0, 256, (k, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(k) % 10)
     return Dataset("fake-cifar", split(n), split(n_test), [str(i) for i in range(10)])
-
-
-def pruned_mask(backbone, levels: int):
-    mask = dense_mask(backbone)
-    for _ in range(levels):
-        mask = prune(SCORES["magnitude"](prunable(backbone)), mask, 0.2)
-    return mask
 
 
 def bare_loop(model_name: str, data: Dataset, batch: int, steps: int, windows: int) -> float:
@@ -72,7 +65,7 @@ def project_loop(model_name: str, data: Dataset, batch: int, windows: int, mask_
                                 "crop_pad": 2, "flip": True})
     backbone, task = build(exp, 10, seed=0)
     with tempfile.TemporaryDirectory() as d:
-        train(backbone, task, data, exp.train, exp.data, pruned_mask(backbone, mask_levels), Path(d),
+        train(backbone, task, data, exp.train, exp.data, prune_iteratively(backbone, mask_levels, 0.2), Path(d),
               seed=0, progress=False)
         log = [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()][1:]
     best = min(h["train_seconds"] for h in log)
@@ -82,7 +75,7 @@ def project_loop(model_name: str, data: Dataset, batch: int, windows: int, mask_
 def mask_cost(model_name: str, calls: int = 20) -> float:
     """Seconds per call of the mask enforcement at 0.8^5 density (every layer pruned)."""
     backbone, _ = build(Experiment.from_flat({"model": model_name, "task": "labels"}), 10, seed=0)
-    enforce = MaskEnforcer(backbone, pruned_mask(backbone, 5))
+    enforce = MaskEnforcer(backbone, prune_iteratively(backbone, 5, 0.2))
     enforce()
     t0 = time.perf_counter()
     for _ in range(calls):

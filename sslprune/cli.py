@@ -14,7 +14,7 @@ from . import config
 from .config import PRESETS, Experiment
 from .errors import UserError
 
-RUNTIME_DEFAULTS = {"levels": 3, "replicates": 1}
+RUNTIME_DEFAULTS = {"levels": 3, "replicates": [1]}
 
 
 def _field_help() -> dict[str, str]:
@@ -59,10 +59,12 @@ def resolve(args: argparse.Namespace) -> tuple[Experiment, dict]:
     for name in [f.name for _, cls in _sections() for f in dataclasses.fields(cls)] + list(RUNTIME_DEFAULTS):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    if isinstance(values["replicates"], int):  # presets give a count
+        values["replicates"] = list(range(1, values["replicates"] + 1))
     return Experiment.from_flat(values), {k: values[k] for k in RUNTIME_DEFAULTS}
 
 
-def _levels_arg(text: str) -> list[int]:
+def _numbers(text: str) -> list[int]:
     """'3' -> [3]; '0-5' -> [0..5]; '1,3,5' -> [1, 3, 5]."""
     try:
         out = []
@@ -71,7 +73,14 @@ def _levels_arg(text: str) -> list[int]:
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
         return out
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected levels like '3', '0-5' or '1,3', got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected numbers like '3', '0-5' or '1,3', got '{text}'") from None
+
+
+def _replicates(text: str) -> list[int]:
+    """'6' -> replicates 1..6 (a count); '3-4' or '2,5' -> exactly those (to split a study across machines)."""
+    if text.isdigit():
+        return list(range(1, int(text) + 1))
+    return _numbers(text)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -89,8 +98,9 @@ def parser() -> argparse.ArgumentParser:
                        "digits, masks re-trained on labels (winning ticket, re-init, random pruning), "
                        "and a report.")
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder [default: demo_out]")
-    d.add_argument("--replicates", type=int, default=PRESETS["demo"]["replicates"], help="replicates (seeds)")
-    d.add_argument("--levels", type=int, default=PRESETS["demo"]["levels"], help="pruning levels after the dense one")
+    d.add_argument("--replicates", type=int, default=PRESETS["demo"]["replicates"], help="replicates (seeds) [default: %(default)s]")
+    d.add_argument("--levels", type=int, default=PRESETS["demo"]["levels"],
+                   help="pruning levels after the dense one [default: %(default)s]")
     _common(d)
 
     lo = sub.add_parser("lottery", help="iterative magnitude pruning: train, prune, reset, repeat",
@@ -102,8 +112,8 @@ def parser() -> argparse.ArgumentParser:
                     "cifar-10-batches-py, downloaded there when absent; imagefolder: folder or .tar.gz)")
     lo.add_argument("--levels", type=int, default=None, help=f"prune this many levels after the dense "
                     f"one [default: preset's, else {RUNTIME_DEFAULTS['levels']}]")
-    lo.add_argument("--replicates", type=int, default=None, help=f"run replicates 1..N [default: "
-                    f"preset's, else {RUNTIME_DEFAULTS['replicates']}]")
+    lo.add_argument("--replicates", type=_replicates, default=None, help=f"N runs replicates 1..N; "
+                    f"'3-4' or '2,5' runs exactly those [default: preset's, else {RUNTIME_DEFAULTS['replicates']}]")
     _common(lo)
 
     r = sub.add_parser("retrain", help="re-train masks of a lottery run on labels",
@@ -113,9 +123,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
     r.add_argument("--reset", nargs="+", default=["rewind", "reinit", "random"],
                    choices=["rewind", "reinit", "random"], help="which starts [default: all three]")
-    r.add_argument("--levels", type=_levels_arg, default=None,
+    r.add_argument("--levels", type=_numbers, default=None,
                    help="levels to evaluate: '3', '0-5' or '1,3' [default: every trained level]")
-    r.add_argument("--replicates", type=int, default=None, help="replicates 1..N [default: all found]")
+    r.add_argument("--replicates", type=_replicates, default=None,
+                   help="N means 1..N; '3-4' or '2,5' exactly those [default: all found]")
     r.add_argument("--data-root", default=None, help="override the data root saved with the run")
     _common(r)
 
@@ -141,9 +152,11 @@ def cmd_lottery(args, argv) -> int:
 
     exp, run = resolve(args)
     _check_counts(run["levels"], run["replicates"])
-    exp_dir = prepare(exp, args.root, args.data_root, ["lottery", *argv])
+    _check_device(args.device)
+    exp.validate()                         # before reading any data
     data = load_dataset(exp.data, args.data_root)
-    for replicate in range(1, run["replicates"] + 1):
+    exp_dir = prepare(exp, args.root, data, args.data_root, list(argv))
+    for replicate in run["replicates"]:
         run_replicate(exp, exp_dir, data, replicate, run["levels"], args.device, not args.quiet)
     print(exp_dir)
     return 0
@@ -152,20 +165,25 @@ def cmd_lottery(args, argv) -> int:
 def cmd_retrain(args, argv) -> int:
     from . import layout
     from .data import load_dataset
-    from .lottery import load_experiment
+    from .lottery import load_experiment, record_command
     from .retrain import retrain
 
+    _check_device(args.device)
     exp, saved = load_experiment(args.run_dir)
     data = load_dataset(exp.data, args.data_root or saved.get("data_root"))
+    if saved.get("data_fingerprint") != data.fingerprint():
+        raise UserError(f"the data found differs from the data {args.run_dir} was trained on; pass "
+                        f"--data-root with the dataset it used")
     reps = sorted(int(p.name.split("_")[1]) for p in args.run_dir.glob("replicate_*"))
     if args.replicates:
-        reps = [r for r in reps if r <= args.replicates]
+        reps = [r for r in reps if r in args.replicates]
     if not reps:
-        raise UserError(f"no replicates in {args.run_dir}; run 'sslprune lottery' first")
+        raise UserError(f"no matching replicates in {args.run_dir}; run 'sslprune lottery' first")
+    record_command(args.run_dir, list(argv))
     for r in reps:
         levels = args.levels
-        if levels is None:
-            levels = sorted(int(p.parent.name.split("_")[1])
+        if levels is None:  # every trained level: level_<L>/train/done.json
+            levels = sorted(int(p.parent.parent.name.split("_")[1])
                             for p in layout.replicate_dir(args.run_dir, r).glob(f"level_*/train/{layout.DONE}"))
         for level in levels:
             for reset in args.reset:
@@ -195,15 +213,26 @@ def cmd_report(args, argv) -> int:
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
-    _check_counts(args.levels, args.replicates)
-    paths = run_demo(args.out, args.replicates, args.levels, args.device, not args.quiet)
+    _check_counts(args.levels, list(range(1, args.replicates + 1)))
+    _check_device(args.device)
+    paths = run_demo(args.out, args.replicates, args.levels, args.device, not args.quiet, list(argv))
     print("\n".join(str(p) for p in paths.values()))
     return 0
 
 
-def _check_counts(levels: int, replicates: int) -> None:
-    if levels < 0 or replicates < 1:
-        raise UserError(f"--levels must be >= 0 and --replicates >= 1 (got {levels}, {replicates})")
+def _check_counts(levels: int, replicates: list[int]) -> None:
+    if levels < 0 or not replicates or min(replicates) < 1:
+        raise UserError(f"--levels must be >= 0 and replicates >= 1 (got {levels}, {replicates})")
+
+
+def _check_device(device: str) -> None:
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
 
 
 COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report}

@@ -37,14 +37,14 @@ class Task:
 @dataclass(frozen=True)
 class Train:
     optimizer: str = "sgd"       # sgd | adam
-    lr: float = 0.0
+    lr: float = 0.0              # base learning rate (after warm-up, before decay)
     momentum: float = 0.0        # SGD only
     weight_decay: float = 0.0    # L2 added to the gradient (Adam + L2, as in the paper)
-    batch_size: int = 0
-    epochs: int = 0
+    batch_size: int = 0          # images per step (RotNet shows each in 4 rotations: 4x inputs)
+    epochs: int = 0              # passes over the training set
     schedule: str = "constant"   # constant | step | cosine
     milestones: tuple[int, ...] = ()  # epochs at which the step schedule multiplies lr by gamma
-    gamma: float = 0.1
+    gamma: float = 0.1           # lr factor at each milestone
     warmup_epochs: int = 0       # linear warm-up from 0, in epochs (0 = off)
 
 
@@ -124,8 +124,16 @@ class Experiment:
             if getattr(self.train, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got "
                                 f"{getattr(self.train, name)}); set it or pick a --preset")
-        if self.train.weight_decay < 0 or self.train.momentum < 0:
-            raise UserError("--weight-decay and --momentum must be >= 0")
+        for name, value in (("weight_decay", self.train.weight_decay), ("momentum", self.train.momentum),
+                            ("warmup_epochs", self.train.warmup_epochs), ("crop_pad", self.data.crop_pad),
+                            ("image_size", self.data.image_size), ("train_per_class", self.data.train_per_class),
+                            ("test_per_class", self.data.test_per_class)):
+            if value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if not self.train.gamma > 0:
+            raise UserError(f"--gamma must be > 0, got {self.train.gamma}")
+        if self.train.warmup_epochs > self.train.epochs:
+            raise UserError(f"--warmup-epochs {self.train.warmup_epochs} exceeds --epochs {self.train.epochs}")
         parse_rewind(self.prune.rewind)
 
 

@@ -15,13 +15,14 @@ def demo_experiment(task: str) -> Experiment:
     return Experiment.from_flat({**PRESETS["demo"], "task": task})
 
 
-def run_demo(out: Path, replicates: int, levels: int, device: str = "cpu", progress: bool = True) -> dict:
+def run_demo(out: Path, replicates: int, levels: int, device: str = "cpu", progress: bool = True,
+             argv: list[str] = ("demo",)) -> dict:
     out = Path(out)
     exp_dirs = []
     for task in ("labels", "rotation"):
         exp = demo_experiment(task)
-        exp_dir = prepare(exp, out / "runs", None, ["demo"])
         data = load_dataset(exp.data)
+        exp_dir = prepare(exp, out / "runs", data, None, list(argv))
         for r in range(1, replicates + 1):
             run_replicate(exp, exp_dir, data, r, levels, device, progress)
             # The random baseline depends on no objective: run it once, beside the labels run.

@@ -7,9 +7,11 @@
             rewind.safetensors                    weights after k updates of level-0 training
             level_<L>/
                 mask.safetensors                  bool mask over the backbone's prunable weights
+                density.json                      kept / total weights per layer and in total
                 train/                            training run of this level (see train.py)
                 retrain_<rewind|reinit>/          the mask re-trained on labels
-                random/mask.safetensors, random/  random-pruning baseline at the same density
+                retrain_random/                   random-pruning baseline at the same density,
+                                                  with its own mask.safetensors
 
     a training run:  checkpoint.pt (per-epoch, for resume), log.jsonl, model.safetensors, done.json
 
@@ -35,6 +37,7 @@ MODEL = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 MASK = "mask.safetensors"
+DENSITY = "density.json"
 INIT = "init.safetensors"
 REWIND = "rewind.safetensors"
 

@@ -23,6 +23,7 @@ from .data import Dataset
 from .errors import UserError
 from .models import build_model
 from .pruning import SCORES, Mask, dense_mask, prunable, prune
+from .pruning import report as density_report
 from .tasks import Task, build_task
 from .train import load_weights, rewind_step, train, weights
 
@@ -40,24 +41,47 @@ def build(exp: Experiment, num_classes: int, seed: int, task_name: str | None = 
     return backbone, task
 
 
-def prepare(exp: Experiment, root: Path, data_root: str | None, argv: list[str]) -> Path:
-    """Create (or re-open) the experiment directory. A saved config that differs from the one
-    asked for is an error: nothing already computed is touched."""
+def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str]) -> Path:
+    """Create (or re-open) the experiment directory, after every check that can fail. A saved
+    config or dataset that differs from the one asked for is an error: nothing computed is touched."""
     exp.validate()
+    check_data(exp, data)
     exp_dir = Path(root) / exp.name()
     cfg_path = exp_dir / layout.CONFIG
+    fingerprint = data.fingerprint()
     if cfg_path.exists():
         saved = layout.load_json(cfg_path)
-        if saved.get("config") != exp.to_dict():
+        if Experiment.from_dict(saved.get("config", {})) != exp:
             raise UserError(f"{cfg_path} holds a different configuration than the one asked for "
                             f"(same name {exp.name()}); use another --root or move {exp_dir} away")
+        if saved.setdefault("data_fingerprint", fingerprint) != fingerprint:  # older runs: record it
+            raise UserError(f"{exp_dir} was trained on other data (fingerprint "
+                            f"{saved.get('data_fingerprint')}, now {fingerprint}); pass the data root "
+                            f"it used ({saved.get('data_root')}) or use another --root")
         saved["commands"] = saved.get("commands", []) + [argv]
         layout.save_json(cfg_path, saved)
         return exp_dir
     layout.save_json(cfg_path, {
-        "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_root": data_root,
+        "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_fingerprint": fingerprint,
+        "data_root": str(Path(data_root).resolve()) if data_root else None,
         "git": _git_sha(), "commands": [argv], "versions": _versions()})
     return exp_dir
+
+
+def check_data(exp: Experiment, data: Dataset) -> None:
+    h, w = data.train.images.shape[-2:]
+    if exp.task.task == "rotation" and h != w:
+        raise UserError(f"--task rotation needs square images, these are {h}x{w}; pass --image-size N")
+    if exp.data.crop_pad >= h:
+        raise UserError(f"--crop-pad {exp.data.crop_pad} is not smaller than the {h}-pixel images")
+
+
+def record_command(exp_dir: Path, argv: list[str]) -> None:
+    """Append a command line to config.json: every command that touched the results is kept."""
+    cfg_path = Path(exp_dir) / layout.CONFIG
+    saved = layout.load_json(cfg_path)
+    saved["commands"] = saved.get("commands", []) + [argv]
+    layout.save_json(cfg_path, saved)
 
 
 def load_experiment(exp_dir: Path) -> tuple[Experiment, dict]:
@@ -84,7 +108,8 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
         trained = layout.load_tensors(prev / "train" / layout.MODEL)
         scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
         mask = prune(scores, level_mask(exp, exp_dir, replicate, level - 1, backbone), exp.prune.fraction)
-    layout.save_tensors(path, mask)
+    layout.save_json(path.parent / layout.DENSITY, density_report(mask))  # per layer and total
+    layout.save_tensors(path, mask)  # last: its existence marks the step done
     return mask
 
 
@@ -115,9 +140,13 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
 
 
 def _git_sha() -> str:
+    """The revision of the code that ran, '+dirty' when it had uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+        sha = git("rev-parse", "HEAD")
+        return (sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

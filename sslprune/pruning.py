@@ -65,6 +65,16 @@ def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float) -> Mask:
     return out
 
 
+def prune_iteratively(backbone: nn.Module, levels: int, fraction: float, score: str = "magnitude",
+                      generator: torch.Generator | None = None) -> Mask:
+    """`levels` rounds of `prune` from dense, scoring the backbone's current weights each round
+    (the random baseline's nested masks; benchmarks and tests)."""
+    mask = dense_mask(backbone)
+    for _ in range(levels):
+        mask = prune(SCORES[score](prunable(backbone), generator), mask, fraction)
+    return mask
+
+
 def apply_mask(backbone: nn.Module, mask: Mask) -> None:
     """Zero every pruned weight in place."""
     weights = prunable(backbone)

@@ -3,7 +3,9 @@ replicates) and plots of accuracy against remaining weights (log axis; the paper
 
 Reads nothing but saved files: config.json, masks and done.json of each step.
 
-results.csv columns: objective, reset, replicate, level, remaining, eval, metric, value
+results.csv columns: experiment, objective, reset, replicate, level, remaining, eval, metric, value
+- experiment:     the experiment directory's name (task_model_dataset_hash): replicates are
+                  averaged within one experiment, never across experiments.
 - eval 'task':    the lottery run itself, its objective's own metric (labels: class accuracy,
                   rotation: rotation accuracy); reset is the run's reset.
 - eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random.
@@ -22,7 +24,7 @@ from . import layout
 from .lottery import load_experiment
 from .pruning import density
 
-COLUMNS = ["objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
+COLUMNS = ["experiment", "objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
 METRICS = ("test_acc", "train_acc", "test_loss")
 
 
@@ -45,7 +47,7 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     done = layout.load_json(run / layout.DONE)
                     remaining = density(layout.load_tensors(mask_path))
                     for metric in METRICS:
-                        rows.append(dict(objective=exp.task.task, reset=reset, replicate=replicate,
+                        rows.append(dict(experiment=Path(exp_dir).name, objective=exp.task.task, reset=reset, replicate=replicate,
                                          level=level, remaining=remaining, eval=eval_name,
                                          metric=metric, value=done[metric]))
     return rows
@@ -56,10 +58,15 @@ def _number(p: Path) -> int:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard error over replicates per (eval, objective, reset, level, metric)."""
+    """Mean and standard error over replicates per (eval, curve, level, metric). A curve is one
+    (objective, reset) of one experiment; it is named by its objective alone when that is unique."""
+    experiments = defaultdict(set)
+    for r in rows:
+        experiments[r["objective"]].add(r["experiment"])
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["eval"], r["objective"], r["reset"], r["level"], r["metric"])].append(r)
+        objective = r["objective"] if len(experiments[r["objective"]]) == 1 else r["experiment"]
+        groups[(r["eval"], objective, r["reset"], r["level"], r["metric"])].append(r)
     out = []
     for (ev, obj, reset, level, metric), rs in sorted(groups.items()):
         vals = [r["value"] for r in rs]
@@ -114,7 +121,7 @@ def plot(summary: list[dict], path: Path, metric: str = "test_acc") -> None:
             x = [100 * s["remaining"] for s in pts]
             y = [s["mean"] for s in pts]
             err = [0 if math.isnan(s["se"]) else s["se"] for s in pts]
-            label = "random pruning" if reset == "random" else f"{obj} / {reset}"
+            label = f"random pruning ({obj} run)" if reset == "random" else f"{obj} / {reset}"
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2,
                         ls="--" if reset == "random" else "-", label=label)
         ax.set_xscale("log")

@@ -17,7 +17,7 @@ from .config import Experiment
 from .data import Dataset
 from .errors import UserError
 from .lottery import build, derive_seed
-from .pruning import SCORES, Mask, dense_mask, prunable, prune
+from .pruning import Mask, prune_iteratively
 from .train import load_weights, train
 
 RESETS = ("rewind", "reinit", "random")
@@ -27,10 +27,7 @@ def random_mask(exp: Experiment, backbone, replicate: int, level: int) -> Mask:
     """Level L's random mask: L rounds of random global pruning from dense, one generator, so the
     masks of one replicate are nested and each level keeps exactly as many weights as the lottery's."""
     generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate))
-    mask = dense_mask(backbone)
-    for _ in range(level):
-        mask = prune(SCORES["random"](prunable(backbone), generator), mask, exp.prune.fraction)
-    return mask
+    return prune_iteratively(backbone, level, exp.prune.fraction, "random", generator)
 
 
 def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, reset: str,

@@ -117,17 +117,21 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
 
-    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_x)}
+    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_x),
+                   "device": torch.device(device).type}  # RNG streams differ between device types
+    cuda = torch.device(device).type == "cuda"
     ckpt_path = out / layout.CHECKPOINT
     if ckpt_path.exists():
         ckpt = layout.load_checkpoint(ckpt_path)
         if ckpt["fingerprint"] != fingerprint:
-            raise UserError(f"{ckpt_path} belongs to a different configuration; move {out} away "
-                            f"or run with the configuration that wrote it")
+            raise UserError(f"{ckpt_path} belongs to a different configuration or device; move "
+                            f"{out} away or run with the configuration that wrote it")
         load_weights(backbone, task, ckpt["weights"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if cuda:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, history = ckpt["epoch"], ckpt["history"]
     if snapshot and snapshot[0] == 0 and start_epoch == 0:
         layout.save_tensors(snapshot[1], weights(backbone, task))
@@ -173,7 +177,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         layout.save_checkpoint(ckpt_path, {
             "fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
             "weights": weights(backbone, task), "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state()})
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})})
 
     final = {**history[-1], "epochs": cfg.epochs, "seed": seed}
     layout.save_tensors(out / layout.MODEL, weights(backbone, task))

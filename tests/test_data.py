@@ -75,6 +75,11 @@ def test_imagefolder_folder_and_targz_agree_and_cache(tmp_path):
     assert len(cached) == 2
     c = load_imagefolder(tmp_path / "tree.tar.gz")  # from the cache
     assert torch.equal(b.train.images, c.train.images) and c.classes == b.classes
+    # a file changed inside the folder (the folder's own mtime does not move) is seen
+    img = tmp_path / "tree" / "train" / "cat" / "0000.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
+    d = load_imagefolder(tmp_path / "tree")
+    assert not torch.equal(d.train.images, a.train.images) and (d.train.images[4] == 0).all()
 
 
 def test_imagefolder_resize_and_errors(tmp_path):
@@ -88,6 +93,9 @@ def test_imagefolder_resize_and_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(UserError, match="not an ImageFolder tree"):
         load_imagefolder(tmp_path / "flat")
+    (tmp_path / "tree" / "train" / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        load_imagefolder(tmp_path / "tree", image_size=16)
     (tmp_path / "bad.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(UserError, match="cannot read archive"):
         load_imagefolder(tmp_path / "bad.tar.gz")
@@ -123,11 +131,21 @@ def test_cifar_download_with_md5_checks(tmp_path, monkeypatch):
     ds = cifar.load_cifar10(tmp_path / "data")
     assert ds.train.images.shape == (50, 3, 32, 32) and ds.test.images.shape == (10, 3, 32, 32)
     assert ds.classes[0] == "airplane" and ds.train.labels[:3].tolist() == [0, 1, 2]
-    # a corrupted batch is detected, not reused
-    with open(tmp_path / "data" / cifar.FOLDER / "test_batch", "ab") as f:
+    # a corrupted batch is detected, not reused: re-extracted from the verified archive...
+    batch = tmp_path / "data" / cifar.FOLDER / "test_batch"
+    with open(batch, "ab") as f:
+        f.write(b"x")
+    again = cifar.load_cifar10(tmp_path / "data")
+    assert hashlib.md5(batch.read_bytes()).hexdigest() == files["test_batch"]
+    assert torch.equal(again.test.images, ds.test.images)
+    # ...or, with no archive left to extract from, an error
+    (tmp_path / "data" / "cifar-10-python.tar.gz").unlink()
+    with open(batch, "ab") as f:
         f.write(b"x")
     with pytest.raises(UserError, match="md5"):
         cifar.load_cifar10(tmp_path / "data")
+    with pytest.raises(UserError, match="is a file"):
+        cifar.load_cifar10(src)
     # a wrong archive checksum is refused
     monkeypatch.setattr(cifar, "download", lambda root: orig(root, src.as_uri(), "0" * 32))
     with pytest.raises(UserError, match="md5"):

@@ -20,7 +20,7 @@ def _all_files(d):
 
 def test_levels_masks_and_rewind(tmp_path, data, monkeypatch):
     exp = tiny_experiment(task="rotation")
-    exp_dir = prepare(exp, tmp_path, None, ["test"])
+    exp_dir = prepare(exp, tmp_path, data, None, ["test"])
     starts = []
     real_enforcer = train_mod.MaskEnforcer
 
@@ -53,9 +53,9 @@ def test_levels_masks_and_rewind(tmp_path, data, monkeypatch):
 
 def test_resume_at_any_point_equals_uninterrupted(tmp_path, data, monkeypatch):
     exp = tiny_experiment()
-    straight = prepare(exp, tmp_path / "a", None, ["t"])
+    straight = prepare(exp, tmp_path / "a", data, None, ["t"])
     run_replicate(exp, straight, data, 1, 2, progress=False)
-    killed = prepare(exp, tmp_path / "b", None, ["t"])
+    killed = prepare(exp, tmp_path / "b", data, None, ["t"])
     real_eval = train_mod.evaluate
     # evaluate() runs once per epoch. Die in level 1 before its first checkpoint; then, on the
     # re-run, in level 2 after its first checkpoint (so that one resumes mid-level).
@@ -82,27 +82,44 @@ def test_resume_at_any_point_equals_uninterrupted(tmp_path, data, monkeypatch):
 
 def test_reinit_reset_draws_fresh_weights(tmp_path, data):
     exp = tiny_experiment(reset="reinit")
-    exp_dir = prepare(exp, tmp_path, None, ["t"])
+    exp_dir = prepare(exp, tmp_path, data, None, ["t"])
     run_replicate(exp, exp_dir, data, 1, 1, progress=False)
     assert layout.is_done(layout.level_dir(exp_dir, 1, 1) / "train")
 
 
 def test_config_mismatch_is_refused_and_nothing_touched(tmp_path, data):
     exp = tiny_experiment()
-    exp_dir = prepare(exp, tmp_path, None, ["t"])
+    exp_dir = prepare(exp, tmp_path, data, None, ["t"])
     run_replicate(exp, exp_dir, data, 1, 0, progress=False)
     cfg = json.loads((exp_dir / layout.CONFIG).read_text())
     cfg["config"]["train"]["lr"] = 0.5
     (exp_dir / layout.CONFIG).write_text(json.dumps(cfg))
     before = _all_files(exp_dir)
     with pytest.raises(UserError, match="different configuration"):
-        prepare(exp, tmp_path, None, ["t"])
+        prepare(exp, tmp_path, data, None, ["t"])
     assert _all_files(exp_dir) == before
+
+
+def test_paper_preset_reopens_and_other_data_is_refused(tmp_path, data):
+    from sslprune.cli import parser, resolve
+    from .conftest import tiny_dataset
+    exp, _ = resolve(parser().parse_args(["lottery", "--preset", "cifar10-resnet18-paper", "--task", "rotation"]))
+    assert exp.train.milestones == (80, 120)
+    d = prepare(exp, tmp_path, data, None, ["a"])
+    assert prepare(exp, tmp_path, data, None, ["b"]) == d          # tuple vs JSON list: same config
+    assert [c[0] for c in layout.load_json(d / layout.CONFIG)["commands"]] == ["a", "b"]
+    with pytest.raises(UserError, match="other data"):
+        prepare(exp, tmp_path, tiny_dataset(seed=1), None, ["c"])
+    wide = tiny_dataset()
+    wide.train.images = wide.train.images[..., :6]
+    with pytest.raises(UserError, match="square images"):
+        prepare(exp, tmp_path / "x", wide, None, ["d"])
+    assert not (tmp_path / "x").exists()   # nothing written by a command that fails its checks
 
 
 def test_truncated_files_are_detected(tmp_path, data):
     exp = tiny_experiment()
-    exp_dir = prepare(exp, tmp_path, None, ["t"])
+    exp_dir = prepare(exp, tmp_path, data, None, ["t"])
     run_replicate(exp, exp_dir, data, 1, 1, progress=False)
     mask = layout.level_dir(exp_dir, 1, 1) / layout.MASK
     mask.write_bytes(mask.read_bytes()[:-100])
@@ -117,7 +134,7 @@ def test_truncated_files_are_detected(tmp_path, data):
 
 def test_retrain_rotation_mask_on_labels(tmp_path, data, monkeypatch):
     exp = tiny_experiment(task="rotation")
-    exp_dir = prepare(exp, tmp_path, None, ["t"])
+    exp_dir = prepare(exp, tmp_path, data, None, ["t"])
     run_replicate(exp, exp_dir, data, 1, 2, progress=False)
     starts = {}
     import sslprune.retrain as retrain_mod

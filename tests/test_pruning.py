@@ -3,15 +3,11 @@ from torch import nn
 
 from sslprune.models import build_model
 from sslprune.pruning import (SCORES, MaskEnforcer, apply_mask, dense_mask, density, prunable,
-                              prune, report)
+                              prune, prune_iteratively, report)
 
 
 def magnitude_levels(backbone, levels, fraction=0.2):
-    masks = [dense_mask(backbone)]
-    for _ in range(levels):
-        scores = SCORES["magnitude"](prunable(backbone))
-        masks.append(prune(scores, masks[-1], fraction))
-    return masks
+    return [prune_iteratively(backbone, level, fraction) for level in range(levels + 1)]
 
 
 def test_prunable_is_conv_and_linear_weights_only():

@@ -27,7 +27,7 @@ def test_real_cifar10_subset_labels_and_rotation(tmp_path):
     results = {}
     for task in ("labels", "rotation"):
         exp = tiny_experiment(task=task, **base)
-        exp_dir = prepare(exp, tmp_path, str(ARCHIVE), ["test"])
+        exp_dir = prepare(exp, tmp_path, data, str(ARCHIVE), ["test"])
         run_replicate(exp, exp_dir, data, 1, 0, progress=False)
         results[task] = layout.load_json(layout.level_dir(exp_dir, 1, 0) / "train" / layout.DONE)
     assert results["labels"]["test_acc"] > 0.25    # chance: 0.10

@@ -18,7 +18,7 @@ def test_report_columns_remaining_and_stats(tmp_path, data):
     dirs = []
     for task in ("labels", "rotation"):
         exp = tiny_experiment(task=task, epochs=1)
-        d = prepare(exp, tmp_path / "runs", None, ["t"])
+        d = prepare(exp, tmp_path / "runs", data, None, ["t"])
         for r in (1, 2):
             run_replicate(exp, d, data, r, 2, progress=False)
             for level in range(3):
@@ -26,7 +26,7 @@ def test_report_columns_remaining_and_stats(tmp_path, data):
         dirs.append(d)
     paths = write_report(dirs, tmp_path / "report")
     rows = list(csv.DictReader(open(paths["csv"])))
-    assert list(rows[0]) == ["objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
+    assert list(rows[0]) == ["experiment", "objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
     assert {(r["objective"], r["reset"], r["eval"]) for r in rows} == {
         ("labels", "rewind", "task"), ("rotation", "rewind", "task"),
         ("labels", "reinit", "retrain"), ("rotation", "reinit", "retrain")}
@@ -37,10 +37,14 @@ def test_report_columns_remaining_and_stats(tmp_path, data):
 
 
 def test_summary_mean_and_standard_error():
-    rows = [dict(eval="retrain", objective="labels", reset="rewind", level=1, remaining=0.8,
-                 metric="test_acc", value=v) for v in (0.5, 0.7, 0.9)]
+    rows = [dict(experiment="e1", eval="retrain", objective="labels", reset="rewind", level=1,
+                 remaining=0.8, metric="test_acc", value=v) for v in (0.5, 0.7, 0.9)]
     (s,) = summarise(rows)
     assert s["mean"] == pytest.approx(0.7) and s["se"] == pytest.approx(0.2 / 3 ** 0.5) and s["n"] == 3
+    # two experiments with the same objective are two curves, never pooled as replicates
+    other = [{**r, "experiment": "e2", "value": 0.1} for r in rows]
+    a, b = summarise(rows + other)
+    assert {a["objective"], b["objective"]} == {"e1", "e2"} and a["n"] == b["n"] == 3
 
 
 def test_preset_and_flags_and_golden_hashes():
@@ -65,6 +69,11 @@ GOLDEN = "dc100d129ad6"
     (["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels"], "--lr must be > 0"),
     (["lottery", "--preset", "demo", "--task", "labels", "--dataset", "imagefolder"], "--data-root is required"),
     (["lottery", "--preset", "demo", "--task", "labels", "--rewind", "3x"], "--rewind must look like"),
+    (["lottery", "--preset", "demo", "--task", "labels", "--crop-pad", "-1"], "--crop-pad must be >= 0"),
+    (["lottery", "--preset", "demo", "--task", "labels", "--crop-pad", "8"], "--crop-pad 8 is not smaller"),
+    (["lottery", "--preset", "demo", "--task", "labels", "--device", "tpu9"], "unknown --device"),
+    (["lottery", "--preset", "demo", "--task", "labels", "--dataset", "cifar10", "--data-root", __file__],
+     "is a file"),
     (["retrain", "/nonexistent/run"], "not an experiment directory"),
     (["report", "/nonexistent/run"], "holds no experiment"),
 ])
@@ -90,6 +99,17 @@ def test_cli_process_exit_code_and_preset_run(tmp_path):
     assert cfg["config"]["train"]["epochs"] == 1 and cfg["commands"][0][0] == "lottery"
     assert {"git", "versions", "hash"} <= set(cfg)
     r = subprocess.run([sys.executable, "-m", "sslprune", "retrain", exp_dir, "--reset", "random",
-                        "--levels", "1", "--quiet"], capture_output=True, text=True)
+                        "--quiet"], capture_output=True, text=True)  # default: every trained level
     assert r.returncode == 0, r.stderr
-    assert layout.is_done(f"{exp_dir}/replicate_1/level_1/retrain_random")
+    assert all(layout.is_done(f"{exp_dir}/replicate_1/level_{L}/retrain_random") for L in (0, 1))
+    assert layout.load_json(f"{exp_dir}/{layout.CONFIG}")["commands"][-1][:2] == ["retrain", exp_dir]
+    density = layout.load_json(f"{exp_dir}/replicate_1/level_1/{layout.DENSITY}")
+    assert density[-1]["layer"] == "total" and abs(density[-1]["density"] - 0.8) < 1e-3
+
+
+def test_replicate_ranges():
+    from sslprune.cli import parser, resolve
+    def reps(*flags):
+        return resolve(parser().parse_args(["lottery", "--preset", "demo", "--task", "labels", *flags]))[1]["replicates"]
+    assert reps() == [1, 2] and reps("--replicates", "3") == [1, 2, 3]
+    assert reps("--replicates", "3-4") == [3, 4] and reps("--replicates", "2,5") == [2, 5]

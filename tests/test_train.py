@@ -4,17 +4,14 @@ import torch
 from sslprune import layout
 from sslprune import train as train_mod
 from sslprune.lottery import build
-from sslprune.pruning import SCORES, dense_mask, prunable, prune
+from sslprune.pruning import dense_mask, prunable, prune_iteratively
 from sslprune.train import learning_rate, train
 
 from .conftest import tiny_experiment
 
 
 def _pruned_mask(backbone, levels=3):
-    mask = dense_mask(backbone)
-    for _ in range(levels):
-        mask = prune(SCORES["magnitude"](prunable(backbone)), mask, 0.2)
-    return mask
+    return prune_iteratively(backbone, levels, 0.2)
 
 
 def test_learns_and_pruned_weights_stay_zero(tmp_path, data):

@@ -10,6 +10,7 @@ import io
 import pickle
 import shutil
 import tarfile
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -79,12 +80,23 @@ def download(root: Path, url: str = URL, archive_md5: str = ARCHIVE_MD5) -> None
             raise UserError(f"downloaded {url} has md5 {got}, expected {archive_md5}; "
                             f"the download is corrupt, try again")
         tmp.replace(archive)
-    with tarfile.open(archive, "r:gz") as t:
-        t.extractall(root, filter="data")
+    # Extract beside, then rename: a kill mid-way leaves no half-written batches behind.
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    try:
+        with tarfile.open(archive, "r:gz") as t:
+            t.extractall(tmp, filter="data")
+        if (root / FOLDER).exists():
+            shutil.rmtree(root / FOLDER)  # incomplete (files missing or failing md5): replaced whole
+        (tmp / FOLDER).rename(root / FOLDER)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_cifar10(root, download_ok: bool = True, **_) -> Dataset:
     root = Path(root or "data")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-root {root} is a file; cifar10 needs a folder (holding {FOLDER}); "
+                        f"for an ImageFolder .tar.gz use --dataset imagefolder")
     folder = root / FOLDER
     missing = [n for n in FILES_MD5 if not (folder / n).exists()]
     if missing and download_ok:
@@ -93,10 +105,13 @@ def load_cifar10(root, download_ok: bool = True, **_) -> Dataset:
     if missing:
         raise UserError(f"CIFAR-10 files {missing} missing from {folder}; get {URL} and extract "
                         f"it into {root}")
-    for name, want in FILES_MD5.items():
-        if md5(folder / name) != want:
-            raise UserError(f"{folder / name} fails its md5 check (expected {want}); delete "
-                            f"{folder} and run again to re-download it")
+    bad = [n for n, want in FILES_MD5.items() if md5(folder / n) != want]
+    if bad and download_ok and (root / Path(URL).name).exists():
+        download(root)  # the verified archive is still there: extract it again
+        bad = [n for n, want in FILES_MD5.items() if md5(folder / n) != want]
+    if bad:
+        raise UserError(f"{folder / bad[0]} fails its md5 check (expected {FILES_MD5[bad[0]]}); "
+                        f"delete {folder} and run again to re-download it")
     train = [_read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
     xt, yt = _read_batch(folder / "test_batch")
     x = np.concatenate([b[0] for b in train])

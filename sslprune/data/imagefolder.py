@@ -87,6 +87,8 @@ def _read(root: Path, image_size: int, train_per_class: int, test_per_class: int
             if c not in index:
                 raise UserError(f"class '{c}' is in {split}/ but not in train/ of {root}")
             files = sorted(tree[split][c], key=lambda e: e[0])
+            if not files:
+                raise UserError(f"class folder {split}/{c} of {root} holds no images; remove it or add images")
             for name, read in files[: limit or None]:
                 images.append(_decode(read(), image_size, f"{split}/{c}/{name}"))
                 labels.append(index[c])
@@ -107,9 +109,15 @@ def load_imagefolder(root, image_size: int = 0, train_per_class: int = 0, test_p
     if not root.exists():
         raise UserError(f"data root {root} does not exist; pass --data-root pointing at an "
                         f"ImageFolder tree or its .tar.gz")
-    st = root.stat()
-    key = json.dumps([str(root), st.st_size, st.st_mtime_ns, image_size, train_per_class,
-                      test_per_class, 1])  # the last item is the cache format version
+    # The key covers every file and folder (a folder's own mtime does not change when a file
+    # inside it is rewritten).
+    files = [root] if root.is_file() else sorted(root.rglob("*"))
+    stamp = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        stamp.update(f"{p.relative_to(root) if p != root else p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    key = json.dumps([str(root), stamp.hexdigest(), image_size, train_per_class, test_per_class,
+                      1])  # the last item is the cache format version
     cached = cache_dir() / f"imagefolder-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if cached.exists():
         t = load_tensors(cached)

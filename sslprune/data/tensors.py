@@ -1,7 +1,8 @@
 """A dataset split held in memory as a uint8 tensor: what every reader returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,8 +31,6 @@ class Split:
             keep[(self.labels == c).nonzero().flatten()[:n]] = True
         return Split(self.images[keep], self.labels[keep])
 
-    def to(self, device) -> "Split":
-        return Split(self.images.to(device), self.labels.to(device))
 
 
 @dataclass
@@ -40,12 +39,34 @@ class Dataset:
     train: Split
     test: Split
     classes: list[str]
+    _stats: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std of the training images on the 0-1 scale, each (3,)."""
-        x = self.train.images.float().div_(255)
-        return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+        """Per-channel mean and std of the training images on the 0-1 scale, each (3,).
+        Computed once, in chunks (a float copy of CIFAR-10 would take 600 MB)."""
+        if self._stats is None:
+            total = torch.zeros(3, dtype=torch.float64)
+            squares = torch.zeros(3, dtype=torch.float64)
+            for i in range(0, len(self.train), 4096):
+                x = self.train.images[i:i + 4096].to(torch.float64).div_(255)
+                total += x.sum(dim=(0, 2, 3))
+                squares += x.square().sum(dim=(0, 2, 3))
+            n = self.train.images[:, 0].numel()
+            mean = total / n
+            std = ((squares - n * mean.square()) / (n - 1)).clamp_min(0).sqrt()
+            self._stats = (mean.float(), std.float())
+        return self._stats
+
+    def fingerprint(self) -> str:
+        """sha256 of every image and label: identifies the data a run was trained on, wherever
+        it lives on disk."""
+        h = hashlib.sha256()
+        for split in (self.train, self.test):
+            h.update(split.images.contiguous().numpy().tobytes())
+            h.update(split.labels.to(torch.int64).contiguous().numpy().tobytes())
+        h.update("\n".join(self.classes).encode())
+        return h.hexdigest()[:16]
