@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .config import PRESETS, Experiment
 from .data import load_dataset
 from .lottery import prepare, run_replicate
@@ -18,17 +20,15 @@ def demo_experiment(task: str) -> Experiment:
 def run_demo(out: Path, replicates: int, levels: int, device: str = "cpu", progress: bool = True,
              argv: list[str] = ("demo",)) -> dict:
     out = Path(out)
-    exp_dirs = []
-    for task in ("labels", "rotation"):
+    data = load_dataset(demo_experiment("labels").data)
+    exp_dirs = {task: prepare(demo_experiment(task), out / "runs", data, None, list(argv))
+                for task in ("labels", "rotation")}
+    steps = [(task, r, level) for task in exp_dirs for r in range(1, replicates + 1) for level in range(levels + 1)]
+    # One bar for the study (the runs are seconds each); finished steps are read back, not redone.
+    for task, r, level in tqdm(steps, desc="demo", unit="level", disable=None if progress else True):
         exp = demo_experiment(task)
-        data = load_dataset(exp.data)
-        exp_dir = prepare(exp, out / "runs", data, None, list(argv))
-        for r in range(1, replicates + 1):
-            run_replicate(exp, exp_dir, data, r, levels, device, progress)
-            # The random baseline depends on no objective: run it once, beside the labels run.
-            resets = ("rewind", "reinit", "random") if task == "labels" else ("rewind", "reinit")
-            for level in range(levels + 1):
-                for reset in resets:
-                    retrain(exp, exp_dir, data, r, level, reset, device, progress)
-        exp_dirs.append(exp_dir)
-    return write_report(exp_dirs, out / "report")
+        run_replicate(exp, exp_dirs[task], data, r, level, device, progress=False)
+        # The random baseline depends on no objective: run it once, beside the labels run.
+        for reset in ("rewind", "reinit", "random") if task == "labels" else ("rewind", "reinit"):
+            retrain(exp, exp_dirs[task], data, r, level, reset, device, progress=False)
+    return write_report(list(exp_dirs.values()), out / "report")

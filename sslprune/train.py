@@ -136,7 +136,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     if snapshot and snapshot[0] == 0 and start_epoch == 0:
         layout.save_tensors(snapshot[1], weights(backbone, task))
 
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="/".join(out.parts[-3:]), disable=not progress,
+    # disable=None: no bar when stderr is not a terminal (CI logs, batch jobs); log.jsonl has it all.
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="/".join(out.parts[-3:]), disable=None if progress else True,
                leave=False, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         backbone.train(), task.train()
