@@ -58,8 +58,7 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
             raise UserError(f"{exp_dir} was trained on other data (fingerprint "
                             f"{saved.get('data_fingerprint')}, now {fingerprint}); pass the data root "
                             f"it used ({saved.get('data_root')}) or use another --root")
-        saved["commands"] = saved.get("commands", []) + [argv]
-        layout.save_json(cfg_path, saved)
+        record_command(exp_dir, argv, saved)
         return exp_dir
     layout.save_json(cfg_path, {
         "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_fingerprint": fingerprint,
@@ -76,10 +75,10 @@ def check_data(exp: Experiment, data: Dataset) -> None:
         raise UserError(f"--crop-pad {exp.data.crop_pad} is not smaller than the {h}-pixel images")
 
 
-def record_command(exp_dir: Path, argv: list[str]) -> None:
+def record_command(exp_dir: Path, argv: list[str], saved: dict | None = None) -> None:
     """Append a command line to config.json: every command that touched the results is kept."""
     cfg_path = Path(exp_dir) / layout.CONFIG
-    saved = layout.load_json(cfg_path)
+    saved = layout.load_json(cfg_path) if saved is None else saved
     saved["commands"] = saved.get("commands", []) + [argv]
     layout.save_json(cfg_path, saved)
 

@@ -67,8 +67,8 @@ def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float) -> Mask:
 
 def prune_iteratively(backbone: nn.Module, levels: int, fraction: float, score: str = "magnitude",
                       generator: torch.Generator | None = None) -> Mask:
-    """`levels` rounds of `prune` from dense, scoring the backbone's current weights each round
-    (the random baseline's nested masks; benchmarks and tests)."""
+    """`levels` rounds of `prune` from dense, scoring the backbone's current weights each round:
+    a level-L mask without the training in between (benchmarks and tests)."""
     mask = dense_mask(backbone)
     for _ in range(levels):
         mask = prune(SCORES[score](prunable(backbone), generator), mask, fraction)

@@ -17,17 +17,27 @@ from .config import Experiment
 from .data import Dataset
 from .errors import UserError
 from .lottery import build, derive_seed
-from .pruning import Mask, prune_iteratively
+from .pruning import SCORES, Mask, dense_mask, prunable, prune
 from .train import load_weights, train
 
 RESETS = ("rewind", "reinit", "random")
 
 
-def random_mask(exp: Experiment, backbone, replicate: int, level: int) -> Mask:
-    """Level L's random mask: L rounds of random global pruning from dense, one generator, so the
-    masks of one replicate are nested and each level keeps exactly as many weights as the lottery's."""
-    generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate))
-    return prune_iteratively(backbone, level, exp.prune.fraction, "random", generator)
+def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level: int) -> Mask:
+    """Level L's random mask: level L-1's random mask with `fraction` of its survivors removed at
+    random, globally. Nested across levels, and each level keeps exactly as many weights as the
+    lottery's. Computed once per level from the previous one, then read from disk."""
+    path = layout.level_dir(exp_dir, replicate, level) / "retrain_random" / layout.MASK
+    if path.exists():
+        return layout.load_tensors(path)
+    if level == 0:
+        mask = dense_mask(backbone)
+    else:
+        generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate, level))
+        mask = prune(SCORES["random"](prunable(backbone), generator),
+                     random_mask(exp, exp_dir, backbone, replicate, level - 1), exp.prune.fraction)
+    layout.save_tensors(path, mask)
+    return mask
 
 
 def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, reset: str,
@@ -39,10 +49,7 @@ def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level
     seed = derive_seed("retrain", reset, replicate, level)
     backbone, task = build(exp, data.num_classes, seed=seed, task_name="labels")
     if reset == "random":
-        path = out / layout.MASK
-        if not path.exists():
-            layout.save_tensors(path, random_mask(exp, backbone, replicate, level))
-        mask = layout.load_tensors(path)
+        mask = random_mask(exp, exp_dir, backbone, replicate, level)
     else:
         if not (ldir / layout.MASK).exists():
             raise UserError(f"no mask at {ldir}; run 'sslprune lottery' up to level {level} first")
