@@ -31,7 +31,24 @@ class Model:
 
 @dataclass(frozen=True)
 class Task:
-    task: str = ""               # TASKS key: labels | rotation
+    task: str = ""               # TASKS key: labels | rotation | exemplar | npid | s4l
+    label_fraction: float = 0.0  # labels, s4l: keep the labels of this fraction of the training set (0 = all)
+    label_split: str = "images"  # few labels drawn as a fraction of each class's images | of the classes (all their images)
+    label_seed: int = 0          # seed of the labelled subset (fixed per experiment, saved with it)
+    embedding_dim: int = 128     # exemplar, npid: size of the L2-normalised embedding head
+    margin: float = 0.5          # exemplar: triplet margin on the distance of unit embeddings (in [0, 2])
+    nce_negatives: int = 4096    # npid: K negatives per image drawn from the memory bank for NCE
+    temperature: float = 0.07    # npid: softmax temperature of the bank similarities
+    bank_momentum: float = 0.5   # npid: bank row <- normalise(m * row + (1 - m) * new embedding)
+    knn: int = 200               # npid: neighbours of the weighted kNN monitor on the test set
+    rotation_weight: float = 1.0  # s4l: weight of the rotation loss next to the label loss
+
+
+# Which tasks read which task option: setting an option for a task that ignores it is an error.
+TASK_OPTIONS = {"label_fraction": ("labels", "s4l"), "label_split": ("labels", "s4l"),
+                "label_seed": ("labels", "s4l"), "embedding_dim": ("exemplar", "npid"),
+                "margin": ("exemplar",), "nce_negatives": ("npid",), "temperature": ("npid",),
+                "bank_momentum": ("npid",), "knn": ("npid",), "rotation_weight": ("s4l",)}
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,27 @@ class Experiment:
         if self.train.warmup_epochs > self.train.epochs:
             raise UserError(f"--warmup-epochs {self.train.warmup_epochs} exceeds --epochs {self.train.epochs}")
         parse_rewind(self.prune.rewind)
+        self._validate_task()
+
+    def _validate_task(self) -> None:
+        t, default = self.task, Task()
+        for name, tasks in TASK_OPTIONS.items():
+            if getattr(t, name) != getattr(default, name) and t.task not in tasks:
+                raise UserError(f"--{name.replace('_', '-')} applies to --task {' or '.join(tasks)} only, "
+                                f"not '{t.task}'; drop it")
+        _choose("label-split", t.label_split, {"images", "classes"})
+        if not 0.0 <= t.label_fraction <= 1.0:
+            raise UserError(f"--label-fraction must be in [0, 1] (0 = all labels), got {t.label_fraction}")
+        if t.task == "s4l" and not 0.0 < t.label_fraction < 1.0:
+            raise UserError(f"--task s4l needs a labelled and an unlabelled part: set --label-fraction "
+                            f"in (0, 1), e.g. 0.1 (got {t.label_fraction})")
+        for name in ("embedding_dim", "nce_negatives", "knn", "temperature", "margin"):
+            if not getattr(t, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(t, name)}")
+        if not 0.0 <= t.bank_momentum < 1.0:
+            raise UserError(f"--bank-momentum must be in [0, 1), got {t.bank_momentum}")
+        if t.rotation_weight < 0:
+            raise UserError(f"--rotation-weight must be >= 0, got {t.rotation_weight}")
 
 
 def _jsonable(v):

@@ -19,11 +19,14 @@ from torch import nn
 
 from . import layout
 from .config import Experiment
+from .config import Task as TaskConfig
 from .data import Dataset
 from .errors import UserError
+from .labelled import labelled_subset_checked, task_data
 from .models import build_model
 from .pruning import SCORES, Mask, dense_mask, prunable, prune
 from .pruning import report as density_report
+from .sampling import steps_per_epoch
 from .tasks import Task, build_task
 from .train import load_weights, rewind_step, train, weights
 
@@ -33,11 +36,14 @@ def derive_seed(*parts) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
 
 
-def build(exp: Experiment, num_classes: int, seed: int, task_name: str | None = None) -> tuple[nn.Module, Task]:
-    """A freshly initialised backbone and task head; the same seed gives the same weights."""
+def build(exp: Experiment, data: Dataset, seed: int, task_name: str | None = None) -> tuple[nn.Module, Task]:
+    """A freshly initialised backbone and task (heads and state sized from `data`, the dataset the
+    task trains on); the same seed gives the same weights. task_name overrides the experiment's
+    task, with that task's default options (re-training on labels)."""
     torch.manual_seed(seed)
     backbone = build_model(exp.model.model)
-    task = build_task(task_name or exp.task.task, backbone.feature_dim, num_classes)
+    task_cfg = exp.task if task_name is None else TaskConfig(task=task_name)
+    task = build_task(task_cfg, backbone.feature_dim, data.num_classes, len(data.train))
     return backbone, task
 
 
@@ -69,8 +75,15 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
 
 def check_data(exp: Experiment, data: Dataset) -> None:
     h, w = data.train.images.shape[-2:]
-    if exp.task.task == "rotation" and h != w:
-        raise UserError(f"--task rotation needs square images, these are {h}x{w}; pass --image-size N")
+    if exp.task.task in ("rotation", "s4l") and h != w:
+        raise UserError(f"--task {exp.task.task} needs square images, these are {h}x{w}; pass --image-size N")
+    if exp.task.task == "npid" and exp.task.nce_negatives >= len(data.train):
+        raise UserError(f"--nce-negatives {exp.task.nce_negatives} is not below the {len(data.train)} "
+                        f"training images (the bank's rows); pass a smaller --nce-negatives")
+    if exp.task.task == "s4l" and exp.train.batch_size < 2:
+        raise UserError("--task s4l splits each batch into labelled and unlabelled halves: --batch-size must be >= 2")
+    if exp.task.label_fraction:
+        labelled_subset_checked(exp, data)
     if exp.data.crop_pad >= h:
         raise UserError(f"--crop-pad {exp.data.crop_pad} is not smaller than the {h}-pixel images")
 
@@ -114,14 +127,16 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
 
 def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, levels: int,
                   device: str = "cpu", progress: bool = True) -> None:
+    """data: the full dataset; the objective trains on task_data(exp, exp_dir, data)."""
+    data = task_data(exp, exp_dir, data)
     rdir = layout.replicate_dir(exp_dir, replicate)
-    backbone, task = build(exp, data.num_classes, seed=derive_seed("init", replicate))
+    backbone, task = build(exp, data, seed=derive_seed("init", replicate))
     init_path = rdir / layout.INIT
     if init_path.exists():
         load_weights(backbone, task, layout.load_tensors(init_path))
     else:
         layout.save_tensors(init_path, weights(backbone, task))
-    k = rewind_step(exp.prune.rewind, len(data.train), exp.train.batch_size)
+    k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
 
     for level in range(levels + 1):
         out = layout.level_dir(exp_dir, replicate, level) / "train"
@@ -133,7 +148,7 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
         elif exp.prune.reset == "rewind":
             load_weights(backbone, task, layout.load_tensors(rdir / layout.REWIND))
         else:  # reinit: fresh weights from the init distribution, a new draw per level
-            backbone, task = build(exp, data.num_classes, seed=derive_seed("reinit", replicate, level))
+            backbone, task = build(exp, data, seed=derive_seed("reinit", replicate, level))
         train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, device=device,
               snapshot=(k, rdir / layout.REWIND) if level == 0 else None, progress=progress)
 

@@ -6,8 +6,9 @@ Reads nothing but saved files: config.json, masks and done.json of each step.
 results.csv columns: experiment, objective, reset, replicate, level, remaining, eval, metric, value
 - experiment:     the experiment directory's name (task_model_dataset_hash): replicates are
                   averaged within one experiment, never across experiments.
-- eval 'task':    the lottery run itself, its objective's own metric (labels: class accuracy,
-                  rotation: rotation accuracy); reset is the run's reset.
+- eval 'task':    the lottery run itself, its objective's own metric (Task.metric: labels and
+                  s4l: class accuracy, rotation: rotation accuracy, exemplar: positive retrieval
+                  in the batch, npid: kNN accuracy); reset is the run's reset.
 - eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random.
 - remaining:      fraction of prunable weights kept.
 """
@@ -25,7 +26,7 @@ from .lottery import load_experiment
 from .pruning import density
 
 COLUMNS = ["experiment", "objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
-METRICS = ("test_acc", "train_acc", "test_loss")
+METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc")  # those a run has (NPID: no test loss)
 
 
 def collect(exp_dirs: list[Path]) -> list[dict]:
@@ -46,11 +47,19 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                         continue
                     done = layout.load_json(run / layout.DONE)
                     remaining = density(layout.load_tensors(mask_path))
-                    for metric in METRICS:
-                        rows.append(dict(experiment=Path(exp_dir).name, objective=exp.task.task, reset=reset, replicate=replicate,
+                    for metric in (m for m in METRICS if done.get(m) is not None):
+                        rows.append(dict(experiment=Path(exp_dir).name, objective=objective_label(exp), reset=reset, replicate=replicate,
                                          level=level, remaining=remaining, eval=eval_name,
                                          metric=metric, value=done[metric]))
     return rows
+
+
+def objective_label(exp) -> str:
+    """'labels', or with few labels e.g. 'labels 10% of images' / 's4l 10% of classes'."""
+    t = exp.task
+    if t.label_fraction and t.label_fraction < 1:
+        return f"{t.task} {t.label_fraction:.0%} of {t.label_split}"
+    return t.task
 
 
 def _number(p: Path) -> int:
@@ -80,7 +89,9 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], metric: str = "test_acc") -> str:
-    lines = []
+    from .tasks import TASKS
+    objectives = sorted({s["objective"].split()[0] for s in summary if s["eval"] == "task"} & set(TASKS))
+    lines = ["Each objective's own metric: " + "; ".join(f"{o}: {TASKS[o].metric}" for o in objectives) + ".", ""]
     for ev, title in (("retrain", "Masks re-trained on labels: test accuracy"),
                       ("task", "Each objective's own task during pruning: test accuracy")):
         rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]

@@ -47,7 +47,7 @@ def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level
     ldir = layout.level_dir(exp_dir, replicate, level)
     out = ldir / f"retrain_{reset}"
     seed = derive_seed("retrain", reset, replicate, level)
-    backbone, task = build(exp, data.num_classes, seed=seed, task_name="labels")
+    backbone, task = build(exp, data, seed=seed, task_name="labels")
     if reset == "random":
         mask = random_mask(exp, exp_dir, backbone, replicate, level)
     else:

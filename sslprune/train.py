@@ -24,17 +24,14 @@ from .data import Dataset
 from .data.augment import Normalize, batch_crop, batch_flip_lr
 from .errors import UserError
 from .pruning import Mask, MaskEnforcer, apply_mask
-from .tasks import Task
+from .sampling import epoch_batches, steps_per_epoch
+from .tasks import Batch, Task
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return max(1, n // batch_size)  # the last incomplete batch is dropped (BN needs full batches)
-
-
-def rewind_step(rewind: str, n: int, batch_size: int) -> int:
+def rewind_step(rewind: str, per_epoch: int) -> int:
     """The rewind point as a number of updates of the dense training."""
     k, unit = parse_rewind(rewind)
-    return k * steps_per_epoch(n, batch_size) if unit == "ep" else k
+    return k * per_epoch if unit == "ep" else k
 
 
 def learning_rate(cfg: TrainConfig, step: int, per_epoch: int) -> float:
@@ -75,18 +72,10 @@ def load_weights(backbone: nn.Module, task: Task | None, tensors: dict[str, torc
                         f"check --model/--task against the run's config.json") from None
 
 
-@torch.no_grad()
-def evaluate(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torch.Tensor,
-             normalize: Normalize, batch_size: int) -> dict[str, float]:
-    """Task loss and accuracy on a split, batch-norm in eval mode, no augmentation."""
-    backbone.eval(), task.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for i in range(0, len(images), batch_size):
-        loss, c, n = task.step(backbone, normalize(images[i:i + batch_size]), labels[i:i + batch_size])
-        loss_sum += float(loss) * n
-        correct += int(c)
-        count += n
-    return {"loss": loss_sum / count, "acc": correct / count}
+def evaluate(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torch.Tensor, normalize,
+             batch_size: int, train_labels: torch.Tensor) -> dict:
+    """The task's metrics on a held-out split (Task.evaluate: batch-norm in eval mode, fixed views)."""
+    return task.evaluate(backbone, images, labels, normalize, batch_size, train_labels=train_labels)
 
 
 def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug: DataConfig,
@@ -104,8 +93,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     normalize = Normalize(*data.channel_stats()).to(device)
-    per_epoch = steps_per_epoch(len(train_x), cfg.batch_size)
-    batch = min(cfg.batch_size, len(train_x))
+    per_epoch = steps_per_epoch(task.sampler, train_y, cfg.batch_size)
 
     if snapshot and snapshot[0] > cfg.epochs * per_epoch:
         raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
@@ -117,7 +105,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
 
-    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_x),
+    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_x), "task": task.name,
                    "device": torch.device(device).type}  # RNG streams differ between device types
     cuda = torch.device(device).type == "cuda"
     ckpt_path = out / layout.CHECKPOINT
@@ -142,13 +130,13 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     for epoch in bar:
         backbone.train(), task.train()
         t0 = time.perf_counter()
-        order = torch.randperm(len(train_x), generator=generator, device=device)
+        order = epoch_batches(task.sampler, train_y, cfg.batch_size, generator)  # (per_epoch, B)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         count = 0
         for i in range(per_epoch):
             step = epoch * per_epoch + i
-            idx = order[i * batch:(i + 1) * batch]
+            idx = order[i]
             x = train_x[idx]                                        # (B, 3, H, W) uint8
             if aug.crop_pad:
                 x = batch_crop(x, aug.crop_pad, generator)
@@ -156,7 +144,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 x = batch_flip_lr(x, generator)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
-            loss, c, n = task.step(backbone, normalize(x), train_y[idx])
+            loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator), normalize)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -168,12 +156,14 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 layout.save_tensors(snapshot[1], weights(backbone, task))
         train_loss, train_acc = float(loss_sum) / count, int(correct) / count  # one sync per epoch
         t1 = time.perf_counter()
-        test = evaluate(backbone, task, test_x, test_y, normalize, max(batch, 256))
+        batch = order.shape[1]
+        test = evaluate(backbone, task, test_x, test_y, normalize,
+                        batch if task.batch_metric else max(batch, 256), train_labels=train_y)
         history.append({"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
                         "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-                        "train_acc": train_acc, "test_loss": test["loss"], "test_acc": test["acc"],
+                        "train_acc": train_acc, **{f"test_{k}": v for k, v in test.items()},
                         "train_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1})
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", test_acc=f"{test['acc']:.3f}")
+        bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{test['acc']:.3f}")
         layout.save_text(out / layout.LOG, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
         layout.save_checkpoint(ckpt_path, {
             "fingerprint": fingerprint, "epoch": epoch + 1, "history": history,

@@ -64,7 +64,7 @@ GOLDEN = "dc100d129ad6"
 @pytest.mark.parametrize("argv,needle", [
     (["lottery", "--preset", "demo", "--model", "resnet99"], "unknown model 'resnet99'"),
     (["lottery", "--preset", "demo", "--task", "jigsaw"], "unknown task 'jigsaw'"),
-    (["lottery", "--preset", "demo"], "--task is required; choose one of: labels, rotation"),
+    (["lottery", "--preset", "demo"], "--task is required; choose one of: exemplar, labels, npid, rotation, s4l"),
     (["lottery", "--preset", "demo", "--task", "labels", "--fraction", "1.5"], "--fraction must be in (0, 1)"),
     (["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels"], "--lr must be > 0"),
     (["lottery", "--preset", "demo", "--task", "labels", "--dataset", "imagefolder"], "--data-root is required"),

@@ -1,8 +1,22 @@
+import pytest
 import torch
 
+from sslprune.config import Task as TaskConfig
+from sslprune.data.augment import Normalize
 from sslprune.models import build_model
-from sslprune.tasks import build_task
+from sslprune.tasks import UNLABELLED, Batch, build_task
 from sslprune.tasks.rotation import rotate4
+
+
+IDENTITY = Normalize(torch.zeros(3), torch.ones(3))
+
+
+def task(name, feature_dim, num_classes, num_train=64, **options):
+    return build_task(TaskConfig(task=name, **options), feature_dim, num_classes, num_train)
+
+
+def batch(x, y, seed=0):
+    return Batch(x, y, torch.arange(len(x)), torch.Generator().manual_seed(seed))
 
 
 def test_rot90_views_are_exact_rotations():
@@ -30,32 +44,42 @@ def test_rot90_views_are_exact_rotations():
 def test_rotation_never_reads_labels():
     torch.manual_seed(0)
     b = build_model("convnet")
-    t = build_task("rotation", b.feature_dim, 10)
+    t = task("rotation", b.feature_dim, 10)
     assert t.head.out_features == 4
-    x = torch.randn(4, 3, 8, 8)
-    l1 = t.step(b.eval(), x, torch.tensor([0, 1, 2, 3]))
-    l2 = t.step(b.eval(), x, torch.tensor([9, 9, 9, 9]))
+    x = torch.rand(4, 3, 8, 8)
+    l1 = t.step(b.eval(), batch(x, torch.tensor([0, 1, 2, 3])), IDENTITY)
+    l2 = t.step(b.eval(), batch(x, torch.tensor([9, 9, 9, 9])), IDENTITY)
     assert torch.equal(l1[0], l2[0]) and l1[1:] == l2[1:]
 
 
 def test_labels_task_head_matches_classes():
     b = build_model("convnet")
-    t = build_task("labels", b.feature_dim, 7)
+    t = task("labels", b.feature_dim, 7)
     assert t.head.out_features == 7 and t.head.in_features == b.feature_dim
 
 
-def test_losses_decrease_on_a_fixed_batch():
-    for name in ("labels", "rotation"):
-        torch.manual_seed(0)
-        b = build_model("convnet")
-        t = build_task(name, b.feature_dim, 3)
-        x, y = torch.randn(16, 3, 8, 8), torch.arange(16) % 3
-        opt = torch.optim.Adam([*b.parameters(), *t.parameters()], lr=1e-2)
-        first = None
-        for _ in range(30):
-            loss = t.step(b, x, y)[0]
-            first = first if first is not None else loss.item()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        assert loss.item() < 0.5 * first, name
+@pytest.mark.parametrize("name", ["labels", "rotation", "exemplar", "npid", "s4l"])
+def test_losses_decrease_on_a_fixed_batch(name):
+    """Same images, same random views (the generator is re-seeded every step), 40 Adam steps.
+    NPID starts from a bank filled with the batch: from a random bank its loss first rises while
+    the bank fills with the (initially similar) embeddings of a random network."""
+    torch.manual_seed(0)
+    b = build_model("convnet")
+    options = {"nce_negatives": 16} if name == "npid" else {"label_fraction": 0.5} if name == "s4l" else {}
+    t = task(name, b.feature_dim, 3, num_train=64, **options)
+    x, y = (torch.rand(16, 3, 8, 8) * 255).to(torch.uint8), torch.arange(16) % 3
+    if name == "s4l":
+        y[8:] = UNLABELLED
+    if name == "npid":  # a bank that already holds this batch, and Z as a random bank gives it (N)
+        with torch.no_grad():
+            t.bank[:16] = t.embed(b, x, IDENTITY)
+            t.z.fill_(64.0)
+    opt = torch.optim.Adam([*b.parameters(), *t.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = t.step(b, batch(x, y, seed=1), IDENTITY)[0]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], (name, losses[0], losses[-5:])

@@ -16,7 +16,7 @@ def _pruned_mask(backbone, levels=3):
 
 def test_learns_and_pruned_weights_stay_zero(tmp_path, data):
     exp = tiny_experiment(epochs=10)  # 30 steps: enough for batch-norm's running statistics
-    backbone, task = build(exp, data.num_classes, seed=0)
+    backbone, task = build(exp, data, seed=0)
     mask = _pruned_mask(backbone)
     res = train(backbone, task, data, exp.train, exp.data, mask, tmp_path / "run", seed=0, progress=False)
     assert res["test_acc"] > 0.8  # 3 classes: chance is 1/3
@@ -33,7 +33,7 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, data, monkeypatch):
     exp = tiny_experiment(epochs=3)
 
     def run(out):
-        backbone, task = build(exp, data.num_classes, seed=0)
+        backbone, task = build(exp, data, seed=0)
         return train(backbone, task, data, exp.train, exp.data, _pruned_mask(backbone), out, seed=5,
                      snapshot=(2, out / "snap.safetensors"), progress=False)
 
@@ -63,10 +63,10 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, data, monkeypatch):
 
 def test_finished_run_is_loaded_not_retrained(tmp_path, data, monkeypatch):
     exp = tiny_experiment()
-    backbone, task = build(exp, data.num_classes, seed=0)
+    backbone, task = build(exp, data, seed=0)
     first = train(backbone, task, data, exp.train, exp.data, dense_mask(backbone), tmp_path, seed=0, progress=False)
     monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: pytest.fail("retrained"))
-    b2, t2 = build(exp, data.num_classes, seed=1)
+    b2, t2 = build(exp, data, seed=1)
     assert train(b2, t2, data, exp.train, exp.data, dense_mask(b2), tmp_path, seed=0, progress=False) == first
     assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), b2.state_dict().values()))
 

@@ -1,30 +1,64 @@
 """A task = a head + views + a loss, visible together (lightly / VISSL style).
 
 The backbone maps images to features and is the only thing pruned or transferred. The task owns
-everything objective-specific, so a mask found with any task can be re-trained with any other.
+everything objective-specific (heads, views, loss, and state such as NPID's memory bank, kept as
+buffers so checkpoints carry it), so a mask found with any task can be re-trained with any other.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+UNLABELLED = -1  # the label of an image whose label the objective may not see
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor            # (B, C, H, W) uint8, after the dataset's own crop/flip
+    labels: torch.Tensor            # (B,) int64; UNLABELLED where the label is hidden
+    index: torch.Tensor             # (B,) rows of these images in the training split (NPID's bank)
+    generator: torch.Generator      # randomness of the task's own views (resumable)
+
 
 class Task(nn.Module):
-    """Subclasses define `head` and `views`. Views take normalised float images (B, C, H, W) and
-    labels (B,), and return the network inputs and the targets of the loss."""
+    """Subclasses are built as Task(cfg, feature_dim, num_classes, num_train), define `head`, and
+    either `views` (for a cross-entropy head) or their own `step`."""
 
     name = "base"
+    metric = "accuracy"      # what `acc` measures for this objective (reports say it)
+    sampler = "uniform"      # uniform: random batches | paired: half labelled, half unlabelled
+    batch_metric = False     # True: the metric depends on the batch, evaluate at the training batch size
 
-    def views(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network inputs (B', C, H, W; uint8 or 0-1 floats) and the loss targets (B',)."""
         raise NotImplementedError
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, targets)
 
-    def step(self, backbone: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def step(self, backbone: nn.Module, batch: Batch, normalize) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One forward pass. Returns (mean loss, number correct, number of predictions)."""
-        inputs, targets = self.views(x, y)
-        logits = self.head(backbone(inputs))
+        inputs, targets = self.views(batch)
+        logits = self.head(backbone(normalize(inputs)))
         loss = self.loss(logits, targets)
         correct = (logits.argmax(1) == targets).sum()
         return loss, correct, targets.numel()
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize,
+                 batch_size: int, train_labels: torch.Tensor | None = None) -> dict[str, float]:
+        """Loss and accuracy on a held-out split (B, C, H, W uint8), batch-norm in eval mode, no
+        dataset augmentation; random views come from a fixed seed, so every epoch sees the same test.
+        `train_labels` serve monitors that need them (NPID's kNN); training never sees them."""
+        backbone.eval(), self.eval()
+        generator = torch.Generator(device=images.device).manual_seed(0)
+        loss_sum, correct, count = 0.0, 0, 0
+        for i in range(0, len(images), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(images)), device=images.device)
+            loss, c, n = self.step(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
+            loss_sum += float(loss) * n
+            correct += int(c)
+            count += n
+        return {"loss": loss_sum / count, "acc": correct / count}

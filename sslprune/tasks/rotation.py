@@ -23,10 +23,11 @@ def rotate4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Rotation(Task):
     name = "rotation"
+    metric = "rotation accuracy"
 
-    def __init__(self, feature_dim: int, num_classes: int):
+    def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()
         self.head = nn.Linear(feature_dim, 4)  # 4-way, whatever the dataset's classes
 
-    def views(self, x, y):
-        return rotate4(x)
+    def views(self, batch):
+        return rotate4(batch.images)

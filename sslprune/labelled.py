@@ -1,0 +1,76 @@
+"""Few labels: which training images keep their label, and the dataset each objective trains on.
+
+Two ways to keep a fraction f of the labels (the paper's two "10%" variants):
+- images:  in every class, round(f * n_c) images chosen at random (at least 1);
+- classes: round(f * C) classes chosen at random (at least 1), with all their images.
+The choice depends on (labels, f, split, seed) only, is saved with the experiment
+(labelled.safetensors) and checked on every later run.
+
+Hiding happens here, once: the S4L dataset's unlabelled images get label UNLABELLED (-1) before any
+task or training code sees them, and the "10% labels" dataset simply drops them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import layout
+from .config import Experiment
+from .data import Dataset, Split
+from .errors import UserError
+from .tasks import UNLABELLED
+
+LABELLED = "labelled.safetensors"
+
+
+def labelled_subset(labels: torch.Tensor, fraction: float, split: str, seed: int) -> torch.Tensor:
+    """Sorted indices (M,) of the training images whose label is kept."""
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()  # sorted
+    if split == "classes":
+        n = max(1, round(fraction * len(classes)))
+        chosen = classes[torch.randperm(len(classes), generator=g)[:n]]
+        return torch.isin(labels, chosen).nonzero().flatten()
+    keep = []
+    for c in classes:
+        members = (labels == c).nonzero().flatten()
+        n = max(1, round(fraction * len(members)))
+        keep.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.cat(keep).sort().values
+
+
+def labelled_subset_checked(exp: Experiment, data: Dataset) -> torch.Tensor:
+    t = exp.task
+    subset = labelled_subset(data.train.labels, t.label_fraction, t.label_split, t.label_seed)
+    n_classes = len(data.train.labels[subset].unique())
+    if n_classes < 2:
+        raise UserError(f"--label-fraction {t.label_fraction} with --label-split {t.label_split} keeps "
+                        f"{n_classes} class; a label loss needs at least 2: raise --label-fraction")
+    return subset
+
+
+def task_data(exp: Experiment, exp_dir: Path, data: Dataset) -> Dataset:
+    """The dataset the lottery's objective trains on: `data` itself, unless the task keeps only a
+    fraction of the labels. The subset is computed once per experiment, then read back and checked."""
+    t = exp.task
+    if not t.label_fraction or t.label_fraction == 1.0:
+        return data
+    subset = labelled_subset_checked(exp, data)
+    path = Path(exp_dir) / LABELLED
+    if path.exists():
+        saved = layout.load_tensors(path)["index"]
+        if not torch.equal(saved, subset):
+            raise UserError(f"{path} holds another labelled subset than the one this code draws for "
+                            f"this data; move {exp_dir} away or restore the code that made it")
+    else:
+        layout.save_tensors(path, {"index": subset})
+    train = data.train
+    if t.task == "labels":  # "10% labels": train on the labelled images alone
+        train = Split(train.images[subset], train.labels[subset])
+    else:                   # s4l: every image, the unlabelled ones without a label
+        hidden = torch.full_like(train.labels, UNLABELLED)
+        hidden[subset] = train.labels[subset]
+        train = Split(train.images, hidden)
+    # Channel statistics stay those of all training images: they need no label.
+    return Dataset(data.name, train, data.test, data.classes, _stats=data.channel_stats())

@@ -1,0 +1,66 @@
+"""Exemplar (Dosovitskiy et al. 2014), as a triplet loss (Doersch & Zisserman 2017): the network
+must embed two random transformations of one image closer than views of other images.
+
+Choices (the papers leave them open at this scale), and why:
+- views: two per image, each a random crop (side 0.5-1 of the image), a flip, a rotation of up to
+  +-20 degrees (Dosovitskiy et al.'s range), colour jitter (brightness, contrast, saturation 0.4,
+  hue 0.1, p=0.8) and grayscale (p=0.2), all drawn per image and applied per batch on tensors;
+- embedding: a linear head to 128 dimensions (as NPID), L2-normalised, so distances lie in [0, 2]
+  and the margin has a fixed meaning whatever the backbone;
+- negatives: batch-hard mining (Hermans et al. 2017): for each anchor view, its positive is the
+  other view of its image and its negative the closest view of any *other* image in the batch.
+  Every view is an anchor. Mining in the batch is free (the 2B x 2B distances are needed anyway)
+  and the hardest negative keeps gradients alive once random negatives are easy;
+- margin 0.5, a quarter of the distance range: loss 0 means every positive is 0.5 closer than the
+  nearest other image.
+The reported accuracy is positive retrieval: the fraction of views whose nearest other view in
+the batch is their positive (which depends on the batch size: compare runs at equal batch).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.augment import colour_jitter, random_affine
+from .base import Batch, Task
+
+
+def exemplar_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) floats in [0, 1] -> one random transformation of each image, same shape."""
+    return colour_jitter(random_affine(x, generator), generator)
+
+
+def triplet_loss(z: torch.Tensor, ids: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-hard triplet loss over unit embeddings z (N, D) with image ids (N,).
+    Returns (mean loss over anchors, number of anchors whose hardest positive beats every negative)."""
+    d = (2 - 2 * z @ z.T).clamp_min(1e-12).sqrt()                   # (N, N) distances of unit vectors
+    same = ids[:, None] == ids[None, :]
+    eye = torch.eye(len(ids), dtype=torch.bool, device=z.device)
+    hardest_pos = d.masked_fill(~same | eye, -1.0).amax(1)         # (N,)
+    hardest_neg = d.masked_fill(same, 4.0).amin(1)                 # (N,)
+    loss = (hardest_pos - hardest_neg + margin).clamp_min(0).mean()
+    return loss, (hardest_pos < hardest_neg).sum()
+
+
+class Exemplar(Task):
+    name = "exemplar"
+    metric = "positive retrieval accuracy in the batch"
+    batch_metric = True  # evaluate at the training batch size
+
+    def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
+        super().__init__()
+        self.head = nn.Linear(feature_dim, cfg.embedding_dim)
+        self.margin = cfg.margin
+
+    def views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (2B, C, H, W) = [first views; second views]; targets (2B,) = the image of each view."""
+        x = batch.images.float() / 255
+        ids = torch.arange(len(x), device=x.device)
+        return (torch.cat([exemplar_view(x, batch.generator), exemplar_view(x, batch.generator)]),
+                torch.cat([ids, ids]))
+
+    def step(self, backbone, batch, normalize):
+        inputs, ids = self.views(batch)
+        z = nn.functional.normalize(self.head(backbone(normalize(inputs))), dim=1)  # (2B, D)
+        loss, correct = triplet_loss(z, ids, self.margin)
+        return loss, correct, len(ids)

@@ -1,0 +1,80 @@
+"""NPID (Wu et al. 2018): non-parametric instance discrimination. Every training image is its own
+class, represented by a row of a memory bank instead of a weight vector.
+
+- embedding: linear head to 128 dims, L2-normalised: v (B, D);
+- bank: (N, D) unit rows, one per training image, sized from the dataset (a bank of the wrong size
+  fails to load); row i holds a running average of image i's embeddings, updated after each step
+  as normalise(m * row + (1 - m) * v) with m = 0.5;
+- loss: the softmax p(i | v) = exp(v.bank_i / T) / Z over all N images, T = 0.07, approximated by
+  NCE against K noise rows drawn uniformly (P_n = 1/N), with Z estimated once, from the first
+  batch, as N * mean(exp(v.bank_j / T)) and then fixed (Wu et al.'s implementation);
+- monitor: weighted kNN on the test set against the bank (k = 200, weights exp(sim / T)), the
+  standard NPID accuracy. It reads the training labels; training never does.
+
+The bank and Z are buffers: saved in checkpoints and rewind points, restored on resume.
+Memory: the K+1 gathered rows take B * (K+1) * D floats (batch 128, K 4096: 268 MB).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Batch, Task
+
+
+class NPID(Task):
+    name = "npid"
+    metric = "weighted kNN accuracy (test vs. bank)"
+
+    def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
+        super().__init__()
+        self.head = nn.Linear(feature_dim, cfg.embedding_dim)
+        self.k, self.t, self.m, self.knn = cfg.nce_negatives, cfg.temperature, cfg.bank_momentum, cfg.knn
+        self.num_classes = num_classes
+        # Random unit rows (under the build seed): every row is a valid point from the start.
+        self.register_buffer("bank", nn.functional.normalize(torch.randn(num_train, cfg.embedding_dim), dim=1))
+        self.register_buffer("z", torch.tensor(-1.0))  # NCE normaliser; < 0 until the first batch
+
+    def embed(self, backbone, images, normalize) -> torch.Tensor:
+        return nn.functional.normalize(self.head(backbone(normalize(images))), dim=1)  # (B, D)
+
+    def step(self, backbone, batch: Batch, normalize):
+        v = self.embed(backbone, batch.images, normalize)                              # (B, D)
+        n, b = len(self.bank), len(v)
+        noise = torch.randint(0, n, (b, self.k), generator=batch.generator,
+                              device=batch.generator.device).to(v.device)               # (B, K)
+        rows = torch.cat([batch.index[:, None], noise], 1)                              # (B, K+1), positive first
+        with torch.no_grad():
+            w = self.bank[rows]                                                          # (B, K+1, D)
+        p = torch.exp(torch.bmm(w, v[:, :, None]).squeeze(2) / self.t)                  # (B, K+1) unnormalised
+        if self.z < 0:
+            self.z.fill_(float(p.detach().mean()) * n)
+        p = p / self.z
+        noise_mass = self.k / n                                                          # K * P_n
+        eps = 1e-7
+        log_data = torch.log(p[:, 0] / (p[:, 0] + noise_mass + eps))                    # positive is data
+        log_noise = torch.log(noise_mass / (p[:, 1:] + noise_mass + eps))               # negatives are noise
+        loss = -(log_data.sum() + log_noise.sum()) / b
+        correct = (p[:, 0] > p[:, 1:].amax(1)).sum()  # the positive scores above all K noise rows
+        if self.training:
+            with torch.no_grad():
+                rows_new = self.m * self.bank[batch.index] + (1 - self.m) * v.detach()
+                self.bank[batch.index] = nn.functional.normalize(rows_new, dim=1)
+        return loss, correct, b
+
+    @torch.no_grad()
+    def evaluate(self, backbone, images, labels, normalize, batch_size, train_labels=None):
+        """Weighted kNN (Wu et al.): each test image votes with its k nearest bank rows, weight
+        exp(similarity / T), for their training labels."""
+        if train_labels is None:
+            raise ValueError("the NPID monitor needs the training labels")
+        backbone.eval(), self.eval()
+        k = min(self.knn, len(self.bank))
+        correct = 0
+        for i in range(0, len(images), batch_size):
+            v = self.embed(backbone, images[i:i + batch_size], normalize)                 # (b, D)
+            sim, nearest = (v @ self.bank.T).topk(k, dim=1)                               # (b, k)
+            votes = torch.zeros(len(v), self.num_classes, device=v.device)
+            votes.scatter_add_(1, train_labels[nearest], torch.exp(sim / self.t))
+            correct += int((votes.argmax(1) == labels[i:i + batch_size]).sum())
+        return {"loss": None, "acc": correct / len(images)}
