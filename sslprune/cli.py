@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import config
-from .config import PRESETS, Experiment
+from .config import DEMO_TASKS, PRESETS, Experiment
 from .errors import UserError
 
 RUNTIME_DEFAULTS = {"levels": 3, "replicates": [1]}
@@ -94,9 +94,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the whole method in miniature (digits, no download, <10 min)",
-                       description="Labels- and RotNet-driven lottery-ticket pruning on scikit-learn's "
+                       description="Lottery-ticket pruning driven by labels, RotNet and NPID on scikit-learn's "
                        "digits, masks re-trained on labels (winning ticket, re-init, random pruning), "
-                       "and a report.")
+                       "and one report.")
+    d.add_argument("--tasks", type=lambda t: tuple(x for x in t.split(",") if x), default=DEMO_TASKS,
+                   metavar="A,B,...", help="objectives to prune with, e.g. labels,rotation,exemplar,npid,s4l "
+                   f"[default: {','.join(DEMO_TASKS)}]")
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder [default: demo_out]")
     d.add_argument("--replicates", type=int, default=PRESETS["demo"]["replicates"], help="replicates (seeds) [default: %(default)s]")
     d.add_argument("--levels", type=int, default=PRESETS["demo"]["levels"],
@@ -215,7 +218,7 @@ def cmd_demo(args, argv) -> int:
 
     _check_counts(args.levels, list(range(1, args.replicates + 1)))
     _check_device(args.device)
-    paths = run_demo(args.out, args.replicates, args.levels, args.device, not args.quiet, list(argv))
+    paths = run_demo(args.out, args.replicates, args.levels, args.device, not args.quiet, list(argv), args.tasks)
     print("\n".join(str(p) for p in paths.values()))
     return 0
 

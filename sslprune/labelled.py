@@ -65,8 +65,14 @@ def task_data(exp: Experiment, exp_dir: Path, data: Dataset) -> Dataset:
                             f"this data; move {exp_dir} away or restore the code that made it")
     else:
         layout.save_tensors(path, {"index": subset})
+    return restrict_labels(data, subset, drop_unlabelled=t.task == "labels")
+
+
+def restrict_labels(data: Dataset, subset: torch.Tensor, drop_unlabelled: bool) -> Dataset:
+    """Keep the labels of the training images in `subset` (indices). The others are dropped
+    (drop_unlabelled) or kept with label UNLABELLED: nothing downstream can read their label."""
     train = data.train
-    if t.task == "labels":  # "10% labels": train on the labelled images alone
+    if drop_unlabelled:  # "10% labels": train on the labelled images alone
         train = Split(train.images[subset], train.labels[subset])
     else:                   # s4l: every image, the unlabelled ones without a label
         hidden = torch.full_like(train.labels, UNLABELLED)
