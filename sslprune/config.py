@@ -33,7 +33,7 @@ class Model:
 class Task:
     task: str = ""               # TASKS key: labels | rotation | exemplar | npid | s4l
     label_fraction: float = 0.0  # labels, s4l: keep the labels of this fraction of the training set (0 = all)
-    label_split: str = "images"  # few labels drawn as a fraction of each class's images | of the classes (all their images)
+    label_split: str = "images"  # images: that fraction of every class; classes: that fraction of the classes, all their images
     label_seed: int = 0          # seed of the labelled subset (fixed per experiment, saved with it)
     embedding_dim: int = 128     # exemplar, npid: size of the L2-normalised embedding head
     margin: float = 0.5          # exemplar: triplet margin on the distance of unit embeddings (in [0, 2])

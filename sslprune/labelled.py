@@ -47,6 +47,9 @@ def labelled_subset_checked(exp: Experiment, data: Dataset) -> torch.Tensor:
     if n_classes < 2:
         raise UserError(f"--label-fraction {t.label_fraction} with --label-split {t.label_split} keeps "
                         f"{n_classes} class; a label loss needs at least 2: raise --label-fraction")
+    if t.task == "s4l" and len(subset) == len(data.train):
+        raise UserError(f"--label-fraction {t.label_fraction} labels every training image (rounded per "
+                        f"class); S4L needs unlabelled images too: lower --label-fraction")
     return subset
 
 

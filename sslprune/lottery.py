@@ -82,6 +82,9 @@ def check_data(exp: Experiment, data: Dataset) -> None:
                         f"training images (the bank's rows); pass a smaller --nce-negatives")
     if exp.task.task == "s4l" and exp.train.batch_size < 2:
         raise UserError("--task s4l splits each batch into labelled and unlabelled halves: --batch-size must be >= 2")
+    if exp.task.task == "exemplar" and min(exp.train.batch_size, len(data.train)) < 2:
+        raise UserError("--task exemplar takes its negatives from the other images of the batch: "
+                        "--batch-size must be >= 2")
     if exp.task.label_fraction:
         labelled_subset_checked(exp, data)
     if exp.data.crop_pad >= h:

@@ -90,7 +90,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict], metric: str = "test_acc") -> str:
     from .tasks import TASKS
-    objectives = sorted({s["objective"].split()[0] for s in summary if s["eval"] == "task"} & set(TASKS))
+    # a curve is named by its objective label, or by its experiment (task_model_...) when ambiguous
+    objectives = sorted({re.split(r"[ _]", s["objective"])[0] for s in summary if s["eval"] == "task"} & set(TASKS))
     lines = ["Each objective's own metric: " + "; ".join(f"{o}: {TASKS[o].metric}" for o in objectives) + ".", ""]
     for ev, title in (("retrain", "Masks re-trained on labels: test accuracy"),
                       ("task", "Each objective's own task during pruning: test accuracy")):

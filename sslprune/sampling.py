@@ -2,7 +2,7 @@
 
 - uniform: a random permutation cut into full batches (the last partial batch is dropped:
   batch-norm needs full batches);
-- paired (S4L): every batch is B/2 labelled then B/2 unlabelled images. An epoch is one pass over
+- paired (S4L): every batch is B//2 labelled then B//2 unlabelled images (an odd B loses one). An epoch is one pass over
   the unlabelled images; the (smaller) labelled set is cycled, reshuffled on every pass.
 """
 from __future__ import annotations
