@@ -121,17 +121,30 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("retrain", help="re-train masks of a lottery run on labels",
                        description="For each level: re-train the mask on labels with a fresh label head, "
-                       "from the winning ticket (rewind), a random re-init (reinit), or a random mask at "
-                       "the same density (random). Results go next to each level.")
+                       "from the winning ticket (rewind), a random re-init (reinit), a random mask at "
+                       "the same density (random), or one that prunes the trained dense network's "
+                       "naturally-zero weights first (random_adjusted). Results go next to each level.")
     r.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
     r.add_argument("--reset", nargs="+", default=["rewind", "reinit", "random"],
-                   choices=["rewind", "reinit", "random"], help="which starts [default: all three]")
+                   choices=["rewind", "reinit", "random", "random_adjusted"],
+                   help="which starts [default: rewind reinit random]")
     r.add_argument("--levels", type=_numbers, default=None,
                    help="levels to evaluate: '3', '0-5' or '1,3' [default: every trained level]")
     r.add_argument("--replicates", type=_replicates, default=None,
                    help="N means 1..N; '3-4' or '2,5' exactly those [default: all found]")
     r.add_argument("--data-root", default=None, help="override the data root saved with the run")
     _common(r)
+
+    sp = sub.add_parser("sparsity", help="natural sparsity of trained networks, per layer and in total",
+                        description="Fraction of each trained network's prunable weights with |w| <= "
+                        "threshold (Caron et al. 2020, Fig. 6 and 10). Writes natural_sparsity.csv, .md "
+                        "and .png. The adjusted random baseline that prunes these weights first is "
+                        "'sslprune retrain RUN --reset random_adjusted'.")
+    sp.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
+    sp.add_argument("--threshold", type=float, nargs="+", default=[None],
+                    help="one or more thresholds on |w| [default: machine epsilon of the dtype]")
+    sp.add_argument("--levels", type=_numbers, default=[0], help="levels to analyse: '0', '0-5' [default: 0, the dense network]")
+    sp.add_argument("--out", type=Path, default=Path("report"), help="output folder [default: report]")
 
     rep = sub.add_parser("report", help="results.csv, summary.md and plots from experiment directories")
     rep.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
@@ -195,12 +208,12 @@ def cmd_retrain(args, argv) -> int:
     return 0
 
 
-def cmd_report(args, argv) -> int:
+def _experiment_dirs(paths: list[Path]) -> list[Path]:
+    """Experiment directories given directly or as a root holding them."""
     from . import layout
-    from .report import write_report
 
     dirs = []
-    for d in args.run_dirs:
+    for d in paths:
         if (d / layout.CONFIG).exists():
             dirs.append(d)
         else:
@@ -208,7 +221,23 @@ def cmd_report(args, argv) -> int:
             if not found:
                 raise UserError(f"{d} holds no experiment (no {layout.CONFIG} in it or its subfolders)")
             dirs += found
-    paths = write_report(dirs, args.out)
+    return dirs
+
+
+def cmd_report(args, argv) -> int:
+    from .report import write_report
+
+    paths = write_report(_experiment_dirs(args.run_dirs), args.out)
+    print("\n".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_sparsity(args, argv) -> int:
+    from .sparsity import write_report
+
+    if any(t is not None and t < 0 for t in args.threshold):
+        raise UserError(f"--threshold must be >= 0, got {args.threshold}")
+    paths = write_report(_experiment_dirs(args.run_dirs), args.out, tuple(args.threshold), tuple(args.levels))
     print("\n".join(str(p) for p in paths.values()))
     return 0
 
@@ -238,4 +267,5 @@ def _check_device(device: str) -> None:
         raise UserError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
 
 
-COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report}
+COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report,
+            "sparsity": cmd_sparsity}

@@ -9,7 +9,7 @@ results.csv columns: experiment, objective, reset, replicate, level, remaining, 
 - eval 'task':    the lottery run itself, its objective's own metric (Task.metric: labels and
                   s4l: class accuracy, rotation: rotation accuracy, exemplar: positive retrieval
                   in the batch, npid: kNN accuracy); reset is the run's reset.
-- eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random.
+- eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random | random_adjusted.
 - remaining:      fraction of prunable weights kept.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                 runs = [("task", exp.prune.reset, ldir / "train", ldir / layout.MASK)]
                 for sub in sorted(ldir.glob("retrain_*")):
                     reset = sub.name.removeprefix("retrain_")
-                    mask = sub / layout.MASK if reset == "random" else ldir / layout.MASK
+                    mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
                     runs.append(("retrain", reset, sub, mask))
                 for eval_name, reset, run, mask_path in runs:
                     if not layout.is_done(run):
@@ -133,9 +133,10 @@ def plot(summary: list[dict], path: Path, metric: str = "test_acc") -> None:
             x = [100 * s["remaining"] for s in pts]
             y = [s["mean"] for s in pts]
             err = [0 if math.isnan(s["se"]) else s["se"] for s in pts]
-            label = f"random pruning ({obj} run)" if reset == "random" else f"{obj} / {reset}"
+            label = {"random": f"random pruning ({obj} run)",
+                     "random_adjusted": f"random, natural zeros first ({obj} run)"}.get(reset, f"{obj} / {reset}")
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2,
-                        ls="--" if reset == "random" else "-", label=label)
+                        ls="--" if reset.startswith("random") else "-", label=label)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.invert_xaxis()  # pruning proceeds to the right, as in the paper

@@ -4,7 +4,10 @@ The pretext head is dropped and a fresh label head added, so a mask found by any
 judged the same way. The backbone starts from
 - rewind: the rewind point of the run that found the mask (the winning ticket), under the mask;
 - reinit: a random re-initialisation under the mask;
-- random: a random mask at the same density (nested across levels), random init: the baseline.
+- random: a random mask at the same density (nested across levels), random init: the baseline;
+- random_adjusted: the same, but the naturally-zero weights of the replicate's trained dense
+  network (level 0, |w| <= machine epsilon) are pruned first, then random others (the paper's
+  baseline adjusted for natural sparsity).
 """
 from __future__ import annotations
 
@@ -18,26 +21,44 @@ from .data import Dataset
 from .errors import UserError
 from .lottery import build, derive_seed
 from .pruning import SCORES, Mask, dense_mask, prunable, prune
+from .sparsity import adjusted_random_scores, natural_zeros
 from .train import load_weights, train
 
-RESETS = ("rewind", "reinit", "random")
+RESETS = ("rewind", "reinit", "random", "random_adjusted")
+RANDOM_MASKS = ("random", "random_adjusted")
 
 
-def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level: int) -> Mask:
-    """Level L's random mask: level L-1's random mask with `fraction` of its survivors removed at
-    random, globally. Nested across levels, and each level keeps exactly as many weights as the
-    lottery's. Computed once per level from the previous one, then read from disk."""
-    path = layout.level_dir(exp_dir, replicate, level) / "retrain_random" / layout.MASK
+def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level: int,
+                reset: str = "random") -> Mask:
+    """Level L's random mask: level L-1's mask with `fraction` of its survivors removed at random
+    (random_adjusted: naturally-zero weights first), globally. Nested across levels, and each
+    level keeps exactly as many weights as the lottery's. Computed once per level from the
+    previous one, then read from disk."""
+    path = layout.level_dir(exp_dir, replicate, level) / f"retrain_{reset}" / layout.MASK
     if path.exists():
         return layout.load_tensors(path)
     if level == 0:
         mask = dense_mask(backbone)
     else:
-        generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate, level))
-        mask = prune(SCORES["random"](prunable(backbone), generator),
-                     random_mask(exp, exp_dir, backbone, replicate, level - 1), exp.prune.fraction)
+        previous = random_mask(exp, exp_dir, backbone, replicate, level - 1, reset)
+        if reset == "random":
+            generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate, level))
+            scores = SCORES["random"](prunable(backbone), generator)
+        else:
+            generator = torch.Generator().manual_seed(derive_seed("adjusted-random-mask", replicate, level))
+            scores = adjusted_random_scores(natural_zeros(_dense_trained(exp_dir, replicate, backbone)), generator)
+        mask = prune(scores, previous, exp.prune.fraction)
     layout.save_tensors(path, mask)
     return mask
+
+
+def _dense_trained(exp_dir: Path, replicate: int, backbone) -> dict[str, torch.Tensor]:
+    """The prunable weights of the replicate's trained dense network (level 0)."""
+    run = layout.level_dir(exp_dir, replicate, 0) / "train"
+    if not layout.is_done(run):
+        raise UserError(f"level 0 of replicate {replicate} is not trained yet; run 'sslprune lottery' first")
+    trained = layout.load_tensors(run / layout.MODEL)
+    return {n: trained[f"backbone.{n}"] for n in prunable(backbone)}
 
 
 def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, reset: str,
@@ -48,8 +69,8 @@ def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level
     out = ldir / f"retrain_{reset}"
     seed = derive_seed("retrain", reset, replicate, level)
     backbone, task = build(exp, data, seed=seed, task_name="labels")
-    if reset == "random":
-        mask = random_mask(exp, exp_dir, backbone, replicate, level)
+    if reset in RANDOM_MASKS:
+        mask = random_mask(exp, exp_dir, backbone, replicate, level, reset)
     else:
         if not (ldir / layout.MASK).exists():
             raise UserError(f"no mask at {ldir}; run 'sslprune lottery' up to level {level} first")

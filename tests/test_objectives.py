@@ -125,15 +125,12 @@ def test_npid_loss_is_wu_et_al_nce_and_z_is_set_on_the_first_batch():
     bank = t.bank.clone()
     loss, _, _ = t.step(b.train(), Batch(x, torch.zeros(4, dtype=torch.long), idx,
                                          torch.Generator().manual_seed(0)), IDENTITY)
-    # The same computation written out: v, the noise rows drawn from the same generator, and
-    # NCE with P_n = 1/N: -[log h(pos) + sum log(1 - h(noise))] / B, h = p / (p + K/N).
-    b.train()
-    torch.manual_seed(0)
-    noise = torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        t.bank.copy_(bank)
+    # The same computation written out: v, K noise rows drawn from the same generator (shared by
+    # the batch), and NCE with P_n = 1/N: -[log h(pos) + sum log(1 - h(noise))] / B, h = p / (p + K/N).
+    noise = torch.randint(0, 40, (8,), generator=torch.Generator().manual_seed(0))
     v = t.embed(b, x, IDENTITY).detach()
-    p = torch.exp(torch.einsum("bkd,bd->bk", bank[torch.cat([idx[:, None], noise], 1)], v) / 0.07)
+    rows = torch.cat([idx[:, None], noise.expand(4, 8)], 1)                     # (B, K+1)
+    p = torch.exp(torch.einsum("bkd,bd->bk", bank[rows], v) / 0.07)
     z = p[:, 1:].mean() * 40
     p = p / z
     h = p / (p + 8 / 40)

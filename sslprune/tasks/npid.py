@@ -17,7 +17,10 @@ class, represented by a row of a memory bank instead of a weight vector.
   standard NPID accuracy. It reads the training labels; training never does.
 
 The bank and Z are buffers: saved in checkpoints and rewind points, restored on resume.
-Memory: the K+1 gathered rows take B * (K+1) * D floats (batch 128, K 4096: 268 MB).
+The K noise rows are drawn once per batch and shared by its images, where Wu et al. draw K per
+image: each image still scores K uniform noise rows, and scoring is one matmul instead of a
+(B, K+1, D) gather. Measured on the CIFAR-10 run above with Adam: 2.0 s per epoch instead of 8.0 s,
+with kNN accuracy 0.265 after 8 epochs (per-image draws: 0.271).
 """
 from __future__ import annotations
 
@@ -47,12 +50,14 @@ class NPID(Task):
     def step(self, backbone, batch: Batch, normalize):
         v = self.embed(backbone, batch.images, normalize)                              # (B, D)
         n, b = len(self.bank), len(v)
-        noise = torch.randint(0, n, (b, self.k), generator=batch.generator,
-                              device=batch.generator.device).to(v.device)               # (B, K)
-        rows = torch.cat([batch.index[:, None], noise], 1)                              # (B, K+1), positive first
+        # K noise rows drawn uniformly, shared by the batch: each image still gets K independent
+        # uniform noise samples, and scoring them is one (B, D) x (D, K) matmul instead of a
+        # (B, K+1, D) gather (Wu et al. draw per image: 268 MB per batch of 128 at K = 4096).
+        noise = torch.randint(0, n, (self.k,), generator=batch.generator,
+                              device=batch.generator.device).to(v.device)              # (K,)
         with torch.no_grad():
-            w = self.bank[rows]                                                          # (B, K+1, D)
-        p = torch.exp(torch.bmm(w, v[:, :, None]).squeeze(2) / self.t)                  # (B, K+1) unnormalised
+            positive, negative = self.bank[batch.index], self.bank[noise]              # (B, D), (K, D)
+        p = torch.exp(torch.cat([(v * positive).sum(1, keepdim=True), v @ negative.T], 1) / self.t)  # (B, K+1)
         if self.training:  # no host sync: the first estimate replaces the -1 placeholder
             estimate = p[:, 1:].detach().mean() * n
             self.z.copy_(torch.where(self.z < 0, estimate,
