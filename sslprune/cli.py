@@ -135,6 +135,30 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", default=None, help="override the data root saved with the run")
     _common(r)
 
+    ev = sub.add_parser("eval", help="evaluate every level of a lottery run (linear probe)",
+                        description="Evaluations of the networks a lottery run trained. Each writes its "
+                        "result next to the level it evaluates (level_<L>/<evaluation>_<data>_<hash>/), "
+                        "is idempotent, and flows into 'sslprune report'.")
+    ev_sub = ev.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    pr = ev_sub.add_parser("probe", help="linear probe on frozen features, on the run's data or another dataset",
+                           description="Multinomial logistic regression on the frozen backbone's final "
+                           "features (batch-norm in eval mode), regularisation chosen on a held-out fifth of "
+                           "the probe data's training split; reports test accuracy and mean per-class "
+                           "accuracy. Features are computed once per level and kept (features.safetensors). "
+                           "Images are standardised with the run's own training statistics.")
+    pr.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    pr.add_argument("--dataset", default=None, help="probe dataset: digits | cifar10 | imagefolder "
+                    "[default: the run's own dataset]")
+    pr.add_argument("--data-root", default=None, help="its location (e.g. "
+                    "../shared/data/caltech101-subset/caltech101-subset.tar.gz) [default: the run's]")
+    pr.add_argument("--image-size", type=int, default=None, help="resize probe images to this side "
+                    "[default: the size the run trained on]")
+    pr.add_argument("--train-per-class", type=int, default=0, help="keep the first N training images of each class (0 = all)")
+    pr.add_argument("--test-per-class", type=int, default=0, help="keep the first N test images of each class (0 = all)")
+    pr.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
+    pr.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    _common(pr)
+
     sp = sub.add_parser("sparsity", help="natural sparsity of trained networks, per layer and in total",
                         description="Fraction of each trained network's prunable weights with |w| <= "
                         "threshold (Caron et al. 2020, Fig. 6 and 10). Writes natural_sparsity.csv, .md "
@@ -232,6 +256,50 @@ def cmd_report(args, argv) -> int:
     return 0
 
 
+def _trained_levels(run_dir: Path, replicates, levels) -> list[tuple[int, int]]:
+    """(replicate, level) pairs of trained levels, filtered by the given lists (None = all)."""
+    from . import layout
+
+    pairs = []
+    for done in sorted(Path(run_dir).glob(f"replicate_*/level_*/train/{layout.DONE}")):
+        r, lv = int(done.parents[2].name.split("_")[1]), int(done.parents[1].name.split("_")[1])
+        if (replicates is None or r in replicates) and (levels is None or lv in levels):
+            pairs.append((r, lv))
+    if not pairs:
+        raise UserError(f"no trained level matches in {run_dir}; run 'sslprune lottery' first")
+    return sorted(pairs)
+
+
+def cmd_eval(args, argv) -> int:
+    from .config import Data
+    from .data import load_dataset
+    from .data.augment import Normalize
+    from .lottery import load_experiment, record_command
+    from .probe import probe_level
+
+    _check_device(args.device)
+    exp, saved = load_experiment(args.run_dir)
+    pairs = _trained_levels(args.run_dir, args.replicates, args.levels)
+    own = load_dataset(exp.data, saved.get("data_root"))
+    if saved.get("data_fingerprint") not in (None, own.fingerprint()):
+        raise UserError(f"the data found at {saved.get('data_root')} differs from the data {args.run_dir} "
+                        f"was trained on; restore it there")
+    normalize = Normalize(*own.channel_stats())   # what the network was trained to see
+    if args.dataset is None and args.data_root is None:
+        data = own
+    else:
+        size = args.image_size if args.image_size is not None else own.train.images.shape[-1]
+        data = load_dataset(Data(dataset=args.dataset or exp.data.dataset, image_size=size,
+                                 train_per_class=args.train_per_class, test_per_class=args.test_per_class),
+                            args.data_root)
+    record_command(args.run_dir, list(argv))
+    for r, level in pairs:
+        res = probe_level(args.run_dir, r, level, data, normalize, args.device)
+        print(f"replicate {r} level {level}: probe on {data.name}: accuracy {res['test_acc']:.4f}, "
+              f"mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
+    return 0
+
+
 def cmd_sparsity(args, argv) -> int:
     from .sparsity import write_report
 
@@ -268,4 +336,4 @@ def _check_device(device: str) -> None:
 
 
 COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report,
-            "sparsity": cmd_sparsity}
+            "eval": cmd_eval, "sparsity": cmd_sparsity}

@@ -2,6 +2,7 @@
 
     ROOT/<task>_<model>_<dataset>_<hash>/         one experiment (hash of non-default config)
         config.json                               resolved config, git sha, command lines, versions
+        labelled.safetensors                      labelled training images (--label-fraction only)
         replicate_<r>/
             init.safetensors                      dense initialisation (backbone + task head)
             rewind.safetensors                    weights after k updates of level-0 training
@@ -12,6 +13,7 @@
                 retrain_<rewind|reinit>/          the mask re-trained on labels
                 retrain_random/                   random-pruning baseline at the same density,
                                                   with its own mask.safetensors
+                retrain_random_adjusted/          the same, naturally-zero weights pruned first
 
     a training run:  checkpoint.pt (per-epoch, for resume), log.jsonl, model.safetensors, done.json
 

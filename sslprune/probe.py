@@ -8,11 +8,19 @@ The test split is touched once, at the end.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
+from . import layout
+from .data import Dataset
 from .data.augment import Normalize
+from .errors import UserError
+from .lottery import load_experiment
+from .models import build_model
+from .train import load_weights
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -50,18 +58,36 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
             "C": best, "val_acc": scores[best]}
 
 
-def probe_level(exp_dir, replicate: int, level: int, data, device: str = "cpu") -> dict:
-    """Probe the backbone that level `level` of a lottery run trained, on `data`'s labels (all of
-    them: the probe is an evaluation, whatever labels the objective saw)."""
-    from . import layout
-    from .lottery import load_experiment
-    from .models import build_model
-    from .train import load_weights
+def probe_name(data: Dataset) -> str:
+    """Names a probe by the data it reads (wherever that lives): probe_<dataset>_<fingerprint>."""
+    return f"probe_{data.name.split('.')[0]}_{data.fingerprint()[:8]}"
 
-    exp, _ = load_experiment(exp_dir)
-    backbone = build_model(exp.model.model).to(device)
+
+def probe_level(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: Normalize,
+                device: str = "cpu") -> dict:
+    """Probe the backbone that level `level` of a lottery run trained, on `data`'s labels (all of
+    them: the probe is an evaluation, whatever labels the objective saw). Idempotent: the result
+    is level_<L>/<probe_name>/done.json, next to the features it was fitted on."""
+    out = layout.level_dir(exp_dir, replicate, level) / probe_name(data)
+    if layout.is_done(out):
+        return layout.load_json(out / layout.DONE)
     run = layout.level_dir(exp_dir, replicate, level) / "train"
-    load_weights(backbone, None, layout.load_tensors(run / layout.MODEL))
-    norm = Normalize(*data.channel_stats()).to(device)
-    return fit_probe(features(backbone, data.train.images, norm), data.train.labels.numpy(),
-                     features(backbone, data.test.images, norm), data.test.labels.numpy())
+    if not layout.is_done(run):
+        raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
+    cache = out / "features.safetensors"
+    if cache.exists():
+        f = layout.load_tensors(cache)
+    else:
+        exp, _ = load_experiment(exp_dir)
+        backbone = build_model(exp.model.model).to(device)
+        load_weights(backbone, None, layout.load_tensors(run / layout.MODEL))
+        norm = normalize.to(device)
+        f = {"train": torch.from_numpy(features(backbone, data.train.images, norm)),
+             "test": torch.from_numpy(features(backbone, data.test.images, norm))}
+        layout.save_tensors(cache, f)
+    fit = fit_probe(f["train"].numpy(), data.train.labels.numpy(), f["test"].numpy(), data.test.labels.numpy())
+    result = {"test_acc": fit["acc"], "test_mean_class_acc": fit["mean_class_acc"], "C": fit["C"],
+              "val_acc": fit["val_acc"], "dataset": data.name, "n_train": len(data.train), "n_test": len(data.test),
+              "classes": data.num_classes}
+    layout.save_json(out / layout.DONE, result)
+    return result

@@ -10,6 +10,7 @@ results.csv columns: experiment, objective, reset, replicate, level, remaining, 
                   s4l: class accuracy, rotation: rotation accuracy, exemplar: positive retrieval
                   in the batch, npid: kNN accuracy); reset is the run's reset.
 - eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random | random_adjusted.
+- eval 'probe D':  a linear probe of the level's trained backbone on dataset D (sslprune eval probe).
 - remaining:      fraction of prunable weights kept.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .lottery import load_experiment
 from .pruning import density
 
 COLUMNS = ["experiment", "objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
-METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc")  # those a run has (NPID: no test loss)
+# those a run has (NPID: no test loss; probes: accuracy and mean per-class accuracy)
+METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc", "test_mean_class_acc")
 
 
 def collect(exp_dirs: list[Path]) -> list[dict]:
@@ -42,6 +44,9 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     reset = sub.name.removeprefix("retrain_")
                     mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
                     runs.append(("retrain", reset, sub, mask))
+                for sub in sorted(ldir.glob("probe_*")):  # probe_<dataset>_<fingerprint>
+                    runs.append(("probe " + sub.name.removeprefix("probe_").rsplit("_", 1)[0],
+                                 exp.prune.reset, sub, ldir / layout.MASK))
                 for eval_name, reset, run, mask_path in runs:
                     if not layout.is_done(run):
                         continue
@@ -88,13 +93,26 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(summary: list[dict], metric: str = "test_acc") -> str:
+def _sections(summary: list[dict]) -> list[tuple[str, str, str]]:
+    """(eval, metric, title) of every table and plot panel, in a fixed order."""
+    evals = sorted({s["eval"] for s in summary}, key=lambda e: (e != "retrain", e != "task", e))
+    out = []
+    for ev in evals:
+        if ev == "retrain":
+            out.append((ev, "test_acc", "Masks re-trained on labels: test accuracy"))
+        elif ev == "task":
+            out.append((ev, "test_acc", "Each objective's own task during pruning: test accuracy"))
+        else:  # a probe: mean per-class accuracy (the measure for unbalanced sets like Caltech-101)
+            out.append((ev, "test_mean_class_acc", f"Linear {ev}: mean per-class test accuracy"))
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
     from .tasks import TASKS
     # a curve is named by its objective label, or by its experiment (task_model_...) when ambiguous
     objectives = sorted({re.split(r"[ _]", s["objective"])[0] for s in summary if s["eval"] == "task"} & set(TASKS))
     lines = ["Each objective's own metric: " + "; ".join(f"{o}: {TASKS[o].metric}" for o in objectives) + ".", ""]
-    for ev, title in (("retrain", "Masks re-trained on labels: test accuracy"),
-                      ("task", "Each objective's own task during pruning: test accuracy")):
+    for ev, metric, title in _sections(summary):
         rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]
         if not rows:
             continue
@@ -117,15 +135,15 @@ def markdown(summary: list[dict], metric: str = "test_acc") -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: Path, metric: str = "test_acc") -> None:
+def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, ev, title in ((axes[0], "retrain", "Masks re-trained on labels"),
-                          (axes[1], "task", "Objective's own task while pruning")):
+    sections = _sections(summary) or [("retrain", "test_acc", "no results yet")]
+    fig, axes = plt.subplots(1, len(sections), figsize=(6 * len(sections), 4.5), squeeze=False)
+    for ax, (ev, metric, title) in zip(axes[0], sections):
         rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]
         for obj, reset in sorted({(s["objective"], s["reset"]) for s in rows}):
             pts = sorted((s for s in rows if (s["objective"], s["reset"]) == (obj, reset)),

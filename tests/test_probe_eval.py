@@ -1,0 +1,60 @@
+"""`sslprune eval probe`: per-level linear probes on the run's data and on another dataset."""
+import csv
+
+import pytest
+from PIL import Image
+
+from sslprune import layout
+from sslprune import probe as probe_mod
+from sslprune.cli import main
+
+
+def _imagefolder(root, sizes=((10, 12), (9, 9), (14, 8)), per_class=6):
+    """A tiny ImageFolder tree of variable-size RGB images, 3 classes told apart by colour."""
+    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
+    for split in ("train", "test"):
+        for c, colour in enumerate(colours):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", sizes[i % len(sizes)], tuple(v - 3 * i for v in colour)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def run_dir(tmp_path, capsys):
+    assert main(["lottery", "--preset", "demo", "--task", "rotation", "--epochs", "1", "--levels", "1",
+                 "--replicates", "1", "--root", str(tmp_path / "runs"), "--quiet"]) == 0
+    return tmp_path / "runs" / capsys.readouterr().out.strip().splitlines()[-1].split("/")[-1]
+
+
+def test_probe_every_level_on_own_and_downstream_data_then_report(tmp_path, run_dir, capsys, monkeypatch):
+    assert main(["eval", "probe", str(run_dir)]) == 0
+    folder = _imagefolder(tmp_path / "down")
+    assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("probe on digits") == 2 and out.count("probe on down") == 2
+    for level in (0, 1):
+        ldir = layout.level_dir(run_dir, 1, level)
+        probes = sorted(p.name for p in ldir.glob("probe_*"))
+        assert len(probes) == 2 and probes[0].startswith("probe_digits_") and probes[1].startswith("probe_down_")
+        down = layout.load_json(ldir / probes[1] / layout.DONE)
+        assert down["n_train"] == 18 and down["classes"] == 3 and 0 <= down["test_mean_class_acc"] <= 1
+        assert (ldir / probes[0] / "features.safetensors").exists()
+    # Idempotent: finished probes are read back, never refitted.
+    monkeypatch.setattr(probe_mod, "fit_probe", lambda *a, **k: pytest.fail("refitted"))
+    assert main(["eval", "probe", str(run_dir)]) == 0
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "results.csv")))
+    evals = {r["eval"] for r in rows}
+    assert {"probe digits", "probe down"} <= evals
+    assert {r["level"] for r in rows if r["eval"] == "probe down"} == {"0", "1"}
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "Linear probe down: mean per-class test accuracy" in md
+
+
+def test_probe_errors_are_one_line(tmp_path, run_dir, capsys):
+    assert main(["eval", "probe", str(run_dir), "--levels", "7"]) == 2
+    assert "no trained level matches" in capsys.readouterr().err
+    assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
