@@ -71,6 +71,7 @@ class Prune:
     fraction: float = 0.2        # fraction of the *surviving* prunable weights removed per level
     reset: str = "rewind"        # how each level starts: rewind (winning ticket) | reinit (random re-init)
     rewind: str = "0it"          # rewind point: "<N>it" (updates) or "<N>ep" (epochs); 0 = the init
+    layers: int = 0              # layerwise pruning: prune only the first N conv layers, the rest stays dense (0 = all layers)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class Experiment:
         _choose("optimizer", self.train.optimizer, {"sgd", "adam"})
         _choose("schedule", self.train.schedule, {"constant", "step", "cosine"})
         _choose("reset", self.prune.reset, {"rewind", "reinit"})
+        if self.prune.layers < 0:
+            raise UserError(f"--layers must be >= 0 (0 = every layer), got {self.prune.layers}")
         if not 0.0 < self.prune.fraction < 1.0:
             raise UserError(f"--fraction must be in (0, 1), got {self.prune.fraction}")
         for name in ("lr", "batch_size", "epochs"):

@@ -24,7 +24,7 @@ from .data import Dataset
 from .errors import UserError
 from .labelled import labelled_subset_checked, task_data
 from .models import build_model
-from .pruning import SCORES, Mask, dense_mask, prunable, prune
+from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
 from .pruning import report as density_report
 from .sampling import steps_per_epoch
 from .tasks import Task, build_task
@@ -87,6 +87,11 @@ def check_data(exp: Experiment, data: Dataset) -> None:
                         "--batch-size must be >= 2")
     if exp.task.label_fraction:
         labelled_subset_checked(exp, data)
+    if exp.prune.layers:
+        try:
+            pruned_layers(build_model(exp.model.model), exp.prune.layers)
+        except ValueError as e:
+            raise UserError(f"--layers {exp.prune.layers}: {exp.model.model} has {e}; pass a smaller --layers") from None
     if exp.data.crop_pad >= h:
         raise UserError(f"--crop-pad {exp.data.crop_pad} is not smaller than the {h}-pixel images")
 
@@ -122,8 +127,10 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
                             f"'sslprune lottery' with --levels {level} first")
         trained = layout.load_tensors(prev / "train" / layout.MODEL)
         scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
-        mask = prune(scores, level_mask(exp, exp_dir, replicate, level - 1, backbone), exp.prune.fraction)
-    layout.save_json(path.parent / layout.DENSITY, density_report(mask))  # per layer and total
+        mask = prune(scores, level_mask(exp, exp_dir, replicate, level - 1, backbone), exp.prune.fraction,
+                     pruned_layers(backbone, exp.prune.layers))
+    layout.save_json(path.parent / layout.DENSITY,  # per layer, in total, and over the pruned layers
+                     density_report(mask, pruned_layers(backbone, exp.prune.layers)))
     layout.save_tensors(path, mask)  # last: its existence marks the step done
     return mask
 

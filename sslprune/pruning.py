@@ -38,15 +38,27 @@ def random_scores(weights: dict[str, torch.Tensor], generator: torch.Generator) 
 SCORES = {"magnitude": magnitude_scores, "random": random_scores}
 
 
-def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float) -> Mask:
+def pruned_layers(backbone: nn.Module, first_convs: int = 0) -> list[str] | None:
+    """Layerwise pruning (Caron et al. 2020, F7): the names of the first `first_convs` Conv2d
+    weights in module order (input side), or None for every prunable layer (first_convs = 0)."""
+    if not first_convs:
+        return None
+    convs = [f"{name}.weight" for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d)]
+    if first_convs > len(convs):
+        raise ValueError(f"only {len(convs)} conv layers, asked to prune the first {first_convs}")
+    return convs[:first_convs]
+
+
+def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float, layers: list[str] | None = None) -> Mask:
     """Remove round(fraction * surviving) weights: those with the lowest score among the surviving
     ones, globally. Exactly that many, whatever the ties (e.g. many weights at exactly zero).
+    `layers` restricts pruning (and the count) to those weights; the others are left as they are.
 
     Selection by NumPy's argpartition on the surviving scores: linear time, and unlike
     torch.quantile it has no 2^24-element limit (a ResNet-50 has ~25M prunable weights)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    names = list(mask)
+    names = list(mask) if layers is None else [n for n in mask if n in layers]
     alive = [scores[n].flatten()[mask[n].flatten()] for n in names]
     sizes = [len(a) for a in alive]
     flat = torch.cat(alive).numpy()
@@ -55,7 +67,7 @@ def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float) -> Mask:
         return {n: m.clone() for n, m in mask.items()}
     drop = np.zeros(len(flat), dtype=bool)
     drop[np.argpartition(flat, k - 1, kind="introselect")[:k]] = True  # the k smallest
-    out, start = {}, 0
+    out, start = {n: m.clone() for n, m in mask.items()}, 0
     for n, size in zip(names, sizes):
         new = mask[n].flatten().clone()
         idx = new.nonzero().flatten()                     # positions of surviving weights
@@ -102,16 +114,21 @@ class MaskEnforcer:
             torch._foreach_mul_(self.weights, self.masks)
 
 
-def density(mask: Mask) -> float:
-    """Fraction of prunable weights kept."""
-    kept = sum(int(m.sum()) for m in mask.values())
-    return kept / sum(m.numel() for m in mask.values())
+def density(mask: Mask, layers: list[str] | None = None) -> float:
+    """Fraction of prunable weights kept (in `layers` only, when given)."""
+    ms = [m for n, m in mask.items() if layers is None or n in layers]
+    return sum(int(m.sum()) for m in ms) / sum(m.numel() for m in ms)
 
 
-def report(mask: Mask) -> list[dict]:
-    """Per-layer and total density: [{'layer', 'kept', 'total', 'density'}, ..., total row]."""
+def report(mask: Mask, layers: list[str] | None = None) -> list[dict]:
+    """Per-layer and total density: [{'layer', 'kept', 'total', 'density'}, ..., total row], and a
+    'pruned layers' row when pruning is restricted to `layers`."""
     rows = [{"layer": n, "kept": int(m.sum()), "total": m.numel(), "density": float(m.float().mean())}
             for n, m in mask.items()]
-    kept, total = sum(r["kept"] for r in rows), sum(r["total"] for r in rows)
-    rows.append({"layer": "total", "kept": kept, "total": total, "density": kept / total})
+    totals = [("total", rows)]
+    if layers is not None:
+        totals.append(("pruned layers", [r for r in rows if r["layer"] in layers]))
+    for name, rs in totals:
+        kept, total = sum(r["kept"] for r in rs), sum(r["total"] for r in rs)
+        rows = rows + [{"layer": name, "kept": kept, "total": total, "density": kept / total}]
     return rows

@@ -3,7 +3,8 @@ replicates) and plots of accuracy against remaining weights (log axis; the paper
 
 Reads nothing but saved files: config.json, masks and done.json of each step.
 
-results.csv columns: experiment, objective, reset, replicate, level, remaining, eval, metric, value
+results.csv columns: experiment, objective, reset, replicate, level, remaining, remaining_network,
+eval, metric, value
 - experiment:     the experiment directory's name (task_model_dataset_hash): replicates are
                   averaged within one experiment, never across experiments.
 - eval 'task':    the lottery run itself, its objective's own metric (Task.metric: labels and
@@ -11,7 +12,9 @@ results.csv columns: experiment, objective, reset, replicate, level, remaining, 
                   in the batch, npid: kNN accuracy); reset is the run's reset.
 - eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random | random_adjusted.
 - eval 'probe D':  a linear probe of the level's trained backbone on dataset D (sslprune eval probe).
-- remaining:      fraction of prunable weights kept.
+- remaining:      fraction of prunable weights kept, over the layers being pruned (all of them,
+                  unless --layers N restricts pruning to the first N conv layers);
+- remaining_network: the same over every prunable weight of the network.
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ from pathlib import Path
 
 from . import layout
 from .lottery import load_experiment
-from .pruning import density
+from .models import build_model
+from .pruning import density, pruned_layers
 
-COLUMNS = ["experiment", "objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
+COLUMNS = ["experiment", "objective", "reset", "replicate", "level", "remaining", "remaining_network", "eval",
+           "metric", "value"]
 # those a run has (NPID: no test loss; probes: accuracy and mean per-class accuracy)
 METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc", "test_mean_class_acc")
 
@@ -35,6 +40,7 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
     rows = []
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
+        layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
         for rdir in sorted(Path(exp_dir).glob("replicate_*"), key=_number):
             replicate = _number(rdir)
             for ldir in sorted(rdir.glob("level_*"), key=_number):
@@ -51,10 +57,12 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     if not layout.is_done(run):
                         continue
                     done = layout.load_json(run / layout.DONE)
-                    remaining = density(layout.load_tensors(mask_path))
+                    mask = layout.load_tensors(mask_path)
+                    remaining, remaining_network = density(mask, layers), density(mask)
                     for metric in (m for m in METRICS if done.get(m) is not None):
                         rows.append(dict(experiment=Path(exp_dir).name, objective=objective_label(exp), reset=reset, replicate=replicate,
-                                         level=level, remaining=remaining, eval=eval_name,
+                                         level=level, remaining=remaining, remaining_network=remaining_network,
+                                         eval=eval_name,
                                          metric=metric, value=done[metric]))
     return rows
 

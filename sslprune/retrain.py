@@ -20,7 +20,7 @@ from .config import Experiment
 from .data import Dataset
 from .errors import UserError
 from .lottery import build, derive_seed
-from .pruning import SCORES, Mask, dense_mask, prunable, prune
+from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
 from .sparsity import adjusted_random_scores, natural_zeros
 from .train import load_weights, train
 
@@ -47,7 +47,7 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
         else:
             generator = torch.Generator().manual_seed(derive_seed("adjusted-random-mask", replicate, level))
             scores = adjusted_random_scores(natural_zeros(_dense_trained(exp_dir, replicate, backbone)), generator)
-        mask = prune(scores, previous, exp.prune.fraction)
+        mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
     layout.save_tensors(path, mask)
     return mask
 

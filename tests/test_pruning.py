@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from sslprune.models import build_model
-from sslprune.pruning import (SCORES, MaskEnforcer, apply_mask, dense_mask, density, prunable,
+from sslprune.pruning import (SCORES, MaskEnforcer, apply_mask, dense_mask, density, prunable, pruned_layers,
                               prune, prune_iteratively, report)
 
 
@@ -78,3 +78,40 @@ def test_enforcer_and_apply_zero_pruned_weights():
         assert (p[~mask[n]] == 0).all() and (p[mask[n]] != 0).all()
     apply_mask(b, mask)
     assert report(mask)[-1]["density"] == density(mask)
+
+
+def test_layerwise_pruning_never_touches_layers_past_n(tmp_path, data):
+    import csv
+
+    import pytest
+
+    from sslprune import layout
+    from sslprune.errors import UserError
+    from sslprune.lottery import prepare, run_replicate
+    from sslprune.report import write_report
+    from sslprune.retrain import random_mask
+
+    from .conftest import tiny_experiment
+
+    exp = tiny_experiment(epochs=1, layers=2)
+    exp_dir = prepare(exp, tmp_path, data, None, ["t"])
+    run_replicate(exp, exp_dir, data, 1, 3, progress=False)
+    backbone = build_model("convnet")
+    first, rest = pruned_layers(backbone, 2), [n for n in prunable(backbone) if n not in pruned_layers(backbone, 2)]
+    assert first == ["features.0.weight", "features.3.weight"] and rest
+    for level in range(4):
+        for mask in (layout.load_tensors(layout.level_dir(exp_dir, 1, level) / layout.MASK),
+                     random_mask(exp, exp_dir, backbone, 1, level)):
+            assert all(mask[n].all() for n in rest)                          # past n: untouched
+            kept = sum(int(mask[n].sum()) for n in first)
+            total = sum(mask[n].numel() for n in first)
+            assert abs(kept - 0.8 ** level * total) <= 2                     # 20% per level of the first n
+    density_json = layout.load_json(layout.level_dir(exp_dir, 1, 3) / layout.DENSITY)
+    assert [r["layer"] for r in density_json[-2:]] == ["total", "pruned layers"]
+    rows = list(csv.DictReader(open(write_report([exp_dir], tmp_path / "rep")["csv"])))
+    last = next(r for r in rows if r["level"] == "3")
+    share = total / sum(m.numel() for m in dense_mask(backbone).values())   # the first n's share of weights
+    assert abs(float(last["remaining"]) - 0.512) < 1e-3
+    assert abs(float(last["remaining_network"]) - (1 - share * (1 - 0.512))) < 1e-3
+    with pytest.raises(UserError, match="--layers 9"):
+        prepare(tiny_experiment(layers=9), tmp_path / "other", data, None, ["t"])

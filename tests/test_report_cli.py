@@ -26,7 +26,8 @@ def test_report_columns_remaining_and_stats(tmp_path, data):
         dirs.append(d)
     paths = write_report(dirs, tmp_path / "report")
     rows = list(csv.DictReader(open(paths["csv"])))
-    assert list(rows[0]) == ["experiment", "objective", "reset", "replicate", "level", "remaining", "eval", "metric", "value"]
+    assert list(rows[0]) == ["experiment", "objective", "reset", "replicate", "level", "remaining",
+                            "remaining_network", "eval", "metric", "value"]
     assert {(r["objective"], r["reset"], r["eval"]) for r in rows} == {
         ("labels", "rewind", "task"), ("rotation", "rewind", "task"),
         ("labels", "reinit", "retrain"), ("rotation", "reinit", "retrain")}
