@@ -155,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
                     "[default: the size the run trained on]")
     pr.add_argument("--train-per-class", type=int, default=0, help="keep the first N training images of each class (0 = all)")
     pr.add_argument("--test-per-class", type=int, default=0, help="keep the first N test images of each class (0 = all)")
+    pr.add_argument("--stage", default=None, help="probe the output of this backbone module instead of the "
+                    "final features, global-average-pooled (e.g. layer1..layer4 of a ResNet, features.5 of "
+                    "the convnet) [default: final features]")
     pr.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
     pr.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
     _common(pr)
@@ -292,10 +295,14 @@ def cmd_eval(args, argv) -> int:
         data = load_dataset(Data(dataset=args.dataset or exp.data.dataset, image_size=size,
                                  train_per_class=args.train_per_class, test_per_class=args.test_per_class),
                             args.data_root)
+    if args.stage:  # fail before any work
+        from .models import build_model
+        from .probe import stage_module
+        stage_module(build_model(exp.model.model), args.stage)
     record_command(args.run_dir, list(argv))
     for r, level in pairs:
-        res = probe_level(args.run_dir, r, level, data, normalize, args.device)
-        print(f"replicate {r} level {level}: probe on {data.name}: accuracy {res['test_acc']:.4f}, "
+        res = probe_level(args.run_dir, r, level, data, normalize, args.device, args.stage)
+        print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
     return 0
 

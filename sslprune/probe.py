@@ -26,15 +26,39 @@ C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 @torch.no_grad()
-def features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int = 256) -> np.ndarray:
-    """(N, 3, H, W) uint8 -> (N, F) float32 features of the frozen backbone."""
+def features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int = 256,
+             stage: str | None = None) -> np.ndarray:
+    """(N, 3, H, W) uint8 -> (N, F) float32 features of the frozen backbone: its output, or the
+    output of the submodule `stage` (e.g. 'layer2' of a ResNet), global-average-pooled to (N, C)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    out = [backbone(normalize(images[i:i + batch_size].to(device))).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    backbone.train(was_training)
+    captured = []
+    hook = None
+    if stage:
+        hook = stage_module(backbone, stage).register_forward_hook(lambda m, i, o: captured.append(o))
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            f = backbone(normalize(images[i:i + batch_size].to(device)))
+            if stage:
+                f = captured.pop()
+                f = f.mean((2, 3)) if f.ndim == 4 else f.flatten(1)   # (B, C, H, W) -> (B, C)
+            out.append(f.float().cpu())
+    finally:
+        if hook is not None:
+            hook.remove()
+        backbone.train(was_training)
     return torch.cat(out).numpy()
+
+
+def stage_module(backbone: nn.Module, stage: str) -> nn.Module:
+    try:
+        return backbone.get_submodule(stage)
+    except AttributeError:
+        names = [n for n, _ in backbone.named_modules() if n and n.count(".") <= 1]
+        raise UserError(f"--stage '{stage}' is no module of this backbone; choose one of: "
+                        f"{', '.join(names[:40])}") from None
 
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -58,17 +82,18 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
             "C": best, "val_acc": scores[best]}
 
 
-def probe_name(data: Dataset) -> str:
-    """Names a probe by the data it reads (wherever that lives): probe_<dataset>_<fingerprint>."""
-    return f"probe_{data.name.split('.')[0]}_{data.fingerprint()[:8]}"
+def probe_name(data: Dataset, stage: str | None = None) -> str:
+    """Names a probe by the data it reads (wherever that lives) and the features it reads:
+    probe_<dataset>[@<stage>]_<fingerprint>."""
+    return f"probe_{data.name.split('.')[0]}{'@' + stage if stage else ''}_{data.fingerprint()[:8]}"
 
 
 def probe_level(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: Normalize,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", stage: str | None = None) -> dict:
     """Probe the backbone that level `level` of a lottery run trained, on `data`'s labels (all of
     them: the probe is an evaluation, whatever labels the objective saw). Idempotent: the result
     is level_<L>/<probe_name>/done.json, next to the features it was fitted on."""
-    out = layout.level_dir(exp_dir, replicate, level) / probe_name(data)
+    out = layout.level_dir(exp_dir, replicate, level) / probe_name(data, stage)
     if layout.is_done(out):
         return layout.load_json(out / layout.DONE)
     run = layout.level_dir(exp_dir, replicate, level) / "train"
@@ -82,12 +107,12 @@ def probe_level(exp_dir: Path, replicate: int, level: int, data: Dataset, normal
         backbone = build_model(exp.model.model).to(device)
         load_weights(backbone, None, layout.load_tensors(run / layout.MODEL))
         norm = normalize.to(device)
-        f = {"train": torch.from_numpy(features(backbone, data.train.images, norm)),
-             "test": torch.from_numpy(features(backbone, data.test.images, norm))}
+        f = {"train": torch.from_numpy(features(backbone, data.train.images, norm, stage=stage)),
+             "test": torch.from_numpy(features(backbone, data.test.images, norm, stage=stage))}
         layout.save_tensors(cache, f)
     fit = fit_probe(f["train"].numpy(), data.train.labels.numpy(), f["test"].numpy(), data.test.labels.numpy())
     result = {"test_acc": fit["acc"], "test_mean_class_acc": fit["mean_class_acc"], "C": fit["C"],
-              "val_acc": fit["val_acc"], "dataset": data.name, "n_train": len(data.train), "n_test": len(data.test),
+              "val_acc": fit["val_acc"], "dataset": data.name, "stage": stage, "n_train": len(data.train), "n_test": len(data.test),
               "classes": data.num_classes}
     layout.save_json(out / layout.DONE, result)
     return result

@@ -50,8 +50,8 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     reset = sub.name.removeprefix("retrain_")
                     mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
                     runs.append(("retrain", reset, sub, mask))
-                for sub in sorted(ldir.glob("probe_*")):  # probe_<dataset>_<fingerprint>
-                    runs.append(("probe " + sub.name.removeprefix("probe_").rsplit("_", 1)[0],
+                for sub in sorted(ldir.glob("probe_*")):  # probe_<dataset>[@<stage>]_<fingerprint>
+                    runs.append(("probe " + sub.name.removeprefix("probe_").rsplit("_", 1)[0].replace("@", " @"),
                                  exp.prune.reset, sub, ldir / layout.MASK))
                 for eval_name, reset, run, mask_path in runs:
                     if not layout.is_done(run):

@@ -53,6 +53,19 @@ def test_probe_every_level_on_own_and_downstream_data_then_report(tmp_path, run_
     assert "Linear probe down: mean per-class test accuracy" in md
 
 
+def test_probe_of_an_intermediate_stage(tmp_path, run_dir, capsys):
+    assert main(["eval", "probe", str(run_dir), "--stage", "features.5", "--levels", "0"]) == 0
+    assert "probe on digits @features.5" in capsys.readouterr().out
+    ldir = layout.level_dir(run_dir, 1, 0)
+    (probe,) = ldir.glob("probe_digits@features.5_*")
+    f = layout.load_tensors(probe / "features.safetensors")
+    assert f["train"].shape[1] == 64                     # the convnet's second block: 64 channels
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    assert "probe digits @features.5" in (tmp_path / "rep" / "results.csv").read_text()
+    assert main(["eval", "probe", str(run_dir), "--stage", "layer9"]) == 2
+    assert "no module of this backbone" in capsys.readouterr().err
+
+
 def test_probe_errors_are_one_line(tmp_path, run_dir, capsys):
     assert main(["eval", "probe", str(run_dir), "--levels", "7"]) == 2
     assert "no trained level matches" in capsys.readouterr().err
