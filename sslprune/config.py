@@ -27,6 +27,7 @@ class Data:
 @dataclass(frozen=True)
 class Model:
     model: str = ""              # MODELS key
+    pretrained: str = ""         # start level 0 from these backbone weights: a model.safetensors of ours, or a torchvision-layout state dict (.pth) (empty = from scratch)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from .config import Task as TaskConfig
 from .data import Dataset
 from .errors import UserError
 from .labelled import labelled_subset_checked, task_data
-from .models import build_model
+from .models import build_model, load_pretrained
 from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
 from .pruning import report as density_report
 from .sampling import steps_per_epoch
@@ -55,6 +55,7 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
     exp_dir = Path(root) / exp.name()
     cfg_path = exp_dir / layout.CONFIG
     fingerprint = data.fingerprint()
+    pretrained = _file_sha256(exp.model.pretrained) if exp.model.pretrained else None
     if cfg_path.exists():
         saved = layout.load_json(cfg_path)
         if Experiment.from_dict(saved.get("config", {})) != exp:
@@ -64,13 +65,26 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
             raise UserError(f"{exp_dir} was trained on other data (fingerprint "
                             f"{saved.get('data_fingerprint')}, now {fingerprint}); pass the data root "
                             f"it used ({saved.get('data_root')}) or use another --root")
+        if saved.get("pretrained_sha256") != pretrained:
+            raise UserError(f"--pretrained {exp.model.pretrained} is not the file {exp_dir} started from "
+                            f"(sha256 differs); restore it or use another --root")
         record_command(exp_dir, argv, saved)
         return exp_dir
     layout.save_json(cfg_path, {
         "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_fingerprint": fingerprint,
-        "data_root": str(Path(data_root).resolve()) if data_root else None,
+        "data_root": str(Path(data_root).resolve()) if data_root else None, "pretrained_sha256": pretrained,
         "git": _git_sha(), "commands": [argv], "versions": _versions()})
     return exp_dir
+
+
+def _file_sha256(path: str) -> str:
+    if not Path(path).is_file():
+        raise UserError(f"--pretrained {path} is not a file; pass a model.safetensors or a .pth state dict")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_data(exp: Experiment, data: Dataset) -> None:
@@ -87,6 +101,8 @@ def check_data(exp: Experiment, data: Dataset) -> None:
                         "--batch-size must be >= 2")
     if exp.task.label_fraction:
         labelled_subset_checked(exp, data)
+    if exp.model.pretrained:  # fails here, before anything is written, if it does not fit
+        load_pretrained(build_model(exp.model.model), exp.model.pretrained)
     if exp.prune.layers:
         try:
             pruned_layers(build_model(exp.model.model), exp.prune.layers)
@@ -145,6 +161,8 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
     if init_path.exists():
         load_weights(backbone, task, layout.load_tensors(init_path))
     else:
+        if exp.model.pretrained:  # Hubens et al.: level 0 fine-tunes a pre-trained backbone, fresh head
+            load_pretrained(backbone, exp.model.pretrained)
         layout.save_tensors(init_path, weights(backbone, task))
     k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
 

@@ -49,3 +49,24 @@ def load_torchvision_state_dict(backbone: nn.Module, path: Path) -> dict[str, to
         raise UserError(f"{path} does not match the backbone: missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]} (of {len(missing)}/{len(unexpected)}); check --model")
     return head
+
+
+def load_pretrained(backbone: nn.Module, path: str | Path) -> None:
+    """Pre-trained backbone weights, strictly: a safetensors file of ours (keys `backbone.*`, e.g. a
+    level's model.safetensors) or a torchvision-layout state dict (.pth/.pt, classifier ignored)."""
+    from ..layout import load_tensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--pretrained {path} is not a file; pass a model.safetensors or a .pth state dict")
+    if path.suffix != ".safetensors":
+        load_torchvision_state_dict(backbone, path)
+        return
+    tensors = load_tensors(path)
+    body = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    if not body:
+        raise UserError(f"{path} holds no 'backbone.*' tensors; pass a model.safetensors written by sslprune")
+    try:
+        backbone.load_state_dict(body, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not match --model ({str(e).splitlines()[0]})") from None
