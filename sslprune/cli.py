@@ -44,6 +44,22 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                 g.add_argument(flag, type=type(default), default=None, help=h)
 
 
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """The Train section's flags and the dataset-augmentation flags, all defaulting to None (= keep)."""
+    helps = _field_help()
+    g = p.add_argument_group("training options (default: the run's)")
+    fields = [*dataclasses.fields(config.Train), *[f for f in dataclasses.fields(config.Data)
+                                                   if f.name in ("crop_pad", "flip")]]
+    for f in fields:
+        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif isinstance(f.default, tuple):
+            g.add_argument(flag, type=_int_tuple, default=None, metavar="A,B,...", help=h)
+        else:
+            g.add_argument(flag, type=type(f.default), default=None, help=h)
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
@@ -161,6 +177,24 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
     pr.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
     _common(pr)
+
+    ft = ev_sub.add_parser("finetune", help="fine-tune each level's pruned network on a target dataset, mask fixed",
+                           description="Transfer, arm 1 (Caron et al. 2020, Fig. 2): each level's trained, pruned "
+                           "backbone gets a fresh label head for the target classes and every surviving weight is "
+                           "fine-tuned on the target labels, the mask held fixed. Arm 2, pruning during transfer, "
+                           "is a lottery run on the target data started from the dense level-0 weights: "
+                           "'sslprune lottery --pretrained RUN/replicate_1/level_0/train/model.safetensors "
+                           "--task labels --rewind 0it --dataset ...'. Training flags default to the run's own.")
+    ft.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    ft.add_argument("--dataset", required=True, help="target dataset: digits | cifar10 | imagefolder")
+    ft.add_argument("--data-root", default=None, help="its location, e.g. ../shared/data/caltech101-subset/caltech101-subset.tar.gz")
+    ft.add_argument("--image-size", type=int, default=None, help="resize target images to this side [default: the run's]")
+    ft.add_argument("--train-per-class", type=int, default=0, help="keep the first N training images of each class (0 = all)")
+    ft.add_argument("--test-per-class", type=int, default=0, help="keep the first N test images of each class (0 = all)")
+    _train_flags(ft)
+    ft.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
+    ft.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    _common(ft)
 
     sp = sub.add_parser("sparsity", help="natural sparsity of trained networks, per layer and in total",
                         description="Fraction of each trained network's prunable weights with |w| <= "
@@ -287,6 +321,8 @@ def cmd_eval(args, argv) -> int:
     if saved.get("data_fingerprint") not in (None, own.fingerprint()):
         raise UserError(f"the data found at {saved.get('data_root')} differs from the data {args.run_dir} "
                         f"was trained on; restore it there")
+    if args.evaluation == "finetune":
+        return cmd_finetune(args, argv, exp, saved, pairs, own)
     normalize = Normalize(*own.channel_stats())   # what the network was trained to see
     if args.dataset is None and args.data_root is None:
         data = own
@@ -304,6 +340,28 @@ def cmd_eval(args, argv) -> int:
         res = probe_level(args.run_dir, r, level, data, normalize, args.device, args.stage)
         print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
+    return 0
+
+
+def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
+    from .config import Data
+    from .data import load_dataset
+    from .transfer import finetune
+
+    cfg = dataclasses.replace(exp.train, **{f.name: getattr(args, f.name) for f in dataclasses.fields(config.Train)
+                                            if getattr(args, f.name) is not None})
+    aug = dataclasses.replace(exp.data, **{k: getattr(args, k) for k in ("crop_pad", "flip")
+                                           if getattr(args, k) is not None})
+    Experiment(data=aug, model=exp.model, task=exp.task, train=cfg, prune=exp.prune).validate()
+    size = args.image_size if args.image_size is not None else own.train.images.shape[-1]
+    data = load_dataset(Data(dataset=args.dataset, image_size=size, train_per_class=args.train_per_class,
+                             test_per_class=args.test_per_class), args.data_root)
+    from .lottery import record_command
+    record_command(args.run_dir, list(argv))
+    for r, level in pairs:
+        res = finetune(args.run_dir, r, level, data, cfg, aug, args.device, not args.quiet)
+        print(f"replicate {r} level {level}: fine-tuned on {data.name}: accuracy {res['test_acc']:.4f}, "
+              f"mean per-class {res['test_mean_class_acc']:.4f}")
     return 0
 
 

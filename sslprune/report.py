@@ -12,6 +12,7 @@ eval, metric, value
                   in the batch, npid: kNN accuracy); reset is the run's reset.
 - eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random | random_adjusted.
 - eval 'probe D':  a linear probe of the level's trained backbone on dataset D (sslprune eval probe).
+- eval 'finetune D': the level's pruned network fine-tuned on dataset D, mask fixed (sslprune eval finetune).
 - remaining:      fraction of prunable weights kept, over the layers being pruned (all of them,
                   unless --layers N restricts pruning to the first N conv layers);
 - remaining_network: the same over every prunable weight of the network.
@@ -50,6 +51,9 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     reset = sub.name.removeprefix("retrain_")
                     mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
                     runs.append(("retrain", reset, sub, mask))
+                for sub in sorted(ldir.glob("finetune_*")):  # finetune_<dataset>_<hash>
+                    runs.append(("finetune " + sub.name.removeprefix("finetune_").rsplit("_", 1)[0],
+                                 exp.prune.reset, sub, ldir / layout.MASK))
                 for sub in sorted(ldir.glob("probe_*")):  # probe_<dataset>[@<stage>]_<fingerprint>
                     runs.append(("probe " + sub.name.removeprefix("probe_").rsplit("_", 1)[0].replace("@", " @"),
                                  exp.prune.reset, sub, ldir / layout.MASK))
@@ -110,6 +114,8 @@ def _sections(summary: list[dict]) -> list[tuple[str, str, str]]:
             out.append((ev, "test_acc", "Masks re-trained on labels: test accuracy"))
         elif ev == "task":
             out.append((ev, "test_acc", "Each objective's own task during pruning: test accuracy"))
+        elif ev.startswith("finetune"):
+            out.append((ev, "test_mean_class_acc", f"Pruned network fine-tuned ({ev}): mean per-class test accuracy"))
         else:  # a probe: mean per-class accuracy (the measure for unbalanced sets like Caltech-101)
             out.append((ev, "test_mean_class_acc", f"Linear {ev}: mean per-class test accuracy"))
     return out

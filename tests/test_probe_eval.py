@@ -2,6 +2,7 @@
 import csv
 
 import pytest
+import torch
 from PIL import Image
 
 from sslprune import layout
@@ -71,3 +72,38 @@ def test_probe_errors_are_one_line(tmp_path, run_dir, capsys):
     assert "no trained level matches" in capsys.readouterr().err
     assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_finetune_keeps_pruned_weights_at_zero_and_is_reported(tmp_path, run_dir, capsys):
+    folder = _imagefolder(tmp_path / "down")
+    assert main(["eval", "finetune", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--epochs", "2", "--batch-size", "6", "--quiet"]) == 0
+    assert capsys.readouterr().out.count("fine-tuned on down") == 2
+    for level in (0, 1):
+        ldir = layout.level_dir(run_dir, 1, level)
+        (ft,) = ldir.glob("finetune_down_*")
+        weights, mask = layout.load_tensors(ft / layout.MODEL), layout.load_tensors(ldir / layout.MASK)
+        assert weights["task.head.weight"].shape[0] == 3                 # the target's classes
+        trained = layout.load_tensors(ldir / "train" / layout.MODEL)
+        for n, m in mask.items():
+            assert (weights[f"backbone.{n}"][~m] == 0).all()              # pruned stays pruned
+        assert any(not torch.equal(weights[k], trained[k]) for k in trained if k.startswith("backbone."))
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    assert "Pruned network fine-tuned (finetune down)" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_pruning_during_transfer_reaches_the_requested_densities(tmp_path, run_dir, capsys):
+    """Arm 2: a lottery on the target data, started from the dense level-0 weights of the run."""
+    folder = _imagefolder(tmp_path / "down", per_class=8)
+    start = layout.level_dir(run_dir, 1, 0) / "train" / layout.MODEL
+    assert main(["lottery", "--preset", "demo", "--task", "labels", "--dataset", "imagefolder", "--data-root",
+                 str(folder), "--image-size", "8", "--pretrained", str(start), "--rewind", "0it", "--epochs", "1",
+                 "--batch-size", "6", "--levels", "3", "--replicates", "1", "--root", str(tmp_path / "t"),
+                 "--quiet"]) == 0
+    target = tmp_path / "t" / capsys.readouterr().out.strip().splitlines()[-1].split("/")[-1]
+    from sslprune.pruning import density
+    for level in range(4):
+        assert abs(density(layout.load_tensors(layout.level_dir(target, 1, level) / layout.MASK)) - 0.8 ** level) < 1e-4
+    init = layout.load_tensors(layout.replicate_dir(target, 1) / layout.INIT)
+    src = layout.load_tensors(start)
+    assert all(torch.equal(init[k], src[k]) for k in src if k.startswith("backbone."))

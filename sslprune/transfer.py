@@ -1,0 +1,43 @@
+"""Transfer (Caron et al. 2020, Fig. 2), two arms on a target dataset:
+
+- fine-tune (`finetune`): a level's trained, pruned backbone gets a fresh label head for the target
+  classes and every surviving weight is fine-tuned on the target task, the mask held fixed;
+- pruning during transfer: the *dense* pre-trained backbone is pruned by iterative magnitude
+  pruning on the target task itself. That is a lottery run on the target data started from the
+  level-0 weights: `sslprune lottery --pretrained RUN/replicate_1/level_0/train/model.safetensors
+  --task labels --dataset ... --rewind 0it` (every level restarts from the pre-trained weights).
+
+The fine-tuned result lives next to the level it starts from, in finetune_<data>_<hash>/ (hash of
+the target data and the fine-tuning configuration), as a training run: resumable, idempotent.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from . import layout
+from .config import Data as DataConfig
+from .config import Train as TrainConfig
+from .data import Dataset
+from .errors import UserError
+from .lottery import build, derive_seed, load_experiment
+from .train import load_weights, train
+
+
+def finetune_name(data: Dataset, cfg: TrainConfig, aug: DataConfig) -> str:
+    key = f"{data.fingerprint()}|{cfg!r}|{aug.crop_pad}|{aug.flip}"
+    return f"finetune_{data.name.split('.')[0]}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: TrainConfig, aug: DataConfig,
+             device: str = "cpu", progress: bool = True) -> dict:
+    """Fine-tune level `level`'s trained backbone under its mask on `data` with a fresh label head."""
+    exp, _ = load_experiment(exp_dir)
+    ldir = layout.level_dir(exp_dir, replicate, level)
+    if not layout.is_done(ldir / "train"):
+        raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
+    backbone, task = build(exp, data, seed=derive_seed("finetune", replicate, level), task_name="labels")
+    load_weights(backbone, None, layout.load_tensors(ldir / "train" / layout.MODEL))
+    mask = layout.load_tensors(ldir / layout.MASK)
+    return train(backbone, task, data, cfg, aug, mask, ldir / finetune_name(data, cfg, aug), seed=replicate,
+                 device=device, progress=progress)
