@@ -14,6 +14,8 @@
                 retrain_random/                   random-pruning baseline at the same density,
                                                   with its own mask.safetensors
                 retrain_random_adjusted/          the same, naturally-zero weights pruned first
+                probe_<data>[@<stage>]_<fp>/      linear probe: features.safetensors, done.json
+                finetune_<data>_<hash>/           the pruned network fine-tuned on a target dataset
 
     a training run:  checkpoint.pt (per-epoch, for resume), log.jsonl, model.safetensors, done.json
 
