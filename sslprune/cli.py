@@ -75,6 +75,8 @@ def resolve(args: argparse.Namespace) -> tuple[Experiment, dict]:
     for name in [f.name for _, cls in _sections() for f in dataclasses.fields(cls)] + list(RUNTIME_DEFAULTS):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    if values.get("pretrained"):  # one file, one experiment name, whatever the working directory
+        values["pretrained"] = str(Path(values["pretrained"]).resolve())
     if isinstance(values["replicates"], int):  # presets give a count
         values["replicates"] = list(range(1, values["replicates"] + 1))
     return Experiment.from_flat(values), {k: values[k] for k in RUNTIME_DEFAULTS}
@@ -324,13 +326,14 @@ def cmd_eval(args, argv) -> int:
     if args.evaluation == "finetune":
         return cmd_finetune(args, argv, exp, saved, pairs, own)
     normalize = Normalize(*own.channel_stats())   # what the network was trained to see
-    if args.dataset is None and args.data_root is None:
+    if (args.dataset, args.data_root, args.image_size, args.train_per_class, args.test_per_class) == \
+            (None, None, None, 0, 0):
         data = own
-    else:
+    else:  # another dataset, or the run's own read differently
         size = args.image_size if args.image_size is not None else own.train.images.shape[-1]
         data = load_dataset(Data(dataset=args.dataset or exp.data.dataset, image_size=size,
                                  train_per_class=args.train_per_class, test_per_class=args.test_per_class),
-                            args.data_root)
+                            args.data_root or saved.get("data_root"))
     if args.stage:  # fail before any work
         from .models import build_model
         from .probe import stage_module
@@ -352,10 +355,13 @@ def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
                                             if getattr(args, f.name) is not None})
     aug = dataclasses.replace(exp.data, **{k: getattr(args, k) for k in ("crop_pad", "flip")
                                            if getattr(args, k) is not None})
-    Experiment(data=aug, model=exp.model, task=exp.task, train=cfg, prune=exp.prune).validate()
+    Experiment(data=aug, model=exp.model, task=config.Task(task="labels"), train=cfg, prune=exp.prune).validate()
     size = args.image_size if args.image_size is not None else own.train.images.shape[-1]
     data = load_dataset(Data(dataset=args.dataset, image_size=size, train_per_class=args.train_per_class,
                              test_per_class=args.test_per_class), args.data_root)
+    if aug.crop_pad >= data.train.images.shape[-1]:
+        raise UserError(f"--crop-pad {aug.crop_pad} is not smaller than the {data.train.images.shape[-1]}-pixel "
+                        f"target images; pass a smaller --crop-pad")
     from .lottery import record_command
     record_command(args.run_dir, list(argv))
     for r, level in pairs:

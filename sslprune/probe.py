@@ -40,8 +40,12 @@ def features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, ba
     out = []
     try:
         for i in range(0, len(images), batch_size):
+            captured.clear()
             f = backbone(normalize(images[i:i + batch_size].to(device)))
             if stage:
+                if len(captured) != 1:
+                    raise UserError(f"--stage {stage} ran {len(captured)} times in one forward pass; pick a "
+                                    f"module that runs once (e.g. layer2 of a ResNet)")
                 f = captured.pop()
                 f = f.mean((2, 3)) if f.ndim == 4 else f.flatten(1)   # (B, C, H, W) -> (B, C)
             out.append(f.float().cpu())
@@ -72,6 +76,11 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     def model(c):
         return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
 
+    counts = np.bincount(train_y)
+    if counts[counts > 0].min() < 2 or len(train_y) // 5 < len(counts[counts > 0]):
+        raise UserError(f"the probe holds out a fifth of the training images per class to choose its "
+                        f"regularisation: {len(train_y)} images, as few as {counts[counts > 0].min()} in a class, "
+                        f"are too few; use more training images per class")
     fit_x, val_x, fit_y, val_y = train_test_split(train_x, train_y, test_size=0.2, random_state=seed,
                                                   stratify=train_y)
     scores = {c: model(c).fit(fit_x, fit_y).score(val_x, val_y) for c in C_GRID}

@@ -51,12 +51,8 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     reset = sub.name.removeprefix("retrain_")
                     mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
                     runs.append(("retrain", reset, sub, mask))
-                for sub in sorted(ldir.glob("finetune_*")):  # finetune_<dataset>_<hash>
-                    runs.append(("finetune " + sub.name.removeprefix("finetune_").rsplit("_", 1)[0],
-                                 exp.prune.reset, sub, ldir / layout.MASK))
-                for sub in sorted(ldir.glob("probe_*")):  # probe_<dataset>[@<stage>]_<fingerprint>
-                    runs.append(("probe " + sub.name.removeprefix("probe_").rsplit("_", 1)[0].replace("@", " @"),
-                                 exp.prune.reset, sub, ldir / layout.MASK))
+                for sub in sorted([*ldir.glob("finetune_*"), *ldir.glob("probe_*")]):
+                    runs.append((_eval_name(sub.name), exp.prune.reset, sub, ldir / layout.MASK))
                 for eval_name, reset, run, mask_path in runs:
                     if not layout.is_done(run):
                         continue
@@ -69,6 +65,14 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                                          eval=eval_name,
                                          metric=metric, value=done[metric]))
     return rows
+
+
+def _eval_name(folder: str) -> str:
+    """'probe_caltech101-subset@layer2_1a2b3c4d' -> 'probe caltech101-subset @layer2 [1a2b3c4d]': the
+    hash stays, so two configurations on one dataset are never averaged as if they were replicates."""
+    kind, rest = folder.split("_", 1)
+    what, digest = rest.rsplit("_", 1)
+    return f"{kind} {what.replace('@', ' @')} [{digest}]"
 
 
 def objective_label(exp) -> str:

@@ -35,12 +35,14 @@ def natural_zeros(weights: dict[str, torch.Tensor], threshold: float | None = No
     return {n: w.detach().abs().cpu() <= t for n, w in weights.items()}
 
 
-def natural_sparsity(weights: dict[str, torch.Tensor], threshold: float | None = None) -> dict:
+def natural_sparsity(weights: dict[str, torch.Tensor], threshold: float | None = None,
+                     mask: dict[str, torch.Tensor] | None = None) -> dict:
     """Per layer and in total: {'threshold', 'layers': [{'layer', 'zeros', 'total', 'fraction'}],
-    'total': {...}}."""
+    'total': {...}}. With a mask, over the weights it keeps (pruned ones are zero by construction)."""
     zeros = natural_zeros(weights, threshold)
-    layers = [{"layer": n, "zeros": int(z.sum()), "total": z.numel(), "fraction": float(z.float().mean())}
-              for n, z in zeros.items()]
+    kept = mask or {n: torch.ones_like(z) for n, z in zeros.items()}
+    layers = [{"layer": n, "zeros": int((z & kept[n]).sum()), "total": int(kept[n].sum()),
+               "fraction": int((z & kept[n]).sum()) / max(1, int(kept[n].sum()))} for n, z in zeros.items()]
     count, total = sum(r["zeros"] for r in layers), sum(r["total"] for r in layers)
     return {"threshold": threshold_for(weights, threshold), "layers": layers,
             "total": {"layer": "total", "zeros": count, "total": total, "fraction": count / total}}
@@ -65,8 +67,9 @@ def collect(exp_dirs, thresholds=(None,), levels=(0,)) -> list[dict]:
                     continue
                 trained = layout.load_tensors(run / layout.MODEL)
                 weights = {n: trained[f"backbone.{n}"] for n in names}
+                mask = layout.load_tensors(rdir / f"level_{level}" / layout.MASK)
                 for t in thresholds:
-                    s = natural_sparsity(weights, t)
+                    s = natural_sparsity(weights, t, mask)
                     for r in [*s["layers"], s["total"]]:
                         rows.append({"experiment": Path(exp_dir).name, "replicate": int(rdir.name.split("_")[1]),
                                      "level": level, "threshold": s["threshold"], **r})
@@ -95,7 +98,7 @@ def write_report(exp_dirs, out, thresholds=(None,), levels=(0,)) -> dict:
         return m, se
 
     lines = ["# Natural sparsity", "", "Fraction of prunable weights with |w| <= threshold (machine epsilon of the "
-             "dtype unless given), mean ± s.e. over replicates.", "",
+             "dtype unless given), among the weights the level's mask keeps; mean ± s.e. over replicates.", "",
              "| experiment | level | threshold | total | n |", "|---|---|---|---|---|"]
     for (e, lv, t, layer), v in sorted(groups.items()):
         if layer == "total":

@@ -45,13 +45,21 @@ def test_probe_every_level_on_own_and_downstream_data_then_report(tmp_path, run_
     # Idempotent: finished probes are read back, never refitted.
     monkeypatch.setattr(probe_mod, "fit_probe", lambda *a, **k: pytest.fail("refitted"))
     assert main(["eval", "probe", str(run_dir)]) == 0
+    monkeypatch.undo()
     assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "rep" / "results.csv")))
     evals = {r["eval"] for r in rows}
-    assert {"probe digits", "probe down"} <= evals
-    assert {r["level"] for r in rows if r["eval"] == "probe down"} == {"0", "1"}
+    down = [e for e in evals if e.startswith("probe down [")]
+    assert len(down) == 1 and any(e.startswith("probe digits [") for e in evals)
+    assert {r["level"] for r in rows if r["eval"] == down[0]} == {"0", "1"}
     md = (tmp_path / "rep" / "summary.md").read_text()
-    assert "Linear probe down: mean per-class test accuracy" in md
+    assert f"Linear {down[0]}: mean per-class test accuracy" in md
+    # The same dataset read another way is another probe, never pooled with the first as replicates.
+    assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--train-per-class", "5"]) == 0
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "results.csv")))
+    assert len({r["eval"] for r in rows if r["eval"].startswith("probe down [")}) == 2
 
 
 def test_probe_of_an_intermediate_stage(tmp_path, run_dir, capsys):
@@ -62,7 +70,7 @@ def test_probe_of_an_intermediate_stage(tmp_path, run_dir, capsys):
     f = layout.load_tensors(probe / "features.safetensors")
     assert f["train"].shape[1] == 64                     # the convnet's second block: 64 channels
     assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
-    assert "probe digits @features.5" in (tmp_path / "rep" / "results.csv").read_text()
+    assert "probe digits @features.5 [" in (tmp_path / "rep" / "results.csv").read_text()
     assert main(["eval", "probe", str(run_dir), "--stage", "layer9"]) == 2
     assert "no module of this backbone" in capsys.readouterr().err
 
@@ -72,6 +80,10 @@ def test_probe_errors_are_one_line(tmp_path, run_dir, capsys):
     assert "no trained level matches" in capsys.readouterr().err
     assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    folder = _imagefolder(tmp_path / "down")
+    assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--train-per-class", "1"]) == 2
+    assert "too few" in capsys.readouterr().err
 
 
 def test_finetune_keeps_pruned_weights_at_zero_and_is_reported(tmp_path, run_dir, capsys):
@@ -89,7 +101,23 @@ def test_finetune_keeps_pruned_weights_at_zero_and_is_reported(tmp_path, run_dir
             assert (weights[f"backbone.{n}"][~m] == 0).all()              # pruned stays pruned
         assert any(not torch.equal(weights[k], trained[k]) for k in trained if k.startswith("backbone."))
     assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
-    assert "Pruned network fine-tuned (finetune down)" in (tmp_path / "rep" / "summary.md").read_text()
+    assert "Pruned network fine-tuned (finetune down [" in (tmp_path / "rep" / "summary.md").read_text()
+
+
+def test_finetune_starts_from_the_levels_trained_weights(tmp_path, run_dir, monkeypatch):
+    from sslprune import transfer
+    seen = {}
+
+    def fake_train(backbone, task, data, cfg, aug, mask, out, **k):
+        seen.update({f"backbone.{n}": v.clone() for n, v in backbone.state_dict().items()})
+        return {"test_acc": 0.0, "test_mean_class_acc": 0.0}
+
+    monkeypatch.setattr(transfer, "train", fake_train)
+    folder = _imagefolder(tmp_path / "down")
+    assert main(["eval", "finetune", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--levels", "1", "--quiet"]) == 0
+    trained = layout.load_tensors(layout.level_dir(run_dir, 1, 1) / "train" / layout.MODEL)
+    assert seen and all(torch.equal(seen[k], trained[k]) for k in seen)
 
 
 def test_pruning_during_transfer_reaches_the_requested_densities(tmp_path, run_dir, capsys):

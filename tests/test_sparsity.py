@@ -28,6 +28,12 @@ def test_natural_sparsity_of_planted_zeros_is_exact():
     assert layers[first]["zeros"] == 20 and layers[last]["zeros"] == 2
     assert s["total"]["zeros"] == 22 and s["total"]["total"] == sum(w.numel() for w in weights.values())
     assert natural_sparsity(weights, threshold=3 * eps)["total"]["zeros"] == 29
+    # A pruned network: weights the mask removed are zero by construction and are not counted.
+    mask = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    mask[first].view(-1)[:15] = False                 # 15 of the 20 planted zeros were pruned
+    mask[last].view(-1)[100:150] = False              # pruned, non-zero weights elsewhere
+    masked = natural_sparsity(weights, mask=mask)
+    assert masked["total"]["zeros"] == 7 and masked["total"]["total"] == s["total"]["total"] - 65
 
 
 def _plant_zeros(exp_dir, fraction, seed=0):
@@ -60,6 +66,8 @@ def test_adjusted_random_baseline_prunes_every_natural_zero_first(tmp_path, data
             assert all(not (~mask[n] & ~zeros[n]).any() for n in mask)
         else:                                                 # later: every natural zero is gone
             assert all(not (mask[n] & zeros[n]).any() for n in mask)
+        previous = random_mask(exp, exp_dir, backbone, 1, level - 1, "random_adjusted")
+        assert all(not (mask[n] & ~previous[n]).any() for n in mask)    # nested: never revived
         plain = random_mask(exp, exp_dir, backbone, 1, level, "random")
         assert any((plain[n] & zeros[n]).any() for n in plain)  # the plain baseline keeps some
     res = retrain(exp, exp_dir, data, 1, 2, "random_adjusted", progress=False)
