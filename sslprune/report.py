@@ -78,9 +78,15 @@ def _eval_name(folder: str) -> str:
 def objective_label(exp) -> str:
     """'labels', or with few labels e.g. 'labels 10% of images' / 's4l 10% of classes'."""
     t = exp.task
+    label = t.task
     if t.label_fraction and t.label_fraction < 1:
-        return f"{t.task} {t.label_fraction:.0%} of {t.label_split}"
-    return t.task
+        label = f"{t.task} {t.label_fraction:.0%} of {t.label_split}"
+    if exp.model.pretrained:  # e.g. 'labels from rotation_..._<hash> level_0': pruning during transfer
+        parts = Path(exp.model.pretrained).parts
+        source = next((f"{parts[i - 1]} {parts[i + 1]}" for i, p in enumerate(parts)
+                       if p.startswith("replicate_") and 0 < i < len(parts) - 1), Path(exp.model.pretrained).name)
+        label = f"{label} from {source}"
+    return label
 
 
 def _number(p: Path) -> int:
