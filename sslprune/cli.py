@@ -44,6 +44,20 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                 g.add_argument(flag, type=type(default), default=None, help=h)
 
 
+def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
+    """The run, the levels and replicates to evaluate, and the data to evaluate on."""
+    p.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    p.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
+    p.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    p.add_argument("--dataset", required=required, default=None, help="digits | cifar10 | imagefolder"
+                   + ("" if required else " [default: the run's own dataset]"))
+    p.add_argument("--data-root", default=None, help="its location, e.g. "
+                   "../shared/data/caltech101-subset/caltech101-subset.tar.gz [default: the run's]")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this side [default: the run's]")
+    p.add_argument("--train-per-class", type=int, default=0, help="keep the first N training images of each class (0 = all)")
+    p.add_argument("--test-per-class", type=int, default=0, help="keep the first N test images of each class (0 = all)")
+
+
 def _train_flags(p: argparse.ArgumentParser) -> None:
     """The Train section's flags and the dataset-augmentation flags, all defaulting to None (= keep)."""
     helps = _field_help()
@@ -164,20 +178,10 @@ def parser() -> argparse.ArgumentParser:
                            "the probe data's training split; reports test accuracy and mean per-class "
                            "accuracy. Features are computed once per level and kept (features.safetensors). "
                            "Images are standardised with the run's own training statistics.")
-    pr.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    pr.add_argument("--dataset", default=None, help="probe dataset: digits | cifar10 | imagefolder "
-                    "[default: the run's own dataset]")
-    pr.add_argument("--data-root", default=None, help="its location (e.g. "
-                    "../shared/data/caltech101-subset/caltech101-subset.tar.gz) [default: the run's]")
-    pr.add_argument("--image-size", type=int, default=None, help="resize probe images to this side "
-                    "[default: the size the run trained on]")
-    pr.add_argument("--train-per-class", type=int, default=0, help="keep the first N training images of each class (0 = all)")
-    pr.add_argument("--test-per-class", type=int, default=0, help="keep the first N test images of each class (0 = all)")
+    _evaluation_args(pr, required=False)
     pr.add_argument("--stage", default=None, help="probe the output of this backbone module instead of the "
                     "final features, global-average-pooled (e.g. layer1..layer4 of a ResNet, features.5 of "
                     "the convnet) [default: final features]")
-    pr.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
-    pr.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
     _common(pr)
 
     ft = ev_sub.add_parser("finetune", help="fine-tune each level's pruned network on a target dataset, mask fixed",
@@ -187,15 +191,8 @@ def parser() -> argparse.ArgumentParser:
                            "is a lottery run on the target data started from the dense level-0 weights: "
                            "'sslprune lottery --pretrained RUN/replicate_1/level_0/train/model.safetensors "
                            "--task labels --rewind 0it --dataset ...'. Training flags default to the run's own.")
-    ft.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    ft.add_argument("--dataset", required=True, help="target dataset: digits | cifar10 | imagefolder")
-    ft.add_argument("--data-root", default=None, help="its location, e.g. ../shared/data/caltech101-subset/caltech101-subset.tar.gz")
-    ft.add_argument("--image-size", type=int, default=None, help="resize target images to this side [default: the run's]")
-    ft.add_argument("--train-per-class", type=int, default=0, help="keep the first N training images of each class (0 = all)")
-    ft.add_argument("--test-per-class", type=int, default=0, help="keep the first N test images of each class (0 = all)")
+    _evaluation_args(ft, required=True)
     _train_flags(ft)
-    ft.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
-    ft.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
     _common(ft)
 
     sp = sub.add_parser("sparsity", help="natural sparsity of trained networks, per layer and in total",

@@ -188,6 +188,13 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         if rows:
             ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """Write a matplotlib figure atomically, then close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

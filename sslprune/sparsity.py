@@ -20,6 +20,7 @@ from .errors import UserError
 from .lottery import load_experiment
 from .models import build_model
 from .pruning import prunable
+from .report import save_png
 
 
 def threshold_for(weights: dict[str, torch.Tensor], threshold: float | None) -> float:
@@ -132,8 +133,4 @@ def _plot(groups, path) -> None:
     ax.set_title("Natural sparsity per layer")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    layout.save_bytes(path, buf.getvalue())
+    save_png(fig, path)
