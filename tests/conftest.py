@@ -31,6 +31,25 @@ def tiny_experiment(task="labels", **overrides) -> Experiment:
     return Experiment.from_flat(values)
 
 
+def killed_at_evaluation(monkeypatch, n: int, run) -> None:
+    """Run `run()` with a KeyboardInterrupt raised at the n-th per-epoch evaluation (a kill), then
+    restore evaluation. evaluate() runs after each epoch, before that epoch's checkpoint."""
+    from sslprune import train as train_mod
+
+    real, calls = train_mod.evaluate, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(train_mod, "evaluate", real)
+
+
 @pytest.fixture
 def data() -> Dataset:
     return tiny_dataset()

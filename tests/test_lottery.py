@@ -11,7 +11,7 @@ from sslprune.lottery import prepare, run_replicate
 from sslprune.pruning import density, prunable
 from sslprune.retrain import retrain
 
-from .conftest import tiny_experiment
+from .conftest import killed_at_evaluation, tiny_experiment
 
 
 def _all_files(d):
@@ -56,22 +56,10 @@ def test_resume_at_any_point_equals_uninterrupted(tmp_path, data, monkeypatch):
     straight = prepare(exp, tmp_path / "a", data, None, ["t"])
     run_replicate(exp, straight, data, 1, 2, progress=False)
     killed = prepare(exp, tmp_path / "b", data, None, ["t"])
-    real_eval = train_mod.evaluate
     # evaluate() runs once per epoch. Die in level 1 before its first checkpoint; then, on the
     # re-run, in level 2 after its first checkpoint (so that one resumes mid-level).
     for kill_at in (3, 4):
-        calls = {"n": 0}
-
-        def dying(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == kill_at:
-                raise KeyboardInterrupt
-            return real_eval(*a, **k)
-
-        monkeypatch.setattr(train_mod, "evaluate", dying)
-        with pytest.raises(KeyboardInterrupt):
-            run_replicate(exp, killed, data, 1, 2, progress=False)
-        monkeypatch.setattr(train_mod, "evaluate", real_eval)
+        killed_at_evaluation(monkeypatch, kill_at, lambda: run_replicate(exp, killed, data, 1, 2, progress=False))
     run_replicate(exp, killed, data, 1, 2, progress=False)
     a, b = _all_files(straight), _all_files(killed)
     assert a.keys() == b.keys() and len(a) == 2 + 3 * 2  # init, rewind, 3 x (mask, model)

@@ -19,7 +19,7 @@ from sslprune.sampling import epoch_batches, steps_per_epoch
 from sslprune.tasks import UNLABELLED, Batch, build_task
 from sslprune.train import train
 
-from .conftest import tiny_dataset, tiny_experiment
+from .conftest import killed_at_evaluation, tiny_dataset, tiny_experiment
 
 IDENTITY = Normalize(torch.zeros(3), torch.ones(3))
 
@@ -180,18 +180,8 @@ def test_npid_resume_equals_uninterrupted_bank_included(tmp_path, data, monkeypa
     straight = prepare(exp, tmp_path / "a", data, None, ["t"])
     run_replicate(exp, straight, data, 1, 1, progress=False)
     killed = prepare(exp, tmp_path / "b", data, None, ["t"])
-    real_eval, calls = train_mod.evaluate, {"n": 0}
-
-    def dying(*a, **k):  # killed in level 0's second evaluation, after epoch 1's checkpoint
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-
-    monkeypatch.setattr(train_mod, "evaluate", dying)
-    with pytest.raises(KeyboardInterrupt):
-        run_replicate(exp, killed, data, 1, 1, progress=False)
-    monkeypatch.setattr(train_mod, "evaluate", real_eval)
+    # killed in level 0's second evaluation, after epoch 1's checkpoint
+    killed_at_evaluation(monkeypatch, 2, lambda: run_replicate(exp, killed, data, 1, 1, progress=False))
     run_replicate(exp, killed, data, 1, 1, progress=False)
     for level in (0, 1):
         rel = layout.level_dir(straight, 1, level).relative_to(straight) / "train" / layout.MODEL

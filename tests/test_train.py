@@ -7,7 +7,7 @@ from sslprune.lottery import build
 from sslprune.pruning import dense_mask, prunable, prune_iteratively
 from sslprune.train import learning_rate, train
 
-from .conftest import tiny_experiment
+from .conftest import killed_at_evaluation, tiny_experiment
 
 
 def _pruned_mask(backbone, levels=3):
@@ -38,20 +38,9 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, data, monkeypatch):
                      snapshot=(2, out / "snap.safetensors"), progress=False)
 
     run(tmp_path / "straight")
-    calls = {"n": 0}
-    real_eval = train_mod.evaluate
-
-    def dying_eval(*a, **k):  # killed during epoch 2's evaluation, after epoch 1's checkpoint
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_eval(*a, **k)
-
-    monkeypatch.setattr(train_mod, "evaluate", dying_eval)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed")
+    # killed during epoch 2's evaluation, after epoch 1's checkpoint
+    killed_at_evaluation(monkeypatch, 2, lambda: run(tmp_path / "killed"))
     assert layout.load_checkpoint(tmp_path / "killed" / layout.CHECKPOINT)["epoch"] == 1
-    monkeypatch.setattr(train_mod, "evaluate", real_eval)
     run(tmp_path / "killed")
     for f in (layout.MODEL, "snap.safetensors"):
         a = layout.load_tensors(tmp_path / "straight" / f)
