@@ -16,6 +16,23 @@ from .errors import UserError
 
 RUNTIME_DEFAULTS = {"levels": 3, "replicates": [1]}
 
+EVALUATIONS_GUIDE = """\
+what a pruned network is worth (Caron et al. 2020), and the command for each:
+  re-train the mask on labels    sslprune retrain RUN --reset rewind reinit
+  random pruning baselines       sslprune retrain RUN --reset random random_adjusted
+                                 (random_adjusted prunes the dense network's naturally-zero weights first)
+  linear probe, frozen features  sslprune eval probe RUN [--dataset D --data-root P] [--stage M]
+  transfer, arm 1: fine-tune     sslprune eval finetune RUN --dataset D --data-root P [training flags]
+                                 (each level's pruned network, mask fixed, fresh head for D's classes)
+  transfer, arm 2: prune during  sslprune lottery --task labels --dataset D --data-root P --pretrained RUN
+    transfer                       --rewind 0it --levels N [training flags]
+                                 (replicate r prunes RUN's replicate r's dense level 0 on D)
+  natural sparsity               sslprune sparsity RUN [--threshold T ...]
+  layerwise pruning              sslprune lottery ... --layers N   (only the first N convs; then any of the above)
+  pre-trained, then pruned       sslprune lottery ... --pretrained FILE   (model.safetensors or torchvision .pth)
+  everything, mean +- s.e.       sslprune report RUN... --out DIR   (arms 1 and 2 share one table per D)
+"""
+
 
 def _field_help() -> dict[str, str]:
     """Trailing comments of config.py's fields: one place documents each option."""
@@ -167,10 +184,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", default=None, help="override the data root saved with the run")
     _common(r)
 
-    ev = sub.add_parser("eval", help="evaluate every level of a lottery run (linear probe)",
-                        description="Evaluations of the networks a lottery run trained. Each writes its "
-                        "result next to the level it evaluates (level_<L>/<evaluation>_<data>_<hash>/), "
-                        "is idempotent, and flows into 'sslprune report'.")
+    ev = sub.add_parser("eval", help="evaluate every level of a lottery run (linear probe, transfer)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Evaluations of the networks a lottery run trained. Each writes its result "
+                        "next to the level it\nevaluates (level_<L>/<evaluation>_<data>_<hash>/), is idempotent, "
+                        "and flows into 'sslprune report'.",
+                        epilog=EVALUATIONS_GUIDE)
     ev_sub = ev.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     pr = ev_sub.add_parser("probe", help="linear probe on frozen features, on the run's data or another dataset",
                            description="Multinomial logistic regression on the frozen backbone's final "
@@ -188,9 +207,9 @@ def parser() -> argparse.ArgumentParser:
                            description="Transfer, arm 1 (Caron et al. 2020, Fig. 2): each level's trained, pruned "
                            "backbone gets a fresh label head for the target classes and every surviving weight is "
                            "fine-tuned on the target labels, the mask held fixed. Arm 2, pruning during transfer, "
-                           "is a lottery run on the target data started from the dense level-0 weights: "
-                           "'sslprune lottery --pretrained RUN/replicate_1/level_0/train/model.safetensors "
-                           "--task labels --rewind 0it --dataset ...'. Training flags default to the run's own.")
+                           "is a lottery run on the target data started from the run's dense level-0 weights, "
+                           "replicate by replicate: 'sslprune lottery --pretrained RUN --task labels --rewind 0it "
+                           "--dataset ...'. Training flags default to the run's own.")
     _evaluation_args(ft, required=True)
     _train_flags(ft)
     _common(ft)
@@ -224,12 +243,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_lottery(args, argv) -> int:
     from .data import load_dataset
-    from .lottery import prepare, run_replicate
+    from .lottery import prepare, pretrained_file, run_replicate, source_run
 
     exp, run = resolve(args)
     _check_counts(run["levels"], run["replicates"])
     _check_device(args.device)
     exp.validate()                         # before reading any data
+    if source_run(exp) is not None:        # every replicate's start exists before anything is written
+        for replicate in run["replicates"]:
+            pretrained_file(exp, replicate)
     data = load_dataset(exp.data, args.data_root)
     exp_dir = prepare(exp, args.root, data, args.data_root, list(argv))
     for replicate in run["replicates"]:

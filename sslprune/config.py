@@ -27,7 +27,7 @@ class Data:
 @dataclass(frozen=True)
 class Model:
     model: str = ""              # MODELS key
-    pretrained: str = ""         # start level 0 from these backbone weights: a model.safetensors of ours, or a torchvision-layout state dict (.pth) (empty = from scratch)
+    pretrained: str = ""         # start level 0 from these backbone weights: a model.safetensors of ours, a torchvision-layout state dict (.pth), or a lottery run directory (replicate r starts from its replicate r's trained level 0) (empty = from scratch)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
     exp_dir = Path(root) / exp.name()
     cfg_path = exp_dir / layout.CONFIG
     fingerprint = data.fingerprint()
-    pretrained = _file_sha256(exp.model.pretrained) if exp.model.pretrained else None
+    pretrained = pretrained_id(exp.model.pretrained) if exp.model.pretrained else None
     if cfg_path.exists():
         saved = layout.load_json(cfg_path)
         if Experiment.from_dict(saved.get("config", {})) != exp:
@@ -65,26 +65,53 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
             raise UserError(f"{exp_dir} was trained on other data (fingerprint "
                             f"{saved.get('data_fingerprint')}, now {fingerprint}); pass the data root "
                             f"it used ({saved.get('data_root')}) or use another --root")
-        if saved.get("pretrained_sha256") != pretrained:
-            raise UserError(f"--pretrained {exp.model.pretrained} is not the file {exp_dir} started from "
-                            f"(sha256 differs); restore it or use another --root")
+        if saved.get("pretrained_id") != pretrained:
+            raise UserError(f"--pretrained {exp.model.pretrained} is not what {exp_dir} started from "
+                            f"({saved.get('pretrained_id')}, now {pretrained}); restore it or use another --root")
         record_command(exp_dir, argv, saved)
         return exp_dir
     layout.save_json(cfg_path, {
         "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_fingerprint": fingerprint,
-        "data_root": str(Path(data_root).resolve()) if data_root else None, "pretrained_sha256": pretrained,
+        "data_root": str(Path(data_root).resolve()) if data_root else None, "data_name": data.name,
+        "pretrained_id": pretrained,
         "git": _git_sha(), "commands": [argv], "versions": _versions()})
     return exp_dir
 
 
-def _file_sha256(path: str) -> str:
-    if not Path(path).is_file():
-        raise UserError(f"--pretrained {path} is not a file; pass a model.safetensors or a .pth state dict")
+def source_run(exp: Experiment) -> Path | None:
+    """The lottery run a --pretrained directory names (replicate r starts from its replicate r's
+    trained level 0: pruning during transfer, paired seed by seed), or None for a file / no start."""
+    p = Path(exp.model.pretrained) if exp.model.pretrained else None
+    return p if p is not None and p.is_dir() else None
+
+
+def pretrained_file(exp: Experiment, replicate: int) -> Path:
+    """The weights replicate `replicate` starts from."""
+    src = source_run(exp)
+    if src is None:
+        return Path(exp.model.pretrained)
+    train_dir = layout.level_dir(src, replicate, 0) / "train"
+    if not layout.is_done(train_dir):
+        raise UserError(f"--pretrained {src}: level 0 of replicate {replicate} is not trained there; run "
+                        f"'sslprune lottery' on it with --replicates {replicate} --levels 0 first")
+    return train_dir / layout.MODEL
+
+
+def pretrained_id(path: str) -> str:
+    """What a run started from, to refuse a changed start on re-run: a file's sha256, or a source
+    run's configuration hash and data fingerprint."""
+    p = Path(path)
+    if p.is_dir():
+        _, saved = load_experiment(p)
+        return f"run {saved['hash']} data {saved.get('data_fingerprint')}"
+    if not p.is_file():
+        raise UserError(f"--pretrained {path} is neither a file nor a lottery run directory; pass a "
+                        f"model.safetensors, a .pth state dict or a directory printed by 'sslprune lottery'")
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return f"sha256 {h.hexdigest()}"
 
 
 def check_data(exp: Experiment, data: Dataset) -> None:
@@ -101,7 +128,13 @@ def check_data(exp: Experiment, data: Dataset) -> None:
                         "--batch-size must be >= 2")
     if exp.task.label_fraction:
         labelled_subset_checked(exp, data)
-    if exp.model.pretrained:  # fails here, before anything is written, if it does not fit
+    if source_run(exp) is not None:  # a run: same architecture; its replicates are checked as they start
+        src, _ = load_experiment(source_run(exp))
+        if src.model.model != exp.model.model:
+            raise UserError(f"--pretrained {exp.model.pretrained} trained --model {src.model.model}, not "
+                            f"{exp.model.model}; pass --model {src.model.model}")
+    elif exp.model.pretrained:  # fails here, before anything is written, if it does not fit
+        pretrained_id(exp.model.pretrained)
         load_pretrained(build_model(exp.model.model), exp.model.pretrained)
     if exp.prune.layers:
         try:
@@ -162,7 +195,7 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
         load_weights(backbone, task, layout.load_tensors(init_path))
     else:
         if exp.model.pretrained:  # Hubens et al.: level 0 fine-tunes a pre-trained backbone, fresh head
-            load_pretrained(backbone, exp.model.pretrained)
+            load_pretrained(backbone, pretrained_file(exp, replicate))
         layout.save_tensors(init_path, weights(backbone, task))
     k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
 

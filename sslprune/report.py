@@ -11,8 +11,12 @@ eval, metric, value
                   s4l: class accuracy, rotation: rotation accuracy, exemplar: positive retrieval
                   in the batch, npid: kNN accuracy); reset is the run's reset.
 - eval 'retrain': the mask re-trained on labels; reset rewind | reinit | random | random_adjusted.
-- eval 'probe D':  a linear probe of the level's trained backbone on dataset D (sslprune eval probe).
-- eval 'finetune D': the level's pruned network fine-tuned on dataset D, mask fixed (sslprune eval finetune).
+- eval 'probe D [h]': a linear probe of the level's trained backbone on dataset D (sslprune eval probe);
+                  h names its configuration (two configurations are never averaged together).
+- eval 'transfer D': the two arms of transfer to dataset D (Caron et al. 2020, Fig. 2), told apart by
+                  reset: 'finetune [h]' (sslprune eval finetune: the level's pruned network fine-tuned
+                  on D, mask fixed) and 'pruned during transfer' (a lottery run on D whose --pretrained
+                  is the source run: its levels' own test results). objective is the source's.
 - remaining:      fraction of prunable weights kept, over the layers being pruned (all of them,
                   unless --layers N restricts pruning to the first N conv layers);
 - remaining_network: the same over every prunable weight of the network.
@@ -23,11 +27,13 @@ import csv
 import io
 import math
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
 from . import layout
-from .lottery import load_experiment
+from .errors import UserError
+from .lottery import load_experiment, source_run
 from .models import build_model
 from .pruning import density, pruned_layers
 
@@ -40,19 +46,25 @@ METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc", "test_mean
 def collect(exp_dirs: list[Path]) -> list[dict]:
     rows = []
     for exp_dir in exp_dirs:
-        exp, _ = load_experiment(exp_dir)
+        exp, saved = load_experiment(exp_dir)
         layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
+        objective, run_eval, run_reset = objective_label(exp), "task", exp.prune.reset
+        if source_run(exp) is not None:  # pruning during transfer from the source run to this data
+            objective, run_eval, run_reset = _source_label(source_run(exp)), f"transfer {_data_label(saved)}", TRANSFER_PRUNED
         for rdir in sorted(Path(exp_dir).glob("replicate_*"), key=_number):
             replicate = _number(rdir)
             for ldir in sorted(rdir.glob("level_*"), key=_number):
                 level = _number(ldir)
-                runs = [("task", exp.prune.reset, ldir / "train", ldir / layout.MASK)]
+                runs = [(run_eval, run_reset, ldir / "train", ldir / layout.MASK)]
                 for sub in sorted(ldir.glob("retrain_*")):
                     reset = sub.name.removeprefix("retrain_")
                     mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
                     runs.append(("retrain", reset, sub, mask))
-                for sub in sorted([*ldir.glob("finetune_*"), *ldir.glob("probe_*")]):
+                for sub in sorted(ldir.glob("probe_*")):
                     runs.append((_eval_name(sub.name), exp.prune.reset, sub, ldir / layout.MASK))
+                for sub in sorted(ldir.glob("finetune_*")):  # 'finetune_<data>_<hash>'
+                    data, digest = sub.name.removeprefix("finetune_").rsplit("_", 1)
+                    runs.append((f"transfer {data}", f"finetune [{digest}]", sub, ldir / layout.MASK))
                 for eval_name, reset, run, mask_path in runs:
                     if not layout.is_done(run):
                         continue
@@ -60,7 +72,7 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     mask = layout.load_tensors(mask_path)
                     remaining, remaining_network = density(mask, layers), density(mask)
                     for metric in (m for m in METRICS if done.get(m) is not None):
-                        rows.append(dict(experiment=Path(exp_dir).name, objective=objective_label(exp), reset=reset, replicate=replicate,
+                        rows.append(dict(experiment=Path(exp_dir).name, objective=objective, reset=reset, replicate=replicate,
                                          level=level, remaining=remaining, remaining_network=remaining_network,
                                          eval=eval_name,
                                          metric=metric, value=done[metric]))
@@ -75,13 +87,31 @@ def _eval_name(folder: str) -> str:
     return f"{kind} {what.replace('@', ' @')} [{digest}]"
 
 
+TRANSFER_PRUNED = "pruned during transfer"
+
+
+def _data_label(saved: dict) -> str:
+    """The dataset an experiment trained on, named as evaluations name it ('caltech101-subset')."""
+    name = saved.get("data_name") or Path(saved.get("data_root") or saved["config"]["data"]["dataset"]).name
+    return name.split(".")[0]
+
+
+def _source_label(src: Path) -> str:
+    """The objective of the run a transfer started from, or its folder name when it is gone."""
+    try:
+        return objective_label(load_experiment(src)[0])
+    except UserError:
+        return src.name
+
+
 def objective_label(exp) -> str:
-    """'labels', or with few labels e.g. 'labels 10% of images' / 's4l 10% of classes'."""
+    """'labels', or with few labels e.g. 'labels 10% of images' / 's4l 10% of classes'; a run
+    started from a checkpoint file adds 'from <file>' (pre-trained then pruned, Hubens et al.)."""
     t = exp.task
     label = t.task
     if t.label_fraction and t.label_fraction < 1:
         label = f"{t.task} {t.label_fraction:.0%} of {t.label_split}"
-    if exp.model.pretrained:  # e.g. 'labels from rotation_..._<hash> level_0': pruning during transfer
+    if exp.model.pretrained:  # e.g. 'labels from resnet50.pth' or 'rotation from labels_..._<hash> level_0'
         parts = Path(exp.model.pretrained).parts
         source = next((f"{parts[i - 1]} {parts[i + 1]}" for i, p in enumerate(parts)
                        if p.startswith("replicate_") and 0 < i < len(parts) - 1), Path(exp.model.pretrained).name)
@@ -95,13 +125,15 @@ def _number(p: Path) -> int:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard error over replicates per (eval, curve, level, metric). A curve is one
-    (objective, reset) of one experiment; it is named by its objective alone when that is unique."""
+    (objective, reset) of one experiment; it is named by its objective alone when no other
+    experiment has a curve of that name in the same evaluation."""
     experiments = defaultdict(set)
     for r in rows:
-        experiments[r["objective"]].add(r["experiment"])
+        experiments[(r["eval"], r["objective"], r["reset"])].add(r["experiment"])
     groups = defaultdict(list)
     for r in rows:
-        objective = r["objective"] if len(experiments[r["objective"]]) == 1 else r["experiment"]
+        unique = len(experiments[(r["eval"], r["objective"], r["reset"])]) == 1
+        objective = r["objective"] if unique else r["experiment"]
         groups[(r["eval"], objective, r["reset"], r["level"], r["metric"])].append(r)
     out = []
     for (ev, obj, reset, level, metric), rs in sorted(groups.items()):
@@ -124,8 +156,9 @@ def _sections(summary: list[dict]) -> list[tuple[str, str, str]]:
             out.append((ev, "test_acc", "Masks re-trained on labels: test accuracy"))
         elif ev == "task":
             out.append((ev, "test_acc", "Each objective's own task during pruning: test accuracy"))
-        elif ev.startswith("finetune"):
-            out.append((ev, "test_mean_class_acc", f"Pruned network fine-tuned ({ev}): mean per-class test accuracy"))
+        elif ev.startswith("transfer"):
+            out.append((ev, "test_mean_class_acc", f"Transfer to {ev.removeprefix('transfer ')}: pruned then "
+                        f"fine-tuned (mask fixed) vs {TRANSFER_PRUNED}: mean per-class test accuracy"))
         else:  # a probe: mean per-class accuracy (the measure for unbalanced sets like Caltech-101)
             out.append((ev, "test_mean_class_acc", f"Linear {ev}: mean per-class test accuracy"))
     return out
@@ -166,8 +199,12 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.ticker
 
     sections = _sections(summary) or [("retrain", "test_acc", "no results yet")]
-    fig, axes = plt.subplots(1, len(sections), figsize=(6 * len(sections), 4.5), squeeze=False)
-    for ax, (ev, metric, title) in zip(axes[0], sections):
+    cols = min(3, len(sections))
+    rows_ = math.ceil(len(sections) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6 * cols, 4.5 * rows_), squeeze=False)
+    for ax in axes.flat[len(sections):]:
+        ax.set_visible(False)
+    for ax, (ev, metric, title) in zip(axes.flat, sections):
         rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]
         for obj, reset in sorted({(s["objective"], s["reset"]) for s in rows}):
             pts = sorted((s for s in rows if (s["objective"], s["reset"]) == (obj, reset)),
@@ -184,7 +221,7 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.invert_xaxis()  # pruning proceeds to the right, as in the paper
         ax.set_xlabel("remaining weights (%)")
         ax.set_ylabel(f"{metric} (mean ± s.e.)")
-        ax.set_title(title)
+        ax.set_title(textwrap.fill(title, 60), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if rows:
             ax.legend(fontsize=8)

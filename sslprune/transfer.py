@@ -4,8 +4,10 @@
   classes and every surviving weight is fine-tuned on the target task, the mask held fixed;
 - pruning during transfer: the *dense* pre-trained backbone is pruned by iterative magnitude
   pruning on the target task itself. That is a lottery run on the target data started from the
-  level-0 weights: `sslprune lottery --pretrained RUN/replicate_1/level_0/train/model.safetensors
-  --task labels --dataset ... --rewind 0it` (every level restarts from the pre-trained weights).
+  run's level-0 weights: `sslprune lottery --pretrained RUN --task labels --dataset ... --rewind 0it`
+  (replicate r starts from RUN's replicate r; every level restarts from the pre-trained weights).
+
+The report puts both arms in one table and plot per target dataset ('transfer D').
 
 The fine-tuned result lives next to the level it starts from, in finetune_<data>_<hash>/ (hash of
 the target data and the fine-tuning configuration), as a training run: resumable, idempotent.

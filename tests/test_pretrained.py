@@ -31,7 +31,7 @@ def test_level_0_starts_from_a_pretrained_backbone_with_a_fresh_head(tmp_path, d
     tensors = dict(src)
     tensors["backbone.features.0.weight"] = tensors["backbone.features.0.weight"] + 1
     layout.save_tensors(trained, tensors)
-    with pytest.raises(UserError, match="sha256 differs"):
+    with pytest.raises(UserError, match="is not what .* started from"):
         prepare(exp, tmp_path / "b", data, None, ["t"])
 
 
@@ -46,5 +46,5 @@ def test_torchvision_layout_state_dict_loads_and_mismatches_fail(tmp_path, data)
     with pytest.raises(UserError, match="does not match"):
         prepare(tiny_experiment(pretrained=str(tmp_path / "resnet18.pth")), tmp_path / "runs", data, None, ["t"])
     assert not (tmp_path / "runs").exists()                                # nothing written
-    with pytest.raises(UserError, match="is not a file"):
+    with pytest.raises(UserError, match="neither a file nor a lottery run directory"):
         prepare(tiny_experiment(pretrained=str(tmp_path / "nope.pth")), tmp_path / "runs", data, None, ["t"])

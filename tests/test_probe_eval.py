@@ -1,5 +1,6 @@
 """`sslprune eval probe`: per-level linear probes on the run's data and on another dataset."""
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +102,8 @@ def test_finetune_keeps_pruned_weights_at_zero_and_is_reported(tmp_path, run_dir
             assert (weights[f"backbone.{n}"][~m] == 0).all()              # pruned stays pruned
         assert any(not torch.equal(weights[k], trained[k]) for k in trained if k.startswith("backbone."))
     assert main(["report", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
-    assert "Pruned network fine-tuned (finetune down [" in (tmp_path / "rep" / "summary.md").read_text()
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert "Transfer to down: pruned then fine-tuned (mask fixed)" in summary and "| rotation / finetune [" in summary
 
 
 def test_finetune_starts_from_the_levels_trained_weights(tmp_path, run_dir, monkeypatch):
@@ -121,17 +123,32 @@ def test_finetune_starts_from_the_levels_trained_weights(tmp_path, run_dir, monk
 
 
 def test_pruning_during_transfer_reaches_the_requested_densities(tmp_path, run_dir, capsys):
-    """Arm 2: a lottery on the target data, started from the dense level-0 weights of the run."""
+    """Arm 2: a lottery on the target data, each replicate started from the same replicate's dense
+    level-0 weights of the source run; the report sets it beside arm 1 (fine-tuning)."""
     folder = _imagefolder(tmp_path / "down", per_class=8)
-    start = layout.level_dir(run_dir, 1, 0) / "train" / layout.MODEL
-    assert main(["lottery", "--preset", "demo", "--task", "labels", "--dataset", "imagefolder", "--data-root",
-                 str(folder), "--image-size", "8", "--pretrained", str(start), "--rewind", "0it", "--epochs", "1",
-                 "--batch-size", "6", "--levels", "3", "--replicates", "1", "--root", str(tmp_path / "t"),
-                 "--quiet"]) == 0
-    target = tmp_path / "t" / capsys.readouterr().out.strip().splitlines()[-1].split("/")[-1]
+    argv = ["lottery", "--preset", "demo", "--task", "labels", "--dataset", "imagefolder", "--data-root",
+            str(folder), "--image-size", "8", "--pretrained", str(run_dir), "--rewind", "0it", "--epochs", "1",
+            "--batch-size", "6", "--levels", "3", "--replicates", "1", "--root", str(tmp_path / "t"), "--quiet"]
+    assert main(argv) == 0
+    target = Path(capsys.readouterr().out.strip().splitlines()[-1])
     from sslprune.pruning import density
     for level in range(4):
         assert abs(density(layout.load_tensors(layout.level_dir(target, 1, level) / layout.MASK)) - 0.8 ** level) < 1e-4
     init = layout.load_tensors(layout.replicate_dir(target, 1) / layout.INIT)
-    src = layout.load_tensors(start)
+    src = layout.load_tensors(layout.level_dir(run_dir, 1, 0) / "train" / layout.MODEL)
     assert all(torch.equal(init[k], src[k]) for k in src if k.startswith("backbone."))
+    # a replicate the source does not have is refused, in one line
+    assert main([*argv, "--replicates", "2", "--root", str(tmp_path / "t2")]) == 2
+    assert "level 0 of replicate 2 is not trained there" in capsys.readouterr().err
+    assert not (tmp_path / "t2").exists()
+    assert main(["eval", "finetune", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--image-size", "8", "--epochs", "1", "--levels", "0-1", "--replicates", "1", "--quiet"]) == 0
+    assert main(["report", str(run_dir), str(target), "--out", str(tmp_path / "rep")]) == 0
+    from sslprune.report import collect
+    rows = [r for r in collect([run_dir, target]) if r["eval"] == "transfer down" and r["metric"] == "test_acc"]
+    arms = {(r["objective"], r["reset"].split(" [")[0], r["level"]) for r in rows}
+    assert arms == {("rotation", "finetune", 0), ("rotation", "finetune", 1),
+                    *{("rotation", "pruned during transfer", lv) for lv in range(4)}}
+    table = (tmp_path / "rep" / "summary.md").read_text().split("## Transfer to down")[1]
+    header = table.splitlines()[2]
+    assert "rotation / finetune [" in header and "rotation / pruned during transfer" in header
