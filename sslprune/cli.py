@@ -13,6 +13,7 @@ from pathlib import Path
 from . import config
 from .config import DEMO_TASKS, PRESETS, Experiment
 from .errors import UserError
+from .runtime import PRECISIONS
 
 RUNTIME_DEFAULTS = {"levels": 3, "replicates": [1]}
 
@@ -135,6 +136,23 @@ def _replicates(text: str) -> list[int]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 [default: cpu]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("runtime (not part of the experiment; a run resumes only under the same)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for convs [default: on; see sslprune/runtime.py]")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on a CUDA GPU with bf16, fp32 elsewhere (bf16 on a CPU "
+                   "without bf16 units is ~50x slower) [default: auto]")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone (compile time "
+                   "counts against the run; pays off on long runs)")
+
+
+def _runtime(args) -> "Runtime":
+    """The runtime flags, checked (an unusable device or precision is a one-line error)."""
+    from .runtime import Runtime
+    _check_device(args.device)
+    rt = Runtime(args.device, args.channels_last, args.precision, args.compile)
+    rt.resolved()
+    return rt
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,7 +265,7 @@ def cmd_lottery(args, argv) -> int:
 
     exp, run = resolve(args)
     _check_counts(run["levels"], run["replicates"])
-    _check_device(args.device)
+    runtime = _runtime(args)
     exp.validate()                         # before reading any data
     if source_run(exp) is not None:        # every replicate's start exists before anything is written
         for replicate in run["replicates"]:
@@ -255,7 +273,7 @@ def cmd_lottery(args, argv) -> int:
     data = load_dataset(exp.data, args.data_root)
     exp_dir = prepare(exp, args.root, data, args.data_root, list(argv))
     for replicate in run["replicates"]:
-        run_replicate(exp, exp_dir, data, replicate, run["levels"], args.device, not args.quiet)
+        run_replicate(exp, exp_dir, data, replicate, run["levels"], runtime, not args.quiet)
     print(exp_dir)
     return 0
 
@@ -266,7 +284,7 @@ def cmd_retrain(args, argv) -> int:
     from .lottery import load_experiment, record_command
     from .retrain import retrain
 
-    _check_device(args.device)
+    runtime = _runtime(args)
     exp, saved = load_experiment(args.run_dir)
     data = load_dataset(exp.data, args.data_root or saved.get("data_root"))
     if saved.get("data_fingerprint") != data.fingerprint():
@@ -285,7 +303,7 @@ def cmd_retrain(args, argv) -> int:
                             for p in layout.replicate_dir(args.run_dir, r).glob(f"level_*/train/{layout.DONE}"))
         for level in levels:
             for reset in args.reset:
-                retrain(exp, args.run_dir, data, r, level, reset, args.device, not args.quiet)
+                retrain(exp, args.run_dir, data, r, level, reset, runtime, not args.quiet)
     print(args.run_dir)
     return 0
 
@@ -384,7 +402,7 @@ def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
     from .lottery import record_command
     record_command(args.run_dir, list(argv))
     for r, level in pairs:
-        res = finetune(args.run_dir, r, level, data, cfg, aug, args.device, not args.quiet)
+        res = finetune(args.run_dir, r, level, data, cfg, aug, _runtime(args), not args.quiet)
         print(f"replicate {r} level {level}: fine-tuned on {data.name}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f}")
     return 0
@@ -404,8 +422,7 @@ def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
     _check_counts(args.levels, list(range(1, args.replicates + 1)))
-    _check_device(args.device)
-    paths = run_demo(args.out, args.replicates, args.levels, args.device, not args.quiet, list(argv), args.tasks)
+    paths = run_demo(args.out, args.replicates, args.levels, _runtime(args), not args.quiet, list(argv), args.tasks)
     print("\n".join(str(p) for p in paths.values()))
     return 0
 

@@ -13,6 +13,7 @@ from .errors import UserError
 from .lottery import prepare, run_replicate
 from .report import write_report
 from .retrain import retrain
+from .runtime import CPU, Runtime
 from .tasks import TASKS
 
 # Options the demo's small dataset needs (1,437 training images): NPID's negatives must be fewer
@@ -24,7 +25,7 @@ def demo_experiment(task: str) -> Experiment:
     return Experiment.from_flat({**PRESETS["demo"], "task": task, **TASK_OPTIONS.get(task, {})})
 
 
-def run_demo(out: Path, replicates: int, levels: int, device: str = "cpu", progress: bool = True,
+def run_demo(out: Path, replicates: int, levels: int, runtime: Runtime = CPU, progress: bool = True,
              argv: list[str] = ("demo",), tasks: tuple[str, ...] = DEMO_TASKS) -> dict:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -36,8 +37,8 @@ def run_demo(out: Path, replicates: int, levels: int, device: str = "cpu", progr
     # One bar for the study (the runs are seconds each); finished steps are read back, not redone.
     for task, r, level in tqdm(steps, desc="demo", unit="level", disable=None if progress else True):
         exp = demo_experiment(task)
-        run_replicate(exp, exp_dirs[task], data, r, level, device, progress=False)
+        run_replicate(exp, exp_dirs[task], data, r, level, runtime, progress=False)
         # The random baseline depends on no objective: run it once, beside the first run.
         for reset in ("rewind", "reinit", "random") if task == tasks[0] else ("rewind", "reinit"):
-            retrain(exp, exp_dirs[task], data, r, level, reset, device, progress=False)
+            retrain(exp, exp_dirs[task], data, r, level, reset, runtime, progress=False)
     return write_report(list(exp_dirs.values()), out / "report")

@@ -22,6 +22,7 @@ from .config import Experiment
 from .config import Task as TaskConfig
 from .data import Dataset
 from .errors import UserError
+from .runtime import CPU, Runtime
 from .labelled import labelled_subset_checked, task_data
 from .models import build_model, load_pretrained
 from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
@@ -185,7 +186,7 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
 
 
 def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, levels: int,
-                  device: str = "cpu", progress: bool = True) -> None:
+                  runtime: Runtime = CPU, progress: bool = True) -> None:
     """data: the full dataset; the objective trains on task_data(exp, exp_dir, data)."""
     data = task_data(exp, exp_dir, data)
     rdir = layout.replicate_dir(exp_dir, replicate)
@@ -210,7 +211,7 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
             load_weights(backbone, task, layout.load_tensors(rdir / layout.REWIND))
         else:  # reinit: fresh weights from the init distribution, a new draw per level
             backbone, task = build(exp, data, seed=derive_seed("reinit", replicate, level))
-        train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, device=device,
+        train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
               snapshot=(k, rdir / layout.REWIND) if level == 0 else None, progress=progress)
 
 

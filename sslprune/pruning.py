@@ -59,22 +59,16 @@ def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float, layers: 
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     names = list(mask) if layers is None else [n for n in mask if n in layers]
-    alive = [scores[n].flatten()[mask[n].flatten()] for n in names]
-    sizes = [len(a) for a in alive]
-    flat = torch.cat(alive).numpy()
-    k = int(round(fraction * len(flat)))
+    alive = torch.cat([mask[n].flatten() for n in names])                    # (N,) bool, N weights
+    k = int(round(fraction * int(alive.sum())))
     if k == 0:
         return {n: m.clone() for n, m in mask.items()}
-    drop = np.zeros(len(flat), dtype=bool)
-    drop[np.argpartition(flat, k - 1, kind="introselect")[:k]] = True  # the k smallest
-    out, start = {n: m.clone() for n, m in mask.items()}, 0
-    for n, size in zip(names, sizes):
-        new = mask[n].flatten().clone()
-        idx = new.nonzero().flatten()                     # positions of surviving weights
-        new[idx[torch.from_numpy(drop[start:start + size])]] = False
-        out[n] = new.view_as(mask[n])
-        start += size
-    return out
+    # Pruned weights score +inf, so the k smallest are k survivors; one flat array, one selection.
+    flat = torch.cat([scores[n].flatten().float() for n in names]).masked_fill_(~alive, float("inf"))
+    drop = torch.from_numpy(np.argpartition(flat.numpy(), k - 1, kind="introselect")[:k])  # the k smallest
+    alive[drop] = False
+    out = dict(zip(names, torch.split(alive, [mask[n].numel() for n in names])))  # views of one buffer
+    return {n: out[n].view_as(m) if n in out else m.clone() for n, m in mask.items()}
 
 
 def prune_iteratively(backbone: nn.Module, levels: int, fraction: float, score: str = "magnitude",
@@ -106,7 +100,8 @@ class MaskEnforcer:
             raise ValueError(f"mask and backbone disagree on {sorted(missing)[:3]}")
         pruned = [n for n in weights if not bool(mask[n].all())]   # fully dense layers need no work
         self.weights = [weights[n] for n in pruned]
-        self.masks = [mask[n].to(device=weights[n].device, dtype=weights[n].dtype) for n in pruned]
+        # same device, dtype and memory format (e.g. channels_last) as each weight: a plain multiply
+        self.masks = [torch.empty_like(weights[n]).copy_(mask[n]) for n in pruned]
 
     @torch.no_grad()
     def __call__(self) -> None:

@@ -21,6 +21,7 @@ from .data import Dataset
 from .errors import UserError
 from .lottery import build, derive_seed
 from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
+from .runtime import CPU, Runtime
 from .sparsity import adjusted_random_scores, natural_zeros
 from .train import load_weights, train
 
@@ -62,7 +63,7 @@ def _dense_trained(exp_dir: Path, replicate: int, backbone) -> dict[str, torch.T
 
 
 def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, reset: str,
-            device: str = "cpu", progress: bool = True) -> dict:
+            runtime: Runtime = CPU, progress: bool = True) -> dict:
     if reset not in RESETS:
         raise UserError(f"unknown reset '{reset}'; choose one of: {', '.join(RESETS)}")
     ldir = layout.level_dir(exp_dir, replicate, level)
@@ -78,5 +79,5 @@ def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level
     if reset == "rewind":
         rewind = layout.replicate_dir(exp_dir, replicate) / layout.REWIND
         load_weights(backbone, None, layout.load_tensors(rewind))  # backbone only: the head is fresh
-    return train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, device=device,
+    return train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
                  progress=progress)

@@ -24,6 +24,7 @@ from .data import Dataset
 from .data.augment import Normalize, batch_crop, batch_flip_lr
 from .errors import UserError
 from .pruning import Mask, MaskEnforcer, apply_mask
+from .runtime import CPU, Runtime
 from .sampling import epoch_batches, steps_per_epoch
 from .tasks import Batch, Task
 
@@ -79,20 +80,23 @@ def evaluate(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torc
 
 
 def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug: DataConfig,
-          mask: Mask, out: Path, seed: int, device: str = "cpu", snapshot: tuple[int, Path] | None = None,
+          mask: Mask, out: Path, seed: int, runtime: Runtime = CPU, snapshot: tuple[int, Path] | None = None,
           progress: bool = True) -> dict:
     """Train backbone + task head under `mask` into directory `out`; return the final metrics.
 
-    snapshot=(k, path) saves the weights after k updates (the rewind point; k=0 is the init)."""
+    snapshot=(k, path) saves the weights after k updates (the rewind point; k=0 is the init).
+    runtime: device, memory format, precision, compile (sslprune.runtime)."""
     out = Path(out)
     if layout.is_done(out):
         load_weights(backbone, task, layout.load_tensors(out / layout.MODEL))
         return layout.load_json(out / layout.DONE)
 
-    backbone.to(device), task.to(device)
-    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
+    rt = runtime.resolved()
+    device = rt.device
+    backbone.to(device, memory_format=rt.memory_format), task.to(device)
+    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)  # uint8, on the device
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
-    normalize = Normalize(*data.channel_stats()).to(device)
+    normalize = Normalize(*data.channel_stats(), memory_format=rt.memory_format).to(device)
     per_epoch = steps_per_epoch(task.sampler, train_y, cfg.batch_size)
 
     if snapshot and snapshot[0] > cfg.epochs * per_epoch:
@@ -106,14 +110,16 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     start_epoch, history = 0, []
 
     fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_x), "task": task.name,
-                   "device": torch.device(device).type}  # RNG streams differ between device types
+                   **rt.fingerprint()}  # RNG streams and rounding differ between devices and runtimes
     cuda = torch.device(device).type == "cuda"
+    if rt.compile:  # compiles the backbone's forward in place: state_dict keys stay the same
+        backbone.compile()
     ckpt_path = out / layout.CHECKPOINT
     if ckpt_path.exists():
         ckpt = layout.load_checkpoint(ckpt_path)
         if ckpt["fingerprint"] != fingerprint:
-            raise UserError(f"{ckpt_path} belongs to a different configuration or device; move "
-                            f"{out} away or run with the configuration that wrote it")
+            raise UserError(f"{ckpt_path} belongs to a different configuration or runtime (device, "
+                            f"precision, memory format, compile); move {out} away or resume with the ones that wrote it")
         load_weights(backbone, task, ckpt["weights"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["generator"])
@@ -144,7 +150,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 x = batch_flip_lr(x, generator)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
-            loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator), normalize)
+            with rt.autocast():
+                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator), normalize)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -157,8 +164,9 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         train_loss, train_acc = float(loss_sum) / count, int(correct) / count  # one sync per epoch
         t1 = time.perf_counter()
         batch = order.shape[1]
-        test = evaluate(backbone, task, test_x, test_y, normalize,
-                        batch if task.batch_metric else max(batch, 256), train_labels=train_y)
+        with rt.autocast():
+            test = evaluate(backbone, task, test_x, test_y, normalize,
+                            batch if task.batch_metric else max(batch, 256), train_labels=train_y)
         history.append({"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
                         "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                         "train_acc": train_acc, **{f"test_{k}": v for k, v in test.items()},

@@ -22,6 +22,7 @@ from .config import Data as DataConfig
 from .config import Train as TrainConfig
 from .data import Dataset
 from .errors import UserError
+from .runtime import CPU, Runtime
 from .lottery import build, derive_seed, load_experiment
 from .train import load_weights, train
 
@@ -32,7 +33,7 @@ def finetune_name(data: Dataset, cfg: TrainConfig, aug: DataConfig) -> str:
 
 
 def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: TrainConfig, aug: DataConfig,
-             device: str = "cpu", progress: bool = True) -> dict:
+             runtime: Runtime = CPU, progress: bool = True) -> dict:
     """Fine-tune level `level`'s trained backbone under its mask on `data` with a fresh label head."""
     exp, _ = load_experiment(exp_dir)
     ldir = layout.level_dir(exp_dir, replicate, level)
@@ -42,4 +43,4 @@ def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: Trai
     load_weights(backbone, None, layout.load_tensors(ldir / "train" / layout.MODEL))
     mask = layout.load_tensors(ldir / layout.MASK)
     return train(backbone, task, data, cfg, aug, mask, ldir / finetune_name(data, cfg, aug), seed=replicate,
-                 device=device, progress=progress)
+                 runtime=runtime, progress=progress)

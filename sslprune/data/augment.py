@@ -91,13 +91,15 @@ class Normalize:
     """uint8 (B, C, H, W), or floats already on the 0-1 scale -> float32 standardised with the
     training set's channel statistics."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         self.mean = mean.float().view(1, -1, 1, 1)
         self.std = std.float().clamp_min(1e-3).view(1, -1, 1, 1)
+        self.memory_format = memory_format  # channels_last: the layout the convs run fastest in
 
     def to(self, device) -> "Normalize":
-        return Normalize(self.mean.to(device).flatten(), self.std.to(device).flatten())
+        return Normalize(self.mean.to(device).flatten(), self.std.to(device).flatten(), self.memory_format)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / 255 if x.dtype == torch.uint8 else x
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)

@@ -1,0 +1,61 @@
+"""How a run executes, as opposed to what it computes: device, memory format, precision, compile.
+
+None of these enter the experiment's name (the same experiment can run on a laptop or a GPU), but
+they change floating-point results, so a training run records them in its checkpoint and refuses
+to resume under different ones.
+
+Defaults ("auto") follow benchmarks/train_speed.py on each device:
+- channels_last: on for CUDA and CPU (3x3 convs ~1.4x faster on AVX-512 CPUs without bf16 units;
+  tensor cores want NHWC);
+- precision: bf16 autocast on a CUDA GPU that supports it, fp32 everywhere else. Never bf16 by
+  default on a CPU: without bf16 units it is ~50x slower than fp32;
+- compile: off (its compile time is paid by the run it serves; opt in for long runs).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "cpu"
+    channels_last: bool | None = None   # None = the device's default (see above)
+    precision: str = "auto"             # auto | fp32 | bf16 (autocast for forward and loss)
+    compile: bool = False               # torch.compile the backbone's forward
+
+    def resolved(self) -> "Runtime":
+        """Every 'auto' replaced by the device's default; errors for impossible asks."""
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown --precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}")
+        cuda = torch.device(self.device).type == "cuda"
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        channels_last = True if self.channels_last is None else self.channels_last
+        return Runtime(self.device, channels_last, precision, self.compile)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        """Mixed precision for forward and loss (weights and optimizer stay fp32)."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+
+    def fingerprint(self) -> dict:
+        """What changes floating-point results: a resumed run must use the same."""
+        r = self.resolved()
+        return {"device": torch.device(r.device).type, "channels_last": r.channels_last,
+                "precision": r.precision, "compile": r.compile}
+
+
+CPU = Runtime()
