@@ -4,13 +4,15 @@ flags given on the command line override it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
+import io
 import re
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, distributed
 from .config import DEMO_TASKS, PRESETS, Experiment
 from .errors import UserError
 from .runtime import PRECISIONS
@@ -253,10 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args, argv)
+        if distributed.launched():  # torchrun --nproc_per_node N -m sslprune ...
+            if args.command not in DISTRIBUTED_COMMANDS:
+                raise UserError(f"'{args.command}' runs on one process; launch it without torchrun "
+                                f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+            args.device = distributed.init(args.device)
+        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+            return COMMANDS[args.command](args, argv)
     except UserError as e:
         print(f"sslprune: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.close()
 
 
 def cmd_lottery(args, argv) -> int:
@@ -267,11 +277,14 @@ def cmd_lottery(args, argv) -> int:
     _check_counts(run["levels"], run["replicates"])
     runtime = _runtime(args)
     exp.validate()                         # before reading any data
+    distributed.check_task(exp.task.task)  # N processes: before anything is written
+    distributed.check_batch(exp.train.batch_size)
     if source_run(exp) is not None:        # every replicate's start exists before anything is written
         for replicate in run["replicates"]:
             pretrained_file(exp, replicate)
     data = load_dataset(exp.data, args.data_root)
     exp_dir = prepare(exp, args.root, data, args.data_root, list(argv))
+    distributed.barrier()                  # config.json is written before any rank goes on
     for replicate in run["replicates"]:
         run_replicate(exp, exp_dir, data, replicate, run["levels"], runtime, not args.quiet)
     print(exp_dir)
@@ -442,5 +455,6 @@ def _check_device(device: str) -> None:
         raise UserError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
 
 
+DISTRIBUTED_COMMANDS = ("lottery", "retrain", "eval")  # the ones that train: one run on N processes
 COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report,
             "eval": cmd_eval, "sparsity": cmd_sparsity}

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .errors import UserError
 
 CONFIG = "config.json"
@@ -59,7 +60,10 @@ def level_dir(exp_dir: Path, replicate: int, level: int) -> Path:
 
 
 def _atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`; the temp file lives in the same directory."""
+    """write(tmp_path) then rename over `path`; the temp file lives in the same directory. Under
+    several processes only rank 0 writes (the others computed the same thing)."""
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import layout
+from . import distributed, layout
 from .config import Experiment
 from .config import Task as TaskConfig
 from .data import Dataset
@@ -198,6 +198,7 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
         if exp.model.pretrained:  # Hubens et al.: level 0 fine-tunes a pre-trained backbone, fresh head
             load_pretrained(backbone, pretrained_file(exp, replicate))
         layout.save_tensors(init_path, weights(backbone, task))
+    distributed.barrier()  # rank 0 has written init.safetensors before anyone reads it
     k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
 
     for level in range(levels + 1):

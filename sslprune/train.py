@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import layout
+from . import distributed, layout
 from .config import Data as DataConfig
 from .config import Train as TrainConfig
 from .config import parse_rewind
@@ -102,9 +102,14 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     if snapshot and snapshot[0] > cfg.epochs * per_epoch:
         raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
+    if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
+        distributed.check_task(task.name)
+        distributed.check_batch(cfg.batch_size)
+        distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
-    optimizer = make_optimizer(cfg, [*backbone.parameters(), *task.parameters()])
+    params = [*backbone.parameters(), *task.parameters()]
+    optimizer = make_optimizer(cfg, params)
     generator = torch.Generator(device=device).manual_seed(seed)   # data order and augmentation
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
@@ -131,7 +136,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         layout.save_tensors(snapshot[1], weights(backbone, task))
 
     # disable=None: no bar when stderr is not a terminal (CI logs, batch jobs); log.jsonl has it all.
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="/".join(out.parts[-3:]), disable=None if progress else True,
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="/".join(out.parts[-3:]),
+               disable=None if progress and distributed.is_main() else True,
                leave=False, initial=start_epoch, total=cfg.epochs)
     for epoch in bar:
         backbone.train(), task.train()
@@ -148,12 +154,14 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 x = batch_crop(x, aug.crop_pad, generator)
             if aug.flip:
                 x = batch_flip_lr(x, generator)
+            idx, x = distributed.shard(idx, x)                     # this rank's B/N (all of it on one)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
             with rt.autocast():
                 loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator), normalize)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params)                   # no-op on one process
             optimizer.step()
             enforce_mask()                                          # pruned weights stay exactly 0
             loss_sum += loss.detach() * n
@@ -161,7 +169,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
             count += n
             if snapshot and step + 1 == snapshot[0]:
                 layout.save_tensors(snapshot[1], weights(backbone, task))
-        train_loss, train_acc = float(loss_sum) / count, int(correct) / count  # one sync per epoch
+        loss_sum, correct, count = distributed.sum_over_ranks(loss_sum, correct, torch.tensor(count))
+        train_loss, train_acc = float(loss_sum) / float(count), float(correct) / float(count)  # one sync per epoch
         t1 = time.perf_counter()
         batch = order.shape[1]
         with rt.autocast():
@@ -182,5 +191,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     final = {**history[-1], "epochs": cfg.epochs, "seed": seed}
     layout.save_tensors(out / layout.MODEL, weights(backbone, task))
     layout.save_json(out / layout.DONE, final)
-    ckpt_path.unlink()  # model.safetensors now holds everything the finished run is
+    if distributed.is_main():
+        ckpt_path.unlink()  # model.safetensors now holds everything the finished run is
+    distributed.barrier()   # the other ranks read these files next
     return final

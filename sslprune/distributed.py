@@ -1,0 +1,177 @@
+"""Data-parallel training on N processes: `torchrun --nproc_per_node N -m sslprune lottery ...`.
+
+The design keeps every rank doing the single-process computation on its share of each batch, so a
+run on N processes matches a run on one with the same global batch, to floating-point tolerance:
+- every rank holds the data and draws the same global batch and the same augmentation (one seed);
+  rank r trains on its contiguous 1/N of it (the global batch must divide by N);
+- gradients are averaged over ranks in one flat all-reduce after backward (the mean of equal
+  shards' mean losses is the global mean loss); every rank then takes the same optimizer step;
+- batch-norm statistics are reduced over ranks (SyncBatchNorm2d below, which also runs on CPU with
+  gloo, unlike torch.nn.SyncBatchNorm), so normalisation sees the global batch;
+- masks are computed by every rank from the same files, hence identical; only rank 0 writes files
+  (layout writes are rank-0 only) and the others wait at a barrier wherever they read them next.
+
+Objectives whose loss couples the images of a batch (Exemplar's negatives, NPID's bank, S4L's
+labelled/unlabelled halves) are refused under N > 1 processes until they gather across ranks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+PER_SAMPLE_TASKS = ("labels", "rotation")  # loss = mean over images: exact under sharding
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or any launcher that sets the env:// variables) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str) -> str:
+    """Join the process group (gloo on CPU, NCCL on CUDA); return this rank's device."""
+    if not launched() or dist.is_initialized():
+        return device
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def check_task(task: str) -> None:
+    if world() > 1 and task not in PER_SAMPLE_TASKS:
+        raise UserError(f"--task {task} does not run on several processes yet (its loss couples the "
+                        f"images of a batch); run it on one process, or use {' or '.join(PER_SAMPLE_TASKS)}")
+
+
+def check_batch(batch_size: int) -> None:
+    if batch_size % world():
+        raise UserError(f"--batch-size {batch_size} does not divide by the {world()} processes; pass a "
+                        f"multiple of {world()} (it is the global batch, split evenly)")
+
+
+def shard(idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's contiguous share of a global batch: (B,) indices and (B, ...) images -> B/N each."""
+    n = world()
+    if n == 1:
+        return idx, x
+    b = len(idx) // n
+    return idx[rank() * b:(rank() + 1) * b], x[rank() * b:(rank() + 1) * b]
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """grad <- mean over ranks, in one all-reduce of a flat buffer. Parameters without a gradient
+    are the same on every rank (same code path), so the buffers line up."""
+    n = world()
+    if n == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= n
+    start = 0
+    for g in grads:
+        g.copy_(flat[start:start + g.numel()].view_as(g))
+        start += g.numel()
+
+
+def sum_over_ranks(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Element-wise sums over ranks of scalar tensors (loss sums, counts) for logging."""
+    if world() == 1:
+        return list(values)
+    flat = torch.stack([v.to(values[0].device).double() for v in values])
+    dist.all_reduce(flat)
+    return list(flat.unbind())
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Batch-norm over the global batch: per-channel sums are all-reduced in the forward pass, and
+    the two per-channel sums the input gradient needs in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        # x: (B_local, C, H, W). Global mean and biased variance from sums over every rank.
+        dims = (0, 2, 3)
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float64)
+        stats = torch.cat([x.sum(dims, dtype=torch.float64), (x.double() ** 2).sum(dims), count])
+        dist.all_reduce(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean ** 2).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        shape = (1, c, 1, 1)
+        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
+        ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))
+        ctx.n = n
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        ctx.mark_non_differentiable(mean, var, n)
+        return xhat * weight.view(shape) + bias.view(shape), mean, var, n
+
+    @staticmethod
+    def backward(ctx, grad_out, _gmean, _gvar, _gn):
+        xhat, weight, invstd = ctx.saved_tensors
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        grad_weight = (grad_out * xhat).sum(dims)              # local: gradients are averaged later
+        grad_bias = grad_out.sum(dims)
+        sums = torch.cat([grad_bias, grad_weight]).double()   # (2C,) over every rank's images
+        dist.all_reduce(sums)
+        c = weight.shape[0]
+        mean_dy = (sums[:c] / ctx.n).to(xhat.dtype).view(shape)
+        mean_dy_xhat = (sums[c:] / ctx.n).to(xhat.dtype).view(shape)
+        grad_x = (grad_out - mean_dy - xhat * mean_dy_xhat) * (invstd * weight).view(shape)
+        return grad_x, grad_weight, grad_bias, None
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training-mode statistics span every rank; the same parameters and
+    buffers (checkpoints are interchangeable), and plain BatchNorm2d on one process or in eval."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world() > 1):
+            return super().forward(x)
+        y, mean, var, n = _SyncBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():  # running statistics as BatchNorm2d keeps them (unbiased variance)
+            self.num_batches_tracked.add_(1)
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+            self.running_var.mul_(1 - m).add_(var * (n / (n - 1)).to(var.dtype), alpha=m)
+        return y
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm2d of `module` a SyncBatchNorm2d in place (same state, same keys)."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            if not (m.affine and m.track_running_stats and m.momentum is not None):
+                raise ValueError(f"{m}: only affine batch-norm with running statistics is synchronised")
+            m.__class__ = SyncBatchNorm2d
+    return module
