@@ -245,6 +245,25 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--levels", type=_numbers, default=[0], help="levels to analyse: '0', '0-5' [default: 0, the dense network]")
     sp.add_argument("--out", type=Path, default=Path("report"), help="output folder [default: report]")
 
+    sw = sub.add_parser("sweep", help="a declared grid of runs and evaluations, by N workers or SLURM jobs",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Runs every step of a sweep spec (TOML; format below) with independent "
+                        "workers sharing one run root.\nA step is taken under a file lock, so none is computed "
+                        "twice, and a dead worker's step is\npicked up by another worker or the next run "
+                        "(resuming from its checkpoint).",
+                        epilog=_sweep_doc())
+    sw.add_argument("spec", type=Path, help="sweep spec (TOML)")
+    sw.add_argument("--workers", type=int, default=1, help="worker processes, or jobs with --submit [default: 1]")
+    sw.add_argument("--status", action="store_true", help="print what is done and pending, and the epochs "
+                    "trained against those without reuse; run nothing")
+    sw.add_argument("--submit", choices=["local", "slurm"], default=None,
+                    help="submit the workers as jobs through submitit (local: processes here, waited for; "
+                    "slurm: sbatch, returns at once)")
+    sw.add_argument("--slurm-partition", default=None)
+    sw.add_argument("--slurm-time", type=int, default=60, help="minutes per job [default: 60]")
+    sw.add_argument("--slurm-gpus-per-node", type=int, default=None)
+    sw.add_argument("--slurm-cpus-per-task", type=int, default=None)
+
     rep = sub.add_parser("report", help="results.csv, summary.md and plots from experiment directories")
     rep.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
     rep.add_argument("--out", type=Path, default=Path("report"), help="output folder [default: report]")
@@ -440,6 +459,45 @@ def cmd_demo(args, argv) -> int:
     return 0
 
 
+def _sweep_doc() -> str:
+    from . import sweep
+    doc = sweep.__doc__
+    return "spec format:\n" + doc[doc.index("    root ="):doc.index("Steps are")].rstrip() + "\n"
+
+
+def cmd_sweep(args, argv) -> int:
+    from . import sweep
+
+    spec = sweep.load_spec(args.spec)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if not args.status:
+        if args.submit:
+            jobs = sweep.submit(spec.path, args.workers, args.submit, spec.root / ".submitit",
+                                {"partition": args.slurm_partition, "time": args.slurm_time,
+                                 "gpus_per_node": args.slurm_gpus_per_node, "cpus_per_task": args.slurm_cpus_per_task})
+            print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs)}")
+            if args.submit == "slurm":
+                print(f"follow with: sslprune sweep {args.spec} --status")
+                return 0
+            for j in jobs:
+                j.result()
+        else:
+            codes = sweep.run_local(spec.path, args.workers)
+            if any(codes):
+                print(f"worker exit codes {codes}", file=sys.stderr)
+    st = sweep.status(spec)
+    print(f"{st['done']}/{st['steps']} steps done; epochs trained {st['epochs_trained']}, "
+          f"{st['epochs_without_reuse']} without reuse of level-0 training and masks")
+    if st["finished_twice"]:
+        print(f"steps finished more than once: {st['finished_twice']}", file=sys.stderr)
+    if st["pending"]:
+        print(f"{len(st['pending'])} steps pending, e.g. {st['pending'][0]}; run the same command again "
+              f"to finish them", file=sys.stderr)
+        return 0 if args.status else 1
+    return 0
+
+
 def _check_counts(levels: int, replicates: list[int]) -> None:
     if levels < 0 or not replicates or min(replicates) < 1:
         raise UserError(f"--levels must be >= 0 and replicates >= 1 (got {levels}, {replicates})")
@@ -457,4 +515,4 @@ def _check_device(device: str) -> None:
 
 DISTRIBUTED_COMMANDS = ("lottery", "retrain", "eval")  # the ones that train: one run on N processes
 COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report,
-            "eval": cmd_eval, "sparsity": cmd_sparsity}
+            "eval": cmd_eval, "sparsity": cmd_sparsity, "sweep": cmd_sweep}

@@ -1,0 +1,295 @@
+"""Sweeps: a declared grid of lottery runs and their evaluations, executed by independent workers
+that share one run root (processes on this machine, or SLURM jobs through submitit).
+
+A spec is a TOML file:
+
+    root = "runs"                 # relative to the spec's folder
+    data_root = "../data/cifar"   # optional, relative to the spec's folder
+    levels = 3
+    replicates = 3
+    device = "cpu"                # or "cuda"
+
+    [base]                        # lottery flags (config fields, or preset = "...")
+    preset = "demo"
+
+    [grid]                        # every combination is one experiment
+    task = ["labels", "rotation"]
+
+    [evaluations]
+    retrain = ["rewind", "reinit", "random"]
+
+Steps are (experiment, replicate) lottery chains and (experiment, replicate, level, reset)
+re-trainings; a re-training waits until its level is trained. Each step is guarded by an exclusive
+`flock` on its own lock file: a worker that cannot take it moves on, and a worker that dies (kill -9
+included) loses its locks with its process, so another worker or the next run picks the step up
+and resumes it from its last checkpoint. No step is ever computed by two workers at once, and a
+finished step is never recomputed (its done.json is checked under the lock). Every worker appends
+what it started and finished to ROOT/sweep_ledger.jsonl, which is what `sslprune sweep --status`
+and the reuse report read. Locks need a file system with working flock (local disks, NFSv4,
+Lustre with flock enabled).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import itertools
+import json
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from . import layout
+from .config import PRESETS, Experiment
+from .errors import UserError
+from .runtime import Runtime
+
+SPEC_KEYS = {"root", "data_root", "levels", "replicates", "device", "base", "grid", "evaluations"}
+LEDGER = "sweep_ledger.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    path: Path
+    root: Path
+    data_root: str | None
+    levels: int
+    replicates: int
+    device: str
+    experiments: tuple[Experiment, ...]
+    retrain: tuple[str, ...]
+
+
+def load_spec(path: Path) -> Spec:
+    """Read and check a spec: every key known, every experiment valid, before anything runs."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no sweep spec at {path}; pass a TOML file (see 'sslprune sweep --help')") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML ({e}); fix it") from None
+    unknown = set(raw) - SPEC_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    fields = {f.name for section in dataclasses.fields(Experiment) for f in dataclasses.fields(section.default_factory)}
+    base, grid = dict(raw.get("base", {})), dict(raw.get("grid", {}))
+    for key in [*base, *grid]:
+        if key not in fields | {"preset"}:
+            raise UserError(f"{path}: '{key}' is no configuration field; use the flag names without "
+                            f"dashes (e.g. batch_size) or 'preset'")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: grid.{key} must be a non-empty list of values")
+    experiments = []
+    for point in itertools.product(*[[(k, v) for v in vs] for k, vs in grid.items()]):
+        values = dict(base) | dict(point)
+        preset = values.pop("preset", None)
+        if preset is not None and preset not in PRESETS:
+            raise UserError(f"{path}: unknown preset '{preset}'; choose one of: {', '.join(sorted(PRESETS))}")
+        flat = {**(PRESETS[preset] if preset else {}), **values}
+        flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
+        exp = Experiment.from_flat(flat)
+        exp.validate()
+        experiments.append(exp)
+    retrain = tuple(raw.get("evaluations", {}).get("retrain", ()))
+    from .retrain import RESETS
+    bad = [r for r in retrain if r not in RESETS]
+    if bad:
+        raise UserError(f"{path}: unknown retrain reset(s) {bad}; choose from {', '.join(RESETS)}")
+    here = path.resolve().parent
+    data_root = raw.get("data_root")
+    return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
+                data_root=str(here / data_root) if data_root else None, levels=int(raw.get("levels", 3)),
+                replicates=int(raw.get("replicates", 1)), device=raw.get("device", "cpu"),
+                experiments=tuple(experiments), retrain=retrain)
+
+
+@dataclasses.dataclass
+class Step:
+    key: str                           # e.g. 'labels_convnet_digits_<hash>/replicate_1/level_2/retrain_reinit'
+    lock: Path
+    ready: Callable[[], bool]          # its inputs exist
+    done: Callable[[], bool]
+    run: Callable[[], None]
+    train_dirs: Callable[[], list[Path]]  # the training runs it makes (epochs are counted there)
+    level: int = -1                    # re-training: the level whose lottery it depends on
+
+
+def _progress(train_dir: Path) -> int:
+    """Epochs a training run has: all of them when done, else its checkpoint's, else 0."""
+    if layout.is_done(train_dir):
+        return layout.load_json(train_dir / layout.DONE)["epochs"]
+    if (train_dir / layout.CHECKPOINT).exists():
+        return len((train_dir / layout.LOG).read_text().splitlines()) if (train_dir / layout.LOG).exists() else 0
+    return 0
+
+
+def plan(spec: Spec, runtime: Runtime) -> list[Step]:
+    """Every step of the sweep, lottery chains first."""
+    from .data import load_dataset
+    from .lottery import prepare, run_replicate
+    from .retrain import retrain
+
+    cache: dict = {}
+
+    def data_for(exp):
+        key = repr(exp.data)
+        if key not in cache:
+            cache[key] = load_dataset(exp.data, spec.data_root)
+        return cache[key]
+
+    def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
+        d = spec.root / exp.name()
+        if not (d / layout.CONFIG).exists():
+            with _locked(spec.root / f".{exp.name()}.lock", wait=True):
+                if not (d / layout.CONFIG).exists():
+                    prepare(exp, spec.root, data_for(exp), spec.data_root, ["sweep", str(spec.path)])
+        return d
+
+    steps = []
+    for exp in spec.experiments:
+        name = exp.name()
+        for r in range(1, spec.replicates + 1):
+            rdir = layout.replicate_dir(spec.root / name, r)
+            levels = range(spec.levels + 1)
+            steps.append(Step(
+                key=f"{name}/replicate_{r}/lottery", lock=spec.root / name / f".replicate_{r}.lock",
+                ready=lambda: True,
+                done=lambda rdir=rdir, levels=levels: all(layout.is_done(rdir / f"level_{L}" / "train") for L in levels),
+                run=lambda exp=exp, r=r: run_replicate(exp, exp_dir(exp), data_for(exp), r, spec.levels, runtime, False),
+                train_dirs=lambda rdir=rdir, levels=levels: [rdir / f"level_{L}" / "train" for L in levels]))
+            for level in levels:
+                for reset in spec.retrain:
+                    out = rdir / f"level_{level}" / f"retrain_{reset}"
+                    steps.append(Step(
+                        key=f"{name}/replicate_{r}/level_{level}/retrain_{reset}",
+                        lock=rdir / f"level_{level}" / f".retrain_{reset}.lock",
+                        ready=lambda rdir=rdir, level=level: layout.is_done(rdir / f"level_{level}" / "train"),
+                        done=lambda out=out: layout.is_done(out),
+                        run=lambda exp=exp, r=r, level=level, reset=reset: retrain(
+                            exp, exp_dir(exp), data_for(exp), r, level, reset, runtime, False),
+                        train_dirs=lambda out=out: [out], level=level))
+    return steps
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait: bool = False):
+    """Exclusive flock on `path`; yields True when taken (False: another process holds it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock; so does the kernel if the process dies
+
+
+def _ledger(root: Path, **entry) -> None:
+    """One JSON line per event, appended in a single write (O_APPEND: lines never interleave)."""
+    root.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"time": round(time.time(), 3), "pid": os.getpid(), **entry}) + "\n"
+    fd = os.open(root / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def work(spec_path: str | Path, worker: str, poll: float = 0.5) -> int:
+    """Run steps until none is left; returns the number of steps this worker finished."""
+    spec = load_spec(Path(spec_path))
+    steps = plan(spec, Runtime(spec.device))
+    finished = 0
+    while True:
+        pending = [s for s in steps if not s.done()]
+        if not pending:
+            return finished
+        progressed = False
+        for step in pending:
+            if not step.ready():
+                continue
+            with _locked(step.lock) as mine:
+                if not mine or step.done():    # someone runs it, or finished it meanwhile
+                    continue
+                before = sum(_progress(d) for d in step.train_dirs())
+                _ledger(spec.root, event="start", step=step.key, worker=worker, epochs_before=before)
+                step.run()
+                epochs = sum(_progress(d) for d in step.train_dirs()) - before
+                _ledger(spec.root, event="done", step=step.key, worker=worker, epochs=epochs)
+                finished += 1
+                progressed = True
+        if not progressed:
+            time.sleep(poll)  # what is left runs elsewhere, or waits for a level being trained
+
+
+def run_local(spec_path: Path, workers: int) -> list[int]:
+    """`workers` processes on this machine, each running `work`; returns their exit codes."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(str(spec_path), f"local-{i}"), name=f"sweep-{i}")
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return [p.exitcode for p in procs]
+
+
+def _worker_main(spec_path: str, worker: str) -> None:
+    import sys
+    try:
+        work(spec_path, worker)
+    except UserError as e:
+        print(f"sslprune sweep: worker {worker}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dict) -> list:
+    """`workers` jobs through submitit (cluster 'slurm', or 'local' to run them as local processes);
+    returns the jobs. Each job runs `work`; together they finish the sweep."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--submit needs submitit: pip install 'sslprune[cluster]'") from None
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {"timeout_min": slurm.get("time", 60)}
+    if cluster == "slurm":
+        params |= {k: v for k, v in {"slurm_partition": slurm.get("partition"),
+                                     "gpus_per_node": slurm.get("gpus_per_node"),
+                                     "cpus_per_task": slurm.get("cpus_per_task")}.items() if v is not None}
+    executor.update_parameters(**params)
+    with executor.batch():
+        jobs = [executor.submit(work, str(spec_path), f"{cluster}-{i}") for i in range(workers)]
+    return jobs
+
+
+def status(spec: Spec) -> dict:
+    """Steps done and pending, and the epochs the sweep trained against what it would have
+    trained without reuse: each re-training of level L would re-run its own lottery levels 0..L
+    (the dense training and rewind point included), as separate experiments do."""
+    steps = plan(spec, Runtime(spec.device))
+    done = [s for s in steps if s.done()]
+    ledger = _read_ledger(spec.root)
+    ran = sum(e.get("epochs", 0) for e in ledger if e["event"] == "done")
+    per_level = {exp.name(): exp.train.epochs for exp in spec.experiments}
+    without = ran + sum(per_level[s.key.split("/")[0]] * (s.level + 1)
+                        for s in steps if s.level >= 0 and s.done())
+    twice = sorted({e["step"] for e in ledger if e["event"] == "done"
+                    and sum(f["event"] == "done" and f["step"] == e["step"] for f in ledger) > 1})
+    return {"steps": len(steps), "done": len(done), "pending": [s.key for s in steps if not s.done()],
+            "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice}
+
+
+def _read_ledger(root: Path) -> list[dict]:
+    path = root / LEDGER
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
