@@ -132,7 +132,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
         ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))
         ctx.n = n
-        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        mean, var = mean.float(), var.float()  # fp32 for the running statistics, even under bf16
         ctx.mark_non_differentiable(mean, var, n)
         return xhat * weight.view(shape) + bias.view(shape), mean, var, n
 
@@ -162,8 +162,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         with torch.no_grad():  # running statistics as BatchNorm2d keeps them (unbiased variance)
             self.num_batches_tracked.add_(1)
             m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-            self.running_var.mul_(1 - m).add_(var * (n / (n - 1)).to(var.dtype), alpha=m)
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            self.running_var.mul_(1 - m).add_((var * (n / (n - 1)).float()).to(self.running_var.dtype), alpha=m)
         return y
 
 

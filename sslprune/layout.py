@@ -24,6 +24,8 @@ file or the new one, never half of one. A step is done when its done.json exists
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -44,6 +46,7 @@ LOG = "log.jsonl"
 MASK = "mask.safetensors"
 DENSITY = "density.json"
 INIT = "init.safetensors"
+PRETRAINED = "pretrained.json"   # replicate_<r>/: the weights file (and its sha256) level 0 started from
 REWIND = "rewind.safetensors"
 
 
@@ -57,6 +60,24 @@ def replicate_dir(exp_dir: Path, replicate: int) -> Path:
 
 def level_dir(exp_dir: Path, replicate: int, level: int) -> Path:
     return replicate_dir(exp_dir, replicate) / f"level_{level}"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True):
+    """Exclusive flock on `path`; yields True when taken, False when another process holds it and
+    wait is False. The lock dies with the process (kill -9 included): it can never go stale."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def _atomic(path: Path, write) -> None:

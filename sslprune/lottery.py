@@ -66,9 +66,11 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
             raise UserError(f"{exp_dir} was trained on other data (fingerprint "
                             f"{saved.get('data_fingerprint')}, now {fingerprint}); pass the data root "
                             f"it used ({saved.get('data_root')}) or use another --root")
-        if saved.get("pretrained_id") != pretrained:
+        started = saved.get("pretrained_id") or (  # runs saved before pretrained_id: a bare sha256
+            f"sha256 {saved['pretrained_sha256']}" if saved.get("pretrained_sha256") else None)
+        if started != pretrained:
             raise UserError(f"--pretrained {exp.model.pretrained} is not what {exp_dir} started from "
-                            f"({saved.get('pretrained_id')}, now {pretrained}); restore it or use another --root")
+                            f"({started}, now {pretrained}); restore it or use another --root")
         record_command(exp_dir, argv, saved)
         return exp_dir
     layout.save_json(cfg_path, {
@@ -108,11 +110,15 @@ def pretrained_id(path: str) -> str:
     if not p.is_file():
         raise UserError(f"--pretrained {path} is neither a file nor a lottery run directory; pass a "
                         f"model.safetensors, a .pth state dict or a directory printed by 'sslprune lottery'")
+    return f"sha256 {_sha256(p)}"
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(p, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return f"sha256 {h.hexdigest()}"
+    return h.hexdigest()
 
 
 def check_data(exp: Experiment, data: Dataset) -> None:
@@ -193,10 +199,18 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
     backbone, task = build(exp, data, seed=derive_seed("init", replicate))
     init_path = rdir / layout.INIT
     if init_path.exists():
+        if source_run(exp) is not None and (rdir / layout.PRETRAINED).exists():
+            # the source's level 0 re-trained since: the two transfer arms would no longer be paired
+            was = layout.load_json(rdir / layout.PRETRAINED)
+            if Path(was["file"]).exists() and _sha256(Path(was["file"])) != was["sha256"]:
+                raise UserError(f"{was['file']} changed since replicate {replicate} of {exp_dir} started "
+                                f"from it; restore it, or move {rdir} away to start that replicate again")
         load_weights(backbone, task, layout.load_tensors(init_path))
     else:
         if exp.model.pretrained:  # Hubens et al.: level 0 fine-tunes a pre-trained backbone, fresh head
-            load_pretrained(backbone, pretrained_file(exp, replicate))
+            start = pretrained_file(exp, replicate)
+            load_pretrained(backbone, start)
+            layout.save_json(rdir / layout.PRETRAINED, {"file": str(start), "sha256": _sha256(start)})
         layout.save_tensors(init_path, weights(backbone, task))
     distributed.barrier()  # rank 0 has written init.safetensors before anyone reads it
     k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))

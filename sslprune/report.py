@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import layout
 from .errors import UserError
-from .lottery import load_experiment, source_run
+from .lottery import load_experiment
 from .models import build_model
 from .pruning import density, pruned_layers
 
@@ -48,31 +48,34 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
     for exp_dir in exp_dirs:
         exp, saved = load_experiment(exp_dir)
         layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
-        objective, run_eval, run_reset = objective_label(exp), "task", exp.prune.reset
-        if source_run(exp) is not None:  # pruning during transfer from the source run to this data
-            objective, run_eval, run_reset = _source_label(source_run(exp)), f"transfer {_data_label(saved)}", TRANSFER_PRUNED
+        objective = objective_label(exp)
+        # the lottery's own rows; a run started from another lottery run is pruning during transfer
+        # (decided by what config.json recorded, so it holds wherever the source run lives now)
+        train_row = (objective, "task", exp.prune.reset)
+        if str(saved.get("pretrained_id") or "").startswith("run "):
+            train_row = (_source_label(Path(exp.model.pretrained)), f"transfer {_data_label(saved)}", TRANSFER_PRUNED)
         for rdir in sorted(Path(exp_dir).glob("replicate_*"), key=_number):
             replicate = _number(rdir)
             for ldir in sorted(rdir.glob("level_*"), key=_number):
                 level = _number(ldir)
-                runs = [(run_eval, run_reset, ldir / "train", ldir / layout.MASK)]
+                runs = [(train_row[1], train_row[2], ldir / "train", ldir / layout.MASK, train_row[0])]
                 for sub in sorted(ldir.glob("retrain_*")):
                     reset = sub.name.removeprefix("retrain_")
                     mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
-                    runs.append(("retrain", reset, sub, mask))
+                    runs.append(("retrain", reset, sub, mask, objective))
                 for sub in sorted(ldir.glob("probe_*")):
-                    runs.append((_eval_name(sub.name), exp.prune.reset, sub, ldir / layout.MASK))
+                    runs.append((_eval_name(sub.name), exp.prune.reset, sub, ldir / layout.MASK, objective))
                 for sub in sorted(ldir.glob("finetune_*")):  # 'finetune_<data>_<hash>'
                     data, digest = sub.name.removeprefix("finetune_").rsplit("_", 1)
-                    runs.append((f"transfer {data}", f"finetune [{digest}]", sub, ldir / layout.MASK))
-                for eval_name, reset, run, mask_path in runs:
+                    runs.append((f"transfer {data}", f"finetune [{digest}]", sub, ldir / layout.MASK, objective))
+                for eval_name, reset, run, mask_path, curve in runs:
                     if not layout.is_done(run):
                         continue
                     done = layout.load_json(run / layout.DONE)
                     mask = layout.load_tensors(mask_path)
                     remaining, remaining_network = density(mask, layers), density(mask)
                     for metric in (m for m in METRICS if done.get(m) is not None):
-                        rows.append(dict(experiment=Path(exp_dir).name, objective=objective, reset=reset, replicate=replicate,
+                        rows.append(dict(experiment=Path(exp_dir).name, objective=curve, reset=reset, replicate=replicate,
                                          level=level, remaining=remaining, remaining_network=remaining_network,
                                          eval=eval_name,
                                          metric=metric, value=done[metric]))
@@ -97,10 +100,10 @@ def _data_label(saved: dict) -> str:
 
 
 def _source_label(src: Path) -> str:
-    """The objective of the run a transfer started from, or its folder name when it is gone."""
+    """The objective of the run a transfer started from, or its folder name when it is not here."""
     try:
         return objective_label(load_experiment(src)[0])
-    except UserError:
+    except (UserError, OSError):
         return src.name
 
 

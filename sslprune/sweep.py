@@ -30,9 +30,7 @@ Lustre with flock enabled).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import itertools
 import json
 import os
@@ -91,6 +89,8 @@ def load_spec(path: Path) -> Spec:
             raise UserError(f"{path}: unknown preset '{preset}'; choose one of: {', '.join(sorted(PRESETS))}")
         flat = {**(PRESETS[preset] if preset else {}), **values}
         flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
+        if flat.get("pretrained"):  # as the CLI does: one absolute path, one experiment name
+            flat["pretrained"] = str((path.resolve().parent / flat["pretrained"]).resolve())
         exp = Experiment.from_flat(flat)
         exp.validate()
         experiments.append(exp)
@@ -122,8 +122,8 @@ def _progress(train_dir: Path) -> int:
     """Epochs a training run has: all of them when done, else its checkpoint's, else 0."""
     if layout.is_done(train_dir):
         return layout.load_json(train_dir / layout.DONE)["epochs"]
-    if (train_dir / layout.CHECKPOINT).exists():
-        return len((train_dir / layout.LOG).read_text().splitlines()) if (train_dir / layout.LOG).exists() else 0
+    if (train_dir / layout.CHECKPOINT).exists():  # the epochs a resumed run will not train again
+        return int(layout.load_checkpoint(train_dir / layout.CHECKPOINT)["epoch"])
     return 0
 
 
@@ -144,7 +144,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
     def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
         d = spec.root / exp.name()
         if not (d / layout.CONFIG).exists():
-            with _locked(spec.root / f".{exp.name()}.lock", wait=True):
+            with layout.file_lock(spec.root / f".{exp.name()}.lock"):
                 if not (d / layout.CONFIG).exists():
                     prepare(exp, spec.root, data_for(exp), spec.data_root, ["sweep", str(spec.path)])
         return d
@@ -175,22 +175,6 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
     return steps
 
 
-@contextlib.contextmanager
-def _locked(path: Path, wait: bool = False):
-    """Exclusive flock on `path`; yields True when taken (False: another process holds it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # releases the lock; so does the kernel if the process dies
-
-
 def _ledger(root: Path, **entry) -> None:
     """One JSON line per event, appended in a single write (O_APPEND: lines never interleave)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -215,7 +199,7 @@ def work(spec_path: str | Path, worker: str, poll: float = 0.5) -> int:
         for step in pending:
             if not step.ready():
                 continue
-            with _locked(step.lock) as mine:
+            with layout.file_lock(step.lock, wait=False) as mine:
                 if not mine or step.done():    # someone runs it, or finished it meanwhile
                     continue
                 before = sum(_progress(d) for d in step.train_dirs())
@@ -278,7 +262,13 @@ def status(spec: Spec) -> dict:
     steps = plan(spec, Runtime(spec.device))
     done = [s for s in steps if s.done()]
     ledger = _read_ledger(spec.root)
-    ran = sum(e.get("epochs", 0) for e in ledger if e["event"] == "done")
+    # epochs trained by the sweep: each finished step's epochs, less those it had when first started
+    # (a worker killed mid-step is credited through the checkpoint its successor resumed from)
+    first = {}
+    for e in ledger:
+        if e["event"] == "start":
+            first.setdefault(e["step"], e["epochs_before"])
+    ran = sum(sum(_progress(d) for d in s.train_dirs()) - first[s.key] for s in done if s.key in first)
     per_level = {exp.name(): exp.train.epochs for exp in spec.experiments}
     without = ran + sum(per_level[s.key.split("/")[0]] * (s.level + 1)
                         for s in steps if s.level >= 0 and s.done())

@@ -29,6 +29,10 @@ from .sampling import epoch_batches, steps_per_epoch
 from .tasks import Batch, Task
 
 
+# Checkpoints written before the runtime flags existed ran with these.
+LEGACY_RUNTIME = {"channels_last": False, "precision": "fp32", "compile": False}
+
+
 def rewind_step(rewind: str, per_epoch: int) -> int:
     """The rewind point as a number of updates of the dense training."""
     k, unit = parse_rewind(rewind)
@@ -104,7 +108,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
     if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
         distributed.check_task(task.name)
-        distributed.check_batch(cfg.batch_size)
+        distributed.check_batch(min(cfg.batch_size, len(train_x)))  # what epoch_batches draws
         distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
@@ -122,7 +126,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     ckpt_path = out / layout.CHECKPOINT
     if ckpt_path.exists():
         ckpt = layout.load_checkpoint(ckpt_path)
-        if ckpt["fingerprint"] != fingerprint:
+        if {**LEGACY_RUNTIME, **ckpt["fingerprint"]} != fingerprint:
             raise UserError(f"{ckpt_path} belongs to a different configuration or runtime (device, "
                             f"precision, memory format, compile); move {out} away or resume with the ones that wrote it")
         load_weights(backbone, task, ckpt["weights"])

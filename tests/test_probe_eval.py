@@ -152,3 +152,9 @@ def test_pruning_during_transfer_reaches_the_requested_densities(tmp_path, run_d
     table = (tmp_path / "rep" / "summary.md").read_text().split("## Transfer to down")[1]
     header = table.splitlines()[2]
     assert "rotation / finetune [" in header and "rotation / pruned during transfer" in header
+    # the source's level 0 re-trained since: the arms would no longer be paired, so it is refused
+    model = layout.level_dir(run_dir, 1, 0) / "train" / layout.MODEL
+    w = layout.load_tensors(model)
+    layout.save_tensors(model, {k: v + 1 if v.is_floating_point() else v for k, v in w.items()})
+    assert main([*argv[:-7], "--levels", "4", *argv[-5:]]) == 2
+    assert "changed since replicate 1" in capsys.readouterr().err

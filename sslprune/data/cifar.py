@@ -61,8 +61,18 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def download(root: Path, url: str = URL, archive_md5: str = ARCHIVE_MD5) -> None:
-    """Fetch the official archive into root, check its md5, extract it."""
+    """Fetch the official archive into root, check its md5, extract it. One process at a time (the
+    ranks of a torchrun job or the workers of a sweep may all find the data missing at once)."""
+    from ..layout import file_lock
+
     root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / ".download.lock"):
+        if _complete(root / FOLDER):   # another process finished it while this one waited
+            return
+        _download(root, url, archive_md5)
+
+
+def _download(root: Path, url: str, archive_md5: str) -> None:
     archive = root / Path(url).name
     if not archive.exists() or md5(archive) != archive_md5:
         tmp = archive.with_suffix(".part")
@@ -90,6 +100,11 @@ def download(root: Path, url: str = URL, archive_md5: str = ARCHIVE_MD5) -> None
         (tmp / FOLDER).rename(root / FOLDER)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(folder: Path) -> bool:
+    """Every batch file there with its published md5."""
+    return all((folder / n).exists() and md5(folder / n) == want for n, want in FILES_MD5.items())
 
 
 def load_cifar10(root, download_ok: bool = True, **_) -> Dataset:
