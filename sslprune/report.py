@@ -220,6 +220,10 @@ def plot(summary: list[dict], path: Path) -> None:
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2,
                         ls="--" if reset.startswith("random") else "-", label=label)
         ax.set_xscale("log")
+        xs = sorted({round(100 * s["remaining"], 2) for s in rows})
+        if 1 < len(xs) <= 8:  # few levels: tick exactly at them (log minor ticks would read 9x10^1)
+            ax.set_xticks(xs)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.invert_xaxis()  # pruning proceeds to the right, as in the paper
         ax.set_xlabel("remaining weights (%)")
