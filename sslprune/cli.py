@@ -135,9 +135,11 @@ def _replicates(text: str) -> list[int]:
     return _numbers(text)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 [default: cpu]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if not trains:  # the runtime flags shape training steps only
+        return
     g = p.add_argument_group("runtime (not part of the experiment; a run resumes only under the same)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for convs [default: on; see sslprune/runtime.py]")
@@ -221,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--stage", default=None, help="probe the output of this backbone module instead of the "
                     "final features, global-average-pooled (e.g. layer1..layer4 of a ResNet, features.5 of "
                     "the convnet) [default: final features]")
-    _common(pr)
+    _common(pr, trains=False)
 
     ft = ev_sub.add_parser("finetune", help="fine-tune each level's pruned network on a target dataset, mask fixed",
                            description="Transfer, arm 1 (Caron et al. 2020, Fig. 2): each level's trained, pruned "
@@ -433,8 +435,9 @@ def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
                         f"target images; pass a smaller --crop-pad")
     from .lottery import record_command
     record_command(args.run_dir, list(argv))
+    runtime = _runtime(args)
     for r, level in pairs:
-        res = finetune(args.run_dir, r, level, data, cfg, aug, _runtime(args), not args.quiet)
+        res = finetune(args.run_dir, r, level, data, cfg, aug, runtime, not args.quiet)
         print(f"replicate {r} level {level}: fine-tuned on {data.name}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f}")
     return 0
