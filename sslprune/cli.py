@@ -245,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, nargs="+", default=[None],
                     help="one or more thresholds on |w| [default: machine epsilon of the dtype]")
     sp.add_argument("--levels", type=_numbers, default=[0], help="levels to analyse: '0', '0-5' [default: 0, the dense network]")
+    sp.add_argument("--with-init", action="store_true", help="also each replicate's initial weights: "
+                    "the mass near zero training started from (compare before reading a loose threshold)")
     sp.add_argument("--out", type=Path, default=Path("report"), help="output folder [default: report]")
 
     sw = sub.add_parser("sweep", help="a declared grid of runs and evaluations, by N workers or SLURM jobs",
@@ -448,7 +450,8 @@ def cmd_sparsity(args, argv) -> int:
 
     if any(t is not None and t < 0 for t in args.threshold):
         raise UserError(f"--threshold must be >= 0, got {args.threshold}")
-    paths = write_report(_experiment_dirs(args.run_dirs), args.out, tuple(args.threshold), tuple(args.levels))
+    paths = write_report(_experiment_dirs(args.run_dirs), args.out, tuple(args.threshold), tuple(args.levels),
+                         args.with_init)
     print("\n".join(str(p) for p in paths.values()))
     return 0
 

@@ -55,32 +55,42 @@ def adjusted_random_scores(zeros: dict[str, torch.Tensor], generator: torch.Gene
     return {n: torch.rand(z.shape, generator=generator) + (~z).float() for n, z in zeros.items()}
 
 
-def collect(exp_dirs, thresholds=(None,), levels=(0,)) -> list[dict]:
-    """One row per (experiment, replicate, level, threshold, layer incl. 'total') of trained networks."""
+INIT = -1  # the 'level' of a replicate's initial weights (init.safetensors), shown as 'init'
+
+
+def collect(exp_dirs, thresholds=(None,), levels=(0,), with_init: bool = False) -> list[dict]:
+    """One row per (experiment, replicate, level, threshold, layer incl. 'total') of trained networks;
+    with_init adds each replicate's initial weights (level INIT): the mass near zero that training
+    started from, without which a fraction at a loose threshold means little."""
     rows = []
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
         names = list(prunable(build_model(exp.model.model)))
         for rdir in sorted(Path(exp_dir).glob("replicate_*")):
-            for level in levels:
-                run = rdir / f"level_{level}" / "train"
-                if not layout.is_done(run):
-                    continue
-                trained = layout.load_tensors(run / layout.MODEL)
+            for level in ([INIT] if with_init else []) + list(levels):
+                if level == INIT:
+                    if not (rdir / layout.INIT).exists():
+                        continue
+                    trained, mask = layout.load_tensors(rdir / layout.INIT), None
+                else:
+                    run = rdir / f"level_{level}" / "train"
+                    if not layout.is_done(run):
+                        continue
+                    trained = layout.load_tensors(run / layout.MODEL)
+                    mask = layout.load_tensors(rdir / f"level_{level}" / layout.MASK)
                 weights = {n: trained[f"backbone.{n}"] for n in names}
-                mask = layout.load_tensors(rdir / f"level_{level}" / layout.MASK)
                 for t in thresholds:
                     s = natural_sparsity(weights, t, mask)
                     for r in [*s["layers"], s["total"]]:
                         rows.append({"experiment": Path(exp_dir).name, "replicate": int(rdir.name.split("_")[1]),
-                                     "level": level, "threshold": s["threshold"], **r})
+                                     "level": "init" if level == INIT else level, "threshold": s["threshold"], **r})
     return rows
 
 
-def write_report(exp_dirs, out, thresholds=(None,), levels=(0,)) -> dict:
+def write_report(exp_dirs, out, thresholds=(None,), levels=(0,), with_init: bool = False) -> dict:
     """natural_sparsity.csv (every layer), .md (totals, mean ± s.e. over replicates; per-layer
     means) and .png (per-layer fraction, one line per experiment and level)."""
-    rows = collect(exp_dirs, thresholds, levels)
+    rows = collect(exp_dirs, thresholds, levels, with_init)
     if not rows:
         raise UserError(f"no trained level {list(levels)} in {', '.join(map(str, exp_dirs))}; "
                         f"run 'sslprune lottery' first")
@@ -89,9 +99,9 @@ def write_report(exp_dirs, out, thresholds=(None,), levels=(0,)) -> dict:
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    groups = defaultdict(list)
+    groups = defaultdict(list)  # keyed by level as a string: 'init' sorts after the numbers
     for r in rows:
-        groups[(r["experiment"], r["level"], r["threshold"], r["layer"])].append(r["fraction"])
+        groups[(r["experiment"], str(r["level"]), r["threshold"], r["layer"])].append(r["fraction"])
 
     def mean_se(v):
         m = sum(v) / len(v)
@@ -127,7 +137,7 @@ def _plot(groups, path) -> None:
     for e, lv, t in curves:
         layers = [layer for (e2, lv2, t2, layer) in groups if (e2, lv2, t2) == (e, lv, t) and layer != "total"]
         ys = [100 * sum(groups[(e, lv, t, layer)]) / len(groups[(e, lv, t, layer)]) for layer in layers]
-        ax.plot(range(len(layers)), ys, marker="o", ms=3, label=f"{e} L{lv} (|w| <= {t:.2g})")
+        ax.plot(range(len(layers)), ys, marker="o", ms=3, label=f"{e} {'L' + lv if lv != 'init' else 'init'} (|w| <= {t:.2g})")
     ax.set_xlabel("prunable layer (input to output)")
     ax.set_ylabel("naturally zero weights (%)")
     ax.set_title("Natural sparsity per layer")

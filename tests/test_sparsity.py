@@ -1,4 +1,6 @@
 """Natural sparsity and the random baseline adjusted for it."""
+import csv
+
 import torch
 
 from sslprune import layout
@@ -84,5 +86,15 @@ def test_sparsity_command_writes_the_report(tmp_path, data, capsys):
     total = [r for r in rows[1:] if r.split(",")[4] == "total"]
     assert len(total) == 1 and 0.2 < float(total[0].split(",")[-1]) < 0.3
     assert (tmp_path / "rep" / "natural_sparsity.png").stat().st_size > 0
+    # --with-init: the initial weights' own fraction, the baseline a trained fraction is read against
+    assert main(["sparsity", str(tmp_path / "runs"), "--threshold", "0.01", "--with-init", "--out",
+                 str(tmp_path / "rep2")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "rep2" / "natural_sparsity.csv")))
+    init = [r for r in rows if r["level"] == "init" and r["layer"] == "total"]
+    start = layout.load_tensors(layout.replicate_dir(exp_dir, 1) / layout.INIT)
+    weights = {k.removeprefix("backbone."): v for k, v in start.items() if k.removeprefix("backbone.") in
+               {r["layer"] for r in rows if r["layer"] != "total"}}
+    assert len(init) == 1 and float(init[0]["fraction"]) == natural_sparsity(weights, 0.01)["total"]["fraction"]
+    assert "| init |" in (tmp_path / "rep2" / "natural_sparsity.md").read_text()
     assert main(["sparsity", str(tmp_path / "runs"), "--threshold", "-1"]) == 2
     assert "must be >= 0" in capsys.readouterr().err
