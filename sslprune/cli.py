@@ -15,7 +15,7 @@ from pathlib import Path
 from . import config, distributed
 from .config import DEMO_TASKS, PRESETS, Experiment
 from .errors import UserError
-from .runtime import PRECISIONS
+from .runtime import PRECISIONS, Runtime
 
 RUNTIME_DEFAULTS = {"levels": 3, "replicates": [1]}
 
@@ -150,9 +150,8 @@ def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
                    "counts against the run; pays off on long runs)")
 
 
-def _runtime(args) -> "Runtime":
+def _runtime(args) -> Runtime:
     """The runtime flags, checked (an unusable device or precision is a one-line error)."""
-    from .runtime import Runtime
     _check_device(args.device)
     rt = Runtime(args.device, args.channels_last, args.precision, args.compile)
     rt.resolved()

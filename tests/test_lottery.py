@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from sslprune import layout
-from sslprune import lottery as lottery_mod
 from sslprune import train as train_mod
 from sslprune.errors import UserError
 from sslprune.lottery import prepare, run_replicate
-from sslprune.pruning import density, prunable
+from sslprune.pruning import density
 from sslprune.retrain import retrain
 
 from .conftest import killed_at_evaluation, tiny_experiment

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sslprune.errors import UserError
-from sslprune.models import MODELS, build_model, load_torchvision_state_dict
+from sslprune.models import build_model, load_torchvision_state_dict
 
 # Backbone parameter counts (no classifier). References: torchvision's resnet18 (11,689,512) and
 # resnet50 (25,557,032) and alexnet (61,100,840) minus their 1000-way classifiers; the CIFAR

@@ -9,15 +9,13 @@ from sslprune.config import Task as TaskConfig
 from sslprune.data import Dataset, Split
 from sslprune.data.augment import Normalize, colour_jitter, random_affine
 from sslprune.errors import UserError
-from sslprune.labelled import LABELLED, labelled_subset, restrict_labels, task_data
+from sslprune.labelled import LABELLED, labelled_subset, task_data
 from sslprune.lottery import build, prepare, run_replicate
 from sslprune.models import build_model
-from sslprune.pruning import dense_mask
 from sslprune.report import collect
 from sslprune.retrain import retrain
 from sslprune.sampling import epoch_batches, steps_per_epoch
 from sslprune.tasks import UNLABELLED, Batch, build_task
-from sslprune.train import train
 
 from .conftest import killed_at_evaluation, tiny_dataset, tiny_experiment
 
