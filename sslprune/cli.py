@@ -299,8 +299,7 @@ def cmd_lottery(args, argv) -> int:
     _check_counts(run["levels"], run["replicates"])
     runtime = _runtime(args)
     exp.validate()                         # before reading any data
-    distributed.check_task(exp.task.task)  # N processes: before anything is written
-    distributed.check_batch(exp.train.batch_size)
+    distributed.check_batch(exp.train.batch_size)  # N processes: before anything is written
     if source_run(exp) is not None:        # every replicate's start exists before anything is written
         for replicate in run["replicates"]:
             pretrained_file(exp, replicate)

@@ -3,7 +3,8 @@
 The design keeps every rank doing the single-process computation on its share of each batch, so a
 run on N processes matches a run on one with the same global batch, to floating-point tolerance:
 - every rank holds the data and draws the same global batch and the same augmentation (one seed);
-  rank r trains on its contiguous 1/N of it (the global batch must divide by N);
+  rank r trains on its contiguous 1/N of it (the global batch must divide by N). Random views
+  (Exemplar's) are drawn for the whole batch too, so every rank draws what one process would;
 - gradients are averaged over ranks in one flat all-reduce after backward (the mean of equal
   shards' mean losses is the global mean loss); every rank then takes the same optimizer step;
 - batch-norm statistics are reduced over ranks (SyncBatchNorm2d below, which also runs on CPU with
@@ -11,8 +12,15 @@ run on N processes matches a run on one with the same global batch, to floating-
 - masks are computed by every rank from the same files, hence identical; only rank 0 writes files
   (layout writes are rank-0 only) and the others wait at a barrier wherever they read them next.
 
-Objectives whose loss couples the images of a batch (Exemplar's negatives, NPID's bank, S4L's
-labelled/unlabelled halves) are refused under N > 1 processes until they gather across ranks.
+Objectives whose loss couples the images of a batch see the whole batch through `Batch.gather`
+(an all-gather that passes gradients back to the rank that owns each row) and `Batch.local`:
+- Exemplar: every rank gathers the 2B embeddings and computes the same triplet loss over all of
+  them, so its negatives are mined in the global batch, as on one process;
+- NPID: the noise rows are drawn from the shared generator; the normaliser Z is estimated from the
+  whole batch (mean over ranks) and the memory bank is updated with every rank's embeddings, so the
+  bank stays identical on all ranks;
+- S4L: the label loss is the mean over the whole batch's labelled images, wherever they landed
+  (the paired batch puts them first, so with 2 ranks rank 0 holds all of them).
 """
 from __future__ import annotations
 
@@ -23,9 +31,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import UserError
-
-PER_SAMPLE_TASKS = ("labels", "rotation")  # loss = mean over images: exact under sharding
-
 
 def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -66,25 +71,51 @@ def barrier() -> None:
         dist.barrier()
 
 
-def check_task(task: str) -> None:
-    if world() > 1 and task not in PER_SAMPLE_TASKS:
-        raise UserError(f"--task {task} does not run on several processes yet (its loss couples the "
-                        f"images of a batch); run it on one process, or use {' or '.join(PER_SAMPLE_TASKS)}")
-
-
 def check_batch(batch_size: int) -> None:
     if batch_size % world():
         raise UserError(f"--batch-size {batch_size} does not divide by the {world()} processes; pass a "
                         f"multiple of {world()} (it is the global batch, split evenly)")
 
 
-def shard(idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's contiguous share of a global batch: (B,) indices and (B, ...) images -> B/N each."""
+def rows(batch_size: int) -> slice | None:
+    """This rank's contiguous share of a global batch of `batch_size` rows; None on one process."""
     n = world()
     if n == 1:
-        return idx, x
-    b = len(idx) // n
-    return idx[rank() * b:(rank() + 1) * b], x[rank() * b:(rank() + 1) * b]
+        return None
+    b = batch_size // n
+    return slice(rank() * b, (rank() + 1) * b)
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather along dim 0 in rank order. Backward: this rank's slice of the gradient, times N.
+    Valid because every rank computes the same loss from the gathered tensor (so the gradients
+    w.r.t. it are equal on all ranks) and gradients are averaged over ranks afterwards: the N
+    cancels the averaging and each row's gradient reaches its owner's parameters once."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b = grad.shape[0] // world()
+        return grad[rank() * b:(rank() + 1) * b] * world()
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) on each of N ranks -> (N*b, ...) on every rank, differentiable (see _Gather)."""
+    return _Gather.apply(x) if world() > 1 else x
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor without gradient (equal shares: the mean of the global batch)."""
+    if world() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world()
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:

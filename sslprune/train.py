@@ -107,7 +107,6 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
     if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
-        distributed.check_task(task.name)
         distributed.check_batch(min(cfg.batch_size, len(train_x)))  # what epoch_batches draws
         distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     apply_mask(backbone, mask)
@@ -158,11 +157,12 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 x = batch_crop(x, aug.crop_pad, generator)
             if aug.flip:
                 x = batch_flip_lr(x, generator)
-            idx, x = distributed.shard(idx, x)                     # this rank's B/N (all of it on one)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
             with rt.autocast():
-                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator), normalize)
+                # N processes: the whole batch, and the rows (B/N) this one trains on
+                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator, distributed.rows(len(idx))),
+                                       normalize)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(params)                   # no-op on one process

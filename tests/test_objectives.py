@@ -82,11 +82,11 @@ def test_triplet_accuracy_and_loss_follow_the_distances():
     from sslprune.tasks.exemplar import triplet_loss
     ids = torch.tensor([0, 1, 0, 1])
     good = torch.nn.functional.normalize(torch.tensor([[1., 0], [0, 1], [1, .1], [.1, 1]]), dim=1)
-    loss, correct = triplet_loss(good, ids, margin=0.5)
-    assert correct == 4 and loss == 0                 # positives 0.1 apart, negatives ~1.3: beyond the margin
+    loss, hit = triplet_loss(good, ids, margin=0.5)
+    assert hit.sum() == 4 and loss == 0                 # positives 0.1 apart, negatives ~1.3: beyond the margin
     bad = good[[0, 1, 3, 2]]                          # swap: each view's nearest is the other image
-    loss, correct = triplet_loss(bad, ids, margin=0.5)
-    assert correct == 0 and loss > 0.5
+    loss, hit = triplet_loss(bad, ids, margin=0.5)
+    assert hit.sum() == 0 and loss > 0.5
 
 
 # --- NPID ------------------------------------------------------------------------------------

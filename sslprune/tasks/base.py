@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import distributed
+
 UNLABELLED = -1  # the label of an image whose label the objective may not see
 
 
@@ -20,6 +22,23 @@ class Batch:
     labels: torch.Tensor            # (B,) int64; UNLABELLED where the label is hidden
     index: torch.Tensor             # (B,) rows of these images in the training split (NPID's bank)
     generator: torch.Generator      # randomness of the task's own views (resumable)
+    rows: slice | None = None       # N processes: the rows of the (global) batch this one trains on
+
+    @property
+    def sharded(self) -> bool:
+        return self.rows is not None
+
+    def local(self) -> "Batch":
+        """This process's rows (the whole batch on one process)."""
+        if self.rows is None:
+            return self
+        return Batch(self.images[self.rows], self.labels[self.rows], self.index[self.rows], self.generator)
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Values computed from local() rows, (b, ...) -> those of the whole batch in batch order,
+        (B, ...), gradients flowing back to the process that computed each row. Every process must
+        then compute the same loss from them (sslprune.distributed._Gather)."""
+        return distributed.gather(values) if self.sharded else values
 
 
 class Task(nn.Module):
@@ -39,8 +58,9 @@ class Task(nn.Module):
         return nn.functional.cross_entropy(logits, targets)
 
     def step(self, backbone: nn.Module, batch: Batch, normalize) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One forward pass. Returns (mean loss, number correct, number of predictions)."""
-        inputs, targets = self.views(batch)
+        """One forward pass. Returns (mean loss, number correct, number of predictions).
+        Per-image losses need only this process's rows: their mean over ranks is the batch's mean."""
+        inputs, targets = self.views(batch.local())
         logits = self.head(backbone(normalize(inputs)))
         loss = self.loss(logits, targets)
         correct = (logits.argmax(1) == targets).sum()

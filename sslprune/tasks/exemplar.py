@@ -35,7 +35,7 @@ def exemplar_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def triplet_loss(z: torch.Tensor, ids: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Semi-hard triplet loss over unit embeddings z (N, D) with image ids (N,).
-    Returns (mean loss over anchors, number of anchors whose positive beats every negative)."""
+    Returns (mean loss over anchors, (N,) True where the anchor's positive beats every negative)."""
     d = (2 - 2 * z @ z.T).clamp_min(1e-12).sqrt()                   # (N, N) distances of unit vectors
     same = ids[:, None] == ids[None, :]
     eye = torch.eye(len(ids), dtype=torch.bool, device=z.device)
@@ -47,7 +47,7 @@ def triplet_loss(z: torch.Tensor, ids: torch.Tensor, margin: float) -> tuple[tor
     easiest = d.masked_fill(same, -1.0).amax(1)                     # fallback: the farthest negative
     chosen = torch.where(semi_hard < far, semi_hard, easiest)
     loss = (pos - chosen + margin).clamp_min(0).mean()
-    return loss, (pos < hardest).sum()
+    return loss, pos < hardest
 
 
 class Exemplar(Task):
@@ -76,7 +76,13 @@ class Exemplar(Task):
         return super().evaluate(backbone, images[order[:full]], labels[order[:full]], normalize, batch_size)
 
     def step(self, backbone, batch, normalize):
-        inputs, ids = self.views(batch)
-        z = nn.functional.normalize(self.head(backbone(normalize(inputs))), dim=1)  # (2B, D)
-        loss, correct = triplet_loss(z, ids, self.margin)
-        return loss, correct, len(ids)
+        inputs, ids = self.views(batch)        # (2B, ...): the whole batch's views, the same draws on every process
+        b, mine = len(batch.images), batch.rows or slice(None)
+        if batch.sharded:                      # this process's rows of each view: (2b, C, H, W)
+            inputs = torch.cat([inputs[:b][mine], inputs[b:][mine]])
+        z = nn.functional.normalize(self.head(backbone(normalize(inputs))), dim=1)  # (2b, D)
+        if batch.sharded:  # gathered (N * 2b, D) ordered [rank, view, row] -> [view, rank, row] = the batch's (2B, D)
+            z = batch.gather(z).view(-1, 2, len(z) // 2, z.shape[1]).transpose(0, 1).reshape(2 * b, -1)
+        loss, hit = triplet_loss(z, ids, self.margin)   # mined over the whole batch, same on every process
+        correct = hit.view(2, b)[:, mine]               # this process's anchors
+        return loss, correct.sum(), correct.numel()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from .base import Batch, Task
 
 
@@ -48,7 +49,8 @@ class NPID(Task):
         return nn.functional.normalize(self.head(backbone(normalize(images))), dim=1)  # (B, D)
 
     def step(self, backbone, batch: Batch, normalize):
-        v = self.embed(backbone, batch.images, normalize)                              # (B, D)
+        local = batch.local()                                                         # N processes: this one's rows
+        v = self.embed(backbone, local.images, normalize)                             # (b, D)
         n, b = len(self.bank), len(v)
         # K noise rows drawn uniformly, shared by the batch: each image still gets K independent
         # uniform noise samples, and scoring them is one (B, D) x (D, K) matmul instead of a
@@ -56,10 +58,12 @@ class NPID(Task):
         noise = torch.randint(0, n, (self.k,), generator=batch.generator,
                               device=batch.generator.device).to(v.device)              # (K,)
         with torch.no_grad():
-            positive, negative = self.bank[batch.index], self.bank[noise]              # (B, D), (K, D)
-        p = torch.exp(torch.cat([(v * positive).sum(1, keepdim=True), v @ negative.T], 1) / self.t)  # (B, K+1)
+            positive, negative = self.bank[local.index], self.bank[noise]              # (b, D), (K, D)
+        p = torch.exp(torch.cat([(v * positive).sum(1, keepdim=True), v @ negative.T], 1) / self.t)  # (b, K+1)
         if self.training:  # no host sync: the first estimate replaces the -1 placeholder
             estimate = p[:, 1:].detach().mean() * n
+            if batch.sharded:
+                estimate = distributed.mean_over_ranks(estimate)                      # the whole batch's
             self.z.copy_(torch.where(self.z < 0, estimate,
                                      self.z_momentum * self.z + (1 - self.z_momentum) * estimate))
         p = p / self.z
@@ -67,11 +71,11 @@ class NPID(Task):
         eps = 1e-7
         log_data = torch.log(p[:, 0] / (p[:, 0] + noise_mass + eps))                    # positive is data
         log_noise = torch.log(noise_mass / (p[:, 1:] + noise_mass + eps))               # negatives are noise
-        loss = -(log_data.sum() + log_noise.sum()) / b
+        loss = -(log_data.sum() + log_noise.sum()) / b   # per image: the mean over ranks is the batch's
         correct = (p[:, 0] > p[:, 1:].amax(1)).sum()  # the positive scores above all K noise rows
-        if self.training:
+        if self.training:  # every process writes every row of the batch: the banks stay identical
             with torch.no_grad():
-                rows_new = self.m * self.bank[batch.index] + (1 - self.m) * v.detach()
+                rows_new = self.m * self.bank[batch.index] + (1 - self.m) * batch.gather(v.detach())
                 self.bank[batch.index] = nn.functional.normalize(rows_new, dim=1)
         return loss, correct, b
 

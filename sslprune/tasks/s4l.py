@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from .base import UNLABELLED, Batch, Task
 from .rotation import rotate4
 
@@ -37,10 +38,13 @@ class S4LRotation(Task):
         return label_logits, batch.labels[labelled], self.rotation_head(features), rot_targets
 
     def step(self, backbone, batch, normalize):
-        label_logits, labels, rot_logits, rot_targets = self.forward_both(backbone, batch, normalize)
-        loss = self.rotation_weight * nn.functional.cross_entropy(rot_logits, rot_targets)
-        if len(labels):
-            loss = loss + nn.functional.cross_entropy(label_logits, labels)
+        label_logits, labels, rot_logits, rot_targets = self.forward_both(backbone, batch.local(), normalize)
+        loss = self.rotation_weight * nn.functional.cross_entropy(rot_logits, rot_targets)  # equal shares
+        labelled = int((batch.labels != UNLABELLED).sum())   # in the whole batch, wherever they landed
+        if labelled:  # the mean over the batch's labelled images: N/labelled per process averages to it.
+            # A process with none of them still adds the (zero) term, so every rank has a head gradient.
+            share = distributed.world() if batch.sharded else 1
+            loss = loss + nn.functional.cross_entropy(label_logits, labels, reduction="sum") * (share / labelled)
         return loss, (label_logits.argmax(1) == labels).sum(), len(labels)
 
     @torch.no_grad()
