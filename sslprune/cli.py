@@ -148,12 +148,14 @@ def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
                    "without bf16 units is ~50x slower) [default: auto]")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone (compile time "
                    "counts against the run; pays off on long runs)")
+    g.add_argument("--loader-workers", type=int, default=None, help="--stream: processes decoding images "
+                   "(0 = in the training process) [default: the CPUs per training process - 1, at most 8]")
 
 
 def _runtime(args) -> Runtime:
     """The runtime flags, checked (an unusable device or precision is a one-line error)."""
     _check_device(args.device)
-    rt = Runtime(args.device, args.channels_last, args.precision, args.compile)
+    rt = Runtime(args.device, args.channels_last, args.precision, args.compile, args.loader_workers)
     rt.resolved()
     return rt
 
@@ -401,7 +403,7 @@ def cmd_eval(args, argv) -> int:
             (None, None, None, 0, 0):
         data = own
     else:  # another dataset, or the run's own read differently
-        size = args.image_size if args.image_size is not None else own.train.images.shape[-1]
+        size = args.image_size if args.image_size is not None else own.train.image_shape[-1]
         data = load_dataset(Data(dataset=args.dataset or exp.data.dataset, image_size=size,
                                  train_per_class=args.train_per_class, test_per_class=args.test_per_class),
                             args.data_root or saved.get("data_root"))
@@ -427,11 +429,11 @@ def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
     aug = dataclasses.replace(exp.data, **{k: getattr(args, k) for k in ("crop_pad", "flip")
                                            if getattr(args, k) is not None})
     Experiment(data=aug, model=exp.model, task=config.Task(task="labels"), train=cfg, prune=exp.prune).validate()
-    size = args.image_size if args.image_size is not None else own.train.images.shape[-1]
+    size = args.image_size if args.image_size is not None else own.train.image_shape[-1]
     data = load_dataset(Data(dataset=args.dataset, image_size=size, train_per_class=args.train_per_class,
                              test_per_class=args.test_per_class), args.data_root)
-    if aug.crop_pad >= data.train.images.shape[-1]:
-        raise UserError(f"--crop-pad {aug.crop_pad} is not smaller than the {data.train.images.shape[-1]}-pixel "
+    if aug.crop_pad >= data.train.image_shape[-1]:
+        raise UserError(f"--crop-pad {aug.crop_pad} is not smaller than the {data.train.image_shape[-1]}-pixel "
                         f"target images; pass a smaller --crop-pad")
     from .lottery import record_command
     record_command(args.run_dir, list(argv))

@@ -22,6 +22,7 @@ class Data:
     test_per_class: int = 0      # keep the first N test images of each class (0 = all)
     crop_pad: int = 0            # random crop of an image zero-padded by this many pixels (0 = off)
     flip: bool = False           # random horizontal flip
+    stream: bool = False         # imagefolder: read the training images from disk every epoch (DataLoader workers), as random-resized crops to --image-size: for data that does not fit in memory
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,10 @@ class Experiment:
             raise UserError(f"--gamma must be > 0, got {self.train.gamma}")
         if self.train.warmup_epochs > self.train.epochs:
             raise UserError(f"--warmup-epochs {self.train.warmup_epochs} exceeds --epochs {self.train.epochs}")
+        if self.data.stream and self.data.dataset != "imagefolder":
+            raise UserError(f"--stream reads an ImageFolder from disk; --dataset {self.data.dataset} is held in memory: drop --stream")
+        if self.data.stream and self.data.crop_pad:
+            raise UserError("--crop-pad does not apply with --stream (its random-resized crop replaces it): drop --crop-pad")
         parse_rewind(self.prune.rewind)
         self._validate_task()
 

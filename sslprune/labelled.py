@@ -76,10 +76,10 @@ def restrict_labels(data: Dataset, subset: torch.Tensor, drop_unlabelled: bool) 
     (drop_unlabelled) or kept with label UNLABELLED: nothing downstream can read their label."""
     train = data.train
     if drop_unlabelled:  # "10% labels": train on the labelled images alone
-        train = Split(train.images[subset], train.labels[subset])
+        train = train.take(subset)
     else:                   # s4l: every image, the unlabelled ones without a label
         hidden = torch.full_like(train.labels, UNLABELLED)
         hidden[subset] = train.labels[subset]
-        train = Split(train.images, hidden)
+        train = train.relabel(hidden)
     # Channel statistics stay those of all training images: they need no label.
     return Dataset(data.name, train, data.test, data.classes, _stats=data.channel_stats())

@@ -119,7 +119,7 @@ def _sha256(path: Path) -> str:
 
 
 def check_data(exp: Experiment, data: Dataset) -> None:
-    h, w = data.train.images.shape[-2:]
+    h, w = data.train.image_shape[-2:]
     if exp.task.task in ("rotation", "s4l") and h != w:
         raise UserError(f"--task {exp.task.task} needs square images, these are {h}x{w}; pass --image-size N")
     if exp.task.task == "npid" and exp.task.nce_negatives >= len(data.train):

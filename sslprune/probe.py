@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import layout
-from .data import Dataset
+from .data import Dataset, Split
 from .data.augment import Normalize
 from .errors import UserError
 from .lottery import load_experiment
@@ -102,6 +102,9 @@ def probe_level(exp_dir: Path, replicate: int, level: int, data: Dataset, normal
     """Probe the backbone that level `level` of a lottery run trained, on `data`'s labels (all of
     them: the probe is an evaluation, whatever labels the objective saw). Idempotent: the result
     is level_<L>/<probe_name>/done.json, next to the features it was fitted on."""
+    if not isinstance(data.train, Split):
+        raise UserError("a linear probe fits on features of training images held in memory, and this run's "
+                        "data is streamed from disk: probe on another dataset (--dataset, --data-root)")
     out = layout.level_dir(exp_dir, replicate, level) / probe_name(data, stage)
     if layout.is_done(out):
         return layout.load_json(out / layout.DONE)

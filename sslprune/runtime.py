@@ -1,4 +1,5 @@
-"""How a run executes, as opposed to what it computes: device, memory format, precision, compile.
+"""How a run executes, as opposed to what it computes: device, memory format, precision, compile,
+and the number of processes decoding streamed images.
 
 None of these enter the experiment's name (the same experiment can run on a laptop or a GPU), but
 they change floating-point results, so a training run records them in its checkpoint and refuses
@@ -9,7 +10,10 @@ Defaults ("auto") follow benchmarks/train_speed.py on each device:
   tensor cores want NHWC);
 - precision: bf16 autocast on a CUDA GPU that supports it, fp32 everywhere else. Never bf16 by
   default on a CPU: without bf16 units it is ~50x slower than fp32;
-- compile: off (its compile time is paid by the run it serves; opt in for long runs).
+- compile: off (its compile time is paid by the run it serves; opt in for long runs);
+- loader_workers (--stream only): the CPUs of this process, shared between the local training
+  processes, minus one for training, at most 8. It never changes results (sslprune/data/stream.py),
+  so it is not part of the fingerprint.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class Runtime:
     channels_last: bool | None = None   # None = the device's default (see above)
     precision: str = "auto"             # auto | fp32 | bf16 (autocast for forward and loss)
     compile: bool = False               # torch.compile the backbone's forward
+    loader_workers: int | None = None   # --stream: decoding processes (None = see above; 0 = in this one)
 
     def resolved(self) -> "Runtime":
         """Every 'auto' replaced by the device's default; errors for impossible asks."""
@@ -39,7 +44,14 @@ class Runtime:
         if precision == "auto":
             precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
         channels_last = True if self.channels_last is None else self.channels_last
-        return Runtime(self.device, channels_last, precision, self.compile)
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise UserError(f"--loader-workers must be >= 0 (0 = decode in the training process), got {self.loader_workers}")
+        if self.loader_workers is None:
+            from .data.stream import default_workers
+            workers = default_workers()
+        else:
+            workers = self.loader_workers
+        return Runtime(self.device, channels_last, precision, self.compile, workers)
 
     @property
     def memory_format(self) -> torch.memory_format:

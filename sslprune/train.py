@@ -20,8 +20,9 @@ from . import distributed, layout
 from .config import Data as DataConfig
 from .config import Train as TrainConfig
 from .config import parse_rewind
-from .data import Dataset
+from .data import Dataset, Split
 from .data.augment import Normalize, batch_crop, batch_flip_lr
+from .data.stream import Stream
 from .errors import UserError
 from .pruning import Mask, MaskEnforcer, apply_mask
 from .runtime import CPU, Runtime
@@ -98,7 +99,12 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     rt = runtime.resolved()
     device = rt.device
     backbone.to(device, memory_format=rt.memory_format), task.to(device)
-    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)  # uint8, on the device
+    stream = None
+    if isinstance(data.train, Split):
+        train_x = data.train.images.to(device)                       # (N, 3, H, W) uint8, on the device
+    else:  # --stream: on disk, decoded ahead of training by DataLoader workers
+        stream = Stream(data.train, aug.flip, seed, rt.loader_workers, pin_memory=torch.device(device).type == "cuda")
+    train_y = data.train.labels.to(device)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     normalize = Normalize(*data.channel_stats(), memory_format=rt.memory_format).to(device)
     per_epoch = steps_per_epoch(task.sampler, train_y, cfg.batch_size)
@@ -107,7 +113,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
     if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
-        distributed.check_batch(min(cfg.batch_size, len(train_x)))  # what epoch_batches draws
+        distributed.check_batch(min(cfg.batch_size, len(train_y)))  # what epoch_batches draws
         distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
@@ -117,7 +123,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
 
-    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_x), "task": task.name,
+    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_y), "task": task.name,
                    **rt.fingerprint()}  # RNG streams and rounding differ between devices and runtimes
     cuda = torch.device(device).type == "cuda"
     if rt.compile:  # compiles the backbone's forward in place: state_dict keys stay the same
@@ -146,23 +152,27 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         backbone.train(), task.train()
         t0 = time.perf_counter()
         order = epoch_batches(task.sampler, train_y, cfg.batch_size, generator)  # (per_epoch, B)
+        rows = distributed.rows(order.shape[1])                     # N processes: this one's B/N
+        loaded = stream.epoch(order, epoch, rows) if stream else None
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         count = 0
         for i in range(per_epoch):
             step = epoch * per_epoch + i
             idx = order[i]
-            x = train_x[idx]                                        # (B, 3, H, W) uint8
-            if aug.crop_pad:
-                x = batch_crop(x, aug.crop_pad, generator)
-            if aug.flip:
-                x = batch_flip_lr(x, generator)
+            if stream is None:
+                x = train_x[idx]                                    # (B, 3, H, W) uint8
+                if aug.crop_pad:
+                    x = batch_crop(x, aug.crop_pad, generator)
+                if aug.flip:
+                    x = batch_flip_lr(x, generator)
+            else:  # cropped and flipped by the workers: this process's rows, gathered to the batch
+                x = distributed.gather(next(loaded).to(device, non_blocking=True))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
             with rt.autocast():
                 # N processes: the whole batch, and the rows (B/N) this one trains on
-                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator, distributed.rows(len(idx))),
-                                       normalize)
+                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator, rows), normalize)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(params)                   # no-op on one process

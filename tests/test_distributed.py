@@ -136,11 +136,17 @@ def test_every_objective_on_two_processes_takes_the_one_process_step(tmp_path):
             assert torch.allclose(got[name]["loss"], want["loss"], atol=1e-12), name
 
 
-@pytest.mark.parametrize("task", ["exemplar", "npid"])
+@pytest.mark.parametrize("task", ["exemplar", "npid", "streamed"])
 def test_objectives_that_couple_the_batch_train_on_two_processes(tmp_path, task):
-    """End to end through torchrun: the gathered objectives give the one-process weights."""
+    """End to end through torchrun: the gathered objectives, and images streamed from disk (each
+    process decodes its rows, then gathers them), give the one-process weights."""
     extra = ("--task", task, "--levels", "0", "--epochs", "1",
              *(("--nce-negatives", "64") if task == "npid" else ()))
+    if task == "streamed":
+        from .test_stream import write_tree
+        extra = ("--task", "exemplar", "--levels", "0", "--epochs", "2", "--dataset", "imagefolder",
+                 "--data-root", str(write_tree(tmp_path / "tree")), "--stream", "--image-size", "16",
+                 "--crop-pad", "0", "--loader-workers", "1")
     one, two = _sslprune(tmp_path / "one", 1, *extra), _sslprune(tmp_path / "two", 2, *extra)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]

@@ -18,11 +18,11 @@ def load_dataset(cfg, root=None) -> Dataset:
     """Read the dataset named by a config.Data, apply the per-class subsets."""
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(DATASETS)}")
-    ds = DATASETS[cfg.dataset](root, image_size=cfg.image_size,
-                               train_per_class=cfg.train_per_class, test_per_class=cfg.test_per_class)
-    if cfg.image_size and ds.train.images.shape[-1] != cfg.image_size:
+    ds = DATASETS[cfg.dataset](root, image_size=cfg.image_size, train_per_class=cfg.train_per_class,
+                               test_per_class=cfg.test_per_class, stream=cfg.stream)
+    if cfg.image_size and ds.train.image_shape[-1] != cfg.image_size:
         raise UserError(f"--image-size {cfg.image_size} is only supported for imagefolder data; "
-                        f"{cfg.dataset} images are {ds.train.images.shape[-1]} pixels")
+                        f"{cfg.dataset} images are {ds.train.image_shape[-1]} pixels")
     return Dataset(ds.name, ds.train.first_per_class(cfg.train_per_class),
                    ds.test.first_per_class(cfg.test_per_class), ds.classes)
 

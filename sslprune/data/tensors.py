@@ -1,4 +1,5 @@
-"""A dataset split held in memory as a uint8 tensor: what every reader returns."""
+"""A dataset split held in memory as a uint8 tensor: what every reader returns (with --stream, an
+ImageFolder's training split is an ImageFiles instead: sslprune/data/stream.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -22,21 +23,35 @@ class Split:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def take(self, rows: torch.Tensor) -> "Split":
+        return Split(self.images[rows], self.labels[rows])
+
+    def relabel(self, labels: torch.Tensor) -> "Split":
+        return Split(self.images, labels)
+
     def first_per_class(self, n: int) -> "Split":
-        """The first n images of each class, in dataset order (0 = all). Deterministic."""
-        if n <= 0:
-            return self
-        keep = torch.zeros(len(self), dtype=torch.bool)
-        for c in self.labels.unique():
-            keep[(self.labels == c).nonzero().flatten()[:n]] = True
-        return Split(self.images[keep], self.labels[keep])
+        return first_per_class(self, n)
+
+
+def first_per_class(split, n: int):
+    """The first n images of each class of a Split or ImageFiles, in dataset order (0 = all)."""
+    if n <= 0:
+        return split
+    keep = torch.zeros(len(split), dtype=torch.bool)
+    for c in split.labels.unique():
+        keep[(split.labels == c).nonzero().flatten()[:n]] = True
+    return split.take(keep.nonzero().flatten())
 
 
 
 @dataclass
 class Dataset:
     name: str
-    train: Split
+    train: Split          # or stream.ImageFiles (--stream): the same interface, on disk
     test: Split
     classes: list[str]
     _stats: tuple | None = field(default=None, repr=False, compare=False)
@@ -48,6 +63,9 @@ class Dataset:
     def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std of the training images on the 0-1 scale, each (3,).
         Computed once, in chunks (a float copy of CIFAR-10 would take 600 MB)."""
+        if self._stats is None and not isinstance(self.train, Split):  # on disk: a sample
+            from .stream import channel_stats
+            self._stats = channel_stats(self.train)
         if self._stats is None:
             total = torch.zeros(3, dtype=torch.float64)
             squares = torch.zeros(3, dtype=torch.float64)
@@ -66,6 +84,9 @@ class Dataset:
         it lives on disk."""
         h = hashlib.sha256()
         for split in (self.train, self.test):
+            if not isinstance(split, Split):  # on disk: paths, sizes and labels
+                split.digest(h)
+                continue
             h.update(split.images.contiguous().numpy().tobytes())
             h.update(split.labels.to(torch.int64).contiguous().numpy().tobytes())
         h.update("\n".join(self.classes).encode())
