@@ -17,7 +17,7 @@ import torch
 
 from . import layout
 from .config import Experiment
-from .data import Dataset, Split
+from .data import Dataset
 from .errors import UserError
 from .tasks import UNLABELLED
 

@@ -18,8 +18,18 @@ A spec is a TOML file:
     [evaluations]
     retrain = ["rewind", "reinit", "random"]
 
-Steps are (experiment, replicate) lottery chains and (experiment, replicate, level, reset)
-re-trainings; a re-training waits until its level is trained. Each step is guarded by an exclusive
+    [[evaluations.probe]]         # a linear probe of every level (any number of these tables)
+    dataset = "imagefolder"       # keys: dataset, data_root, image_size, train_per_class,
+    data_root = "../data/caltech" #       test_per_class, stage
+    image_size = 32               # default: the run's image size
+
+    [[evaluations.finetune]]      # fine-tuning every level, mask fixed (any number)
+    dataset = "imagefolder"       # the probe's data keys, and training overrides (epochs, lr, ...)
+    data_root = "../data/caltech"
+    epochs = 30
+
+Steps are (experiment, replicate) lottery chains and (experiment, replicate, level, evaluation)
+re-trainings, probes and fine-tunings; an evaluation waits until its level is trained. Each step is guarded by an exclusive
 `flock` on its own lock file: a worker that cannot take it moves on, and a worker that dies (kill -9
 included) loses its locks with its process, so another worker or the next run picks the step up
 and resumes it from its last checkpoint. No step is ever computed by two workers at once, and a
@@ -40,11 +50,13 @@ from pathlib import Path
 from typing import Callable
 
 from . import layout
-from .config import PRESETS, Experiment
+from .config import PRESETS, Data, Experiment, Task, Train
 from .errors import UserError
 from .runtime import Runtime
 
 SPEC_KEYS = {"root", "data_root", "levels", "replicates", "device", "base", "grid", "evaluations"}
+EVALUATIONS = {"retrain", "probe", "finetune"}
+DATA_KEYS = {"dataset", "data_root", "image_size", "train_per_class", "test_per_class"}
 LEDGER = "sweep_ledger.jsonl"
 
 
@@ -58,6 +70,8 @@ class Spec:
     device: str
     experiments: tuple[Experiment, ...]
     retrain: tuple[str, ...]
+    probe: tuple[dict, ...] = ()      # each: DATA_KEYS (data_root absolute) and optionally stage
+    finetune: tuple[dict, ...] = ()   # each: DATA_KEYS and Train / crop_pad / flip overrides
 
 
 def load_spec(path: Path) -> Spec:
@@ -94,17 +108,53 @@ def load_spec(path: Path) -> Spec:
         exp = Experiment.from_flat(flat)
         exp.validate()
         experiments.append(exp)
-    retrain = tuple(raw.get("evaluations", {}).get("retrain", ()))
+    evaluations = raw.get("evaluations", {})
+    unknown = set(evaluations) - EVALUATIONS
+    if unknown:
+        raise UserError(f"{path}: unknown evaluation(s) {sorted(unknown)}; known: {sorted(EVALUATIONS)}")
+    retrain = tuple(evaluations.get("retrain", ()))
     from .retrain import RESETS
     bad = [r for r in retrain if r not in RESETS]
     if bad:
         raise UserError(f"{path}: unknown retrain reset(s) {bad}; choose from {', '.join(RESETS)}")
     here = path.resolve().parent
+    probe = tuple(_downstream(path, here, "probe", t, {"stage"}) for t in evaluations.get("probe", ()))
+    finetune = tuple(_downstream(path, here, "finetune", t, _FINETUNE_KEYS) for t in evaluations.get("finetune", ()))
+    for t in finetune:  # the overrides make a valid training configuration for every experiment
+        for exp in experiments:
+            _finetune_config(exp, t)
     data_root = raw.get("data_root")
     return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
                 data_root=str(here / data_root) if data_root else None, levels=int(raw.get("levels", 3)),
                 replicates=int(raw.get("replicates", 1)), device=raw.get("device", "cpu"),
-                experiments=tuple(experiments), retrain=retrain)
+                experiments=tuple(experiments), retrain=retrain, probe=probe, finetune=finetune)
+
+
+_FINETUNE_KEYS = {f.name for f in dataclasses.fields(Train)} | {"crop_pad", "flip"}
+
+
+def _downstream(path: Path, here: Path, kind: str, table, extra: set[str]) -> dict:
+    """One [[evaluations.probe]] or [[evaluations.finetune]] table, checked; data_root made absolute."""
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: evaluations.{kind} must be tables ([[evaluations.{kind}]]), got {table!r}")
+    unknown = set(table) - DATA_KEYS - extra
+    if unknown:
+        raise UserError(f"{path}: evaluations.{kind}: unknown key(s) {sorted(unknown)}; known: "
+                        f"{sorted(DATA_KEYS | extra)}")
+    if "dataset" not in table:
+        raise UserError(f"{path}: evaluations.{kind} needs a dataset (e.g. dataset = \"imagefolder\")")
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    if out.get("data_root"):
+        out["data_root"] = str(here / out["data_root"])
+    return out
+
+
+def _finetune_config(exp: Experiment, table: dict) -> tuple[Train, Data]:
+    """The run's training and augmentation settings with the table's overrides (as `eval finetune`)."""
+    cfg = dataclasses.replace(exp.train, **{k: v for k, v in table.items() if k in {f.name for f in dataclasses.fields(Train)}})
+    aug = dataclasses.replace(exp.data, **{k: table[k] for k in ("crop_pad", "flip") if k in table})
+    Experiment(data=aug, model=exp.model, task=Task(task="labels"), train=cfg, prune=exp.prune).validate()
+    return cfg, aug
 
 
 @dataclasses.dataclass
@@ -130,8 +180,11 @@ def _progress(train_dir: Path) -> int:
 def plan(spec: Spec, runtime: Runtime) -> list[Step]:
     """Every step of the sweep, lottery chains first."""
     from .data import load_dataset
+    from .data.augment import Normalize
     from .lottery import prepare, run_replicate
+    from .probe import probe_level, probe_name
     from .retrain import retrain
+    from .transfer import finetune, finetune_name
 
     cache: dict = {}
 
@@ -140,6 +193,25 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
         if key not in cache:
             cache[key] = load_dataset(exp.data, spec.data_root)
         return cache[key]
+
+    def downstream(exp, kind: str, table: dict) -> tuple:
+        """(data, the evaluation's folder name in a level) of a probe or fine-tune table, read once per worker."""
+        key = (kind, exp.name(), repr(sorted(table.items())))
+        if key not in cache:
+            size = table.get("image_size") or data_for(exp).train.image_shape[-1]  # default: the run's
+            data = load_dataset(Data(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table} | {"image_size": size}),
+                                table.get("data_root"))
+            if kind == "probe":
+                cache[key] = data, probe_name(data, table.get("stage"))
+            else:
+                cache[key] = data, finetune_name(data, *_finetune_config(exp, table))
+        return cache[key]
+
+    def evaluation(exp, name, r, level, rdir, label, out, run, trains):
+        ldir = rdir / f"level_{level}"
+        return Step(key=f"{name}/replicate_{r}/level_{level}/{label}", lock=ldir / f".{label}.lock",
+                    ready=lambda: layout.is_done(ldir / "train"), done=lambda: layout.is_done(out()),
+                    run=run, train_dirs=lambda: [out()] if trains else [], level=level)
 
     def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
         d = spec.root / exp.name()
@@ -162,16 +234,26 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
                 run=lambda exp=exp, r=r: run_replicate(exp, exp_dir(exp), data_for(exp), r, spec.levels, runtime, False),
                 train_dirs=lambda rdir=rdir, levels=levels: [rdir / f"level_{L}" / "train" for L in levels]))
             for level in levels:
+                ldir = rdir / f"level_{level}"
                 for reset in spec.retrain:
-                    out = rdir / f"level_{level}" / f"retrain_{reset}"
-                    steps.append(Step(
-                        key=f"{name}/replicate_{r}/level_{level}/retrain_{reset}",
-                        lock=rdir / f"level_{level}" / f".retrain_{reset}.lock",
-                        ready=lambda rdir=rdir, level=level: layout.is_done(rdir / f"level_{level}" / "train"),
-                        done=lambda out=out: layout.is_done(out),
-                        run=lambda exp=exp, r=r, level=level, reset=reset: retrain(
-                            exp, exp_dir(exp), data_for(exp), r, level, reset, runtime, False),
-                        train_dirs=lambda out=out: [out], level=level))
+                    steps.append(evaluation(
+                        exp, name, r, level, rdir, f"retrain_{reset}", lambda out=ldir / f"retrain_{reset}": out,
+                        lambda exp=exp, r=r, level=level, reset=reset: retrain(
+                            exp, exp_dir(exp), data_for(exp), r, level, reset, runtime, False), trains=True))
+                for i, table in enumerate(spec.probe):
+                    steps.append(evaluation(
+                        exp, name, r, level, rdir, f"probe_{i + 1}",
+                        lambda exp=exp, t=table, ldir=ldir: ldir / downstream(exp, "probe", t)[1],
+                        lambda exp=exp, t=table, r=r, level=level: probe_level(
+                            exp_dir(exp), r, level, downstream(exp, "probe", t)[0], Normalize(*data_for(exp).channel_stats()),
+                            runtime.device, t.get("stage")), trains=False))
+                for i, table in enumerate(spec.finetune):
+                    steps.append(evaluation(
+                        exp, name, r, level, rdir, f"finetune_{i + 1}",
+                        lambda exp=exp, t=table, ldir=ldir: ldir / downstream(exp, "finetune", t)[1],
+                        lambda exp=exp, t=table, r=r, level=level: finetune(
+                            exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *_finetune_config(exp, t), runtime, False),
+                        trains=True))
     return steps
 
 

@@ -96,3 +96,51 @@ def test_bad_specs_fail_in_one_line(tmp_path, capsys):
     assert "unknown key(s) ['level']" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "none.toml")]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_probes_and_fine_tunes_every_level(tmp_path, capsys):
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(SPEC.format(epochs=1, replicates=1, retrain="[]").replace('["labels", "rotation"]', '["rotation"]') + """
+[[evaluations.probe]]
+dataset = "digits"
+train_per_class = 20
+test_per_class = 10
+
+[[evaluations.finetune]]
+dataset = "digits"
+train_per_class = 20
+test_per_class = 10
+epochs = 1
+lr = 0.001
+""")
+    assert main(["sweep", str(spec)]) == 0
+    st = status(load_spec(spec))
+    assert st["done"] == st["steps"] == 1 + 2 * 2 and st["finished_twice"] == []
+    (exp,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    for level in (0, 1):
+        ldir = layout.level_dir(exp, 1, level)
+        (probe,) = ldir.glob("probe_digits_*")
+        assert layout.load_json(probe / layout.DONE)["n_train"] == 200
+        (tuned,) = ldir.glob("finetune_digits_*")
+        assert layout.load_json(tuned / layout.DONE)["epochs"] == 1
+    # the report reads them like those of 'sslprune eval'
+    capsys.readouterr()
+    assert main(["report", str(exp), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "results.csv").read_text()
+    assert "probe" in table and "finetune" in table
+    n = len(_ledger(tmp_path / "runs"))
+    assert main(["sweep", str(spec)]) == 0 and len(_ledger(tmp_path / "runs")) == n   # nothing re-run
+
+
+@pytest.mark.parametrize("evaluations, message", [
+    ('[evaluations]\nprobes = []\n', "unknown evaluation(s) ['probes']"),
+    ('[[evaluations.probe]]\ndata_root = "x"\n', "evaluations.probe needs a dataset"),
+    ('[[evaluations.finetune]]\ndataset = "digits"\nepoch = 3\n', "unknown key(s) ['epoch']"),
+    ('[[evaluations.finetune]]\ndataset = "digits"\nlr = -1.0\n', "--lr must be > 0"),
+])
+def test_bad_evaluations_fail_in_one_line(tmp_path, capsys, evaluations, message):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'levels = 1\n[base]\npreset = "demo"\ntask = "rotation"\n{evaluations}')
+    assert main(["sweep", str(bad)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
