@@ -5,16 +5,23 @@ global prune of a ResNet-50, and peak memory. Run by hand: `make bench` (flags: 
 
 Every number is measured in this run, on the same model, batch and data, and reported as a ratio.
 Run-to-run noise on a shared 2-core VM is about +-10%, so loops are measured in interleaved rounds
-(bare, ours dense, ours pruned), each round's ratio taken, and the median ratio reported. Our loop's
-time is its training part: per-epoch evaluation is logged apart (eval_seconds) and reported apart.
-Random uint8 images stand in for CIFAR-10 (speed does not depend on pixel values).
+(bare, bare + augmentation, ours dense, ours pruned), each round's ratio taken, and the median ratio
+reported. Two bare loops: on one ready batch (the least a step can cost), and with the same per-batch
+work our loop does (index the uint8 images, crop, flip, normalise), which is the "same
+configuration" the 3% target compares against. Our loop's time is its training part: per-epoch
+evaluation is logged apart (eval_seconds) and reported apart. Random uint8 images stand in for
+CIFAR-10 (speed does not depend on pixel values). --ddp runs one training on 2 processes (gloo,
+1 thread each) against 1 process with 1 and with 2 threads, at the same global batch.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sslprune import distributed
 from sslprune.config import Experiment
 from sslprune.data import Dataset, Split
 from sslprune.data.augment import Normalize, batch_crop, batch_flip_lr
@@ -47,18 +55,24 @@ def _model(model_name: str, data: Dataset, memory_format) -> nn.Module:
     return nn.Sequential(backbone, task.head).train().to(memory_format=memory_format)
 
 
-def bare_loop(model_name: str, data: Dataset, batch: int, steps: int, windows: int, rt: Runtime) -> float:
-    """The least a training step can be: forward, loss, backward, SGD step on a ready batch."""
+def bare_loop(model_name: str, data: Dataset, batch: int, steps: int, windows: int, rt: Runtime,
+              augment: bool = False) -> float:
+    """The least a training step can be: forward, loss, backward, SGD step on a ready batch; with
+    `augment`, each step first indexes a random batch of uint8 images, crops, flips and normalises it."""
     model = _model(model_name, data, rt.memory_format)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if rt.compile:
         model.compile()
-    x = ((data.train.images[:batch].float() / 255 - 0.5) / 0.25).contiguous(memory_format=rt.memory_format)
-    y = data.train.labels[:batch]
+    norm = Normalize(*data.channel_stats(), memory_format=rt.memory_format)
+    g = torch.Generator().manual_seed(0)
+    x, y = norm(data.train.images[:batch]), data.train.labels[:batch]
     best = float("inf")
     for w in range(windows + 1):  # window 0 warms up (and compiles)
         t0 = time.perf_counter()
         for _ in range(steps):
+            if augment:
+                idx = torch.randperm(len(data.train), generator=g)[:batch]
+                x, y = norm(batch_flip_lr(batch_crop(data.train.images[idx], 2, g), g)), data.train.labels[idx]
             with rt.autocast():
                 loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -81,6 +95,8 @@ def project_loop(model_name: str, data: Dataset, batch: int, windows: int, mask_
     with tempfile.TemporaryDirectory() as d:
         train(backbone, task, data, exp.train, exp.data, prune_iteratively(backbone, mask_levels, 0.2), Path(d),
               seed=0, runtime=rt, progress=False)
+        if not distributed.is_main():  # under torchrun only rank 0 writes the log
+            return 0.0, 0.0, 0.0
         log = [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()]
     best = min(h["train_seconds"] for h in log[1:])
     return len(data.train) // batch * batch / best, min(h["eval_seconds"] for h in log[1:]), log[0]["train_seconds"]
@@ -147,6 +163,65 @@ def global_prune_seconds(model_name: str = "resnet50", reps: int = 3) -> tuple[f
     return best, sum(m.numel() for m in mask.values())
 
 
+def ddp_child(model_name: str, batch: int, steps: int, local_bn: bool) -> None:
+    """One process of a (torchrun) training: prints rank 0's best epoch images/s as JSON. local_bn:
+    batch-norm statistics of each process's own images (not what sslprune runs: it attributes the
+    cost of synchronising them)."""
+    if local_bn:
+        distributed.sync_batchnorm = lambda module: module
+    distributed.init("cpu")
+    rate, _, _ = project_loop(model_name, fake_cifar(batch * steps, batch), batch, 2, 0, Runtime("cpu"))
+    if distributed.is_main():
+        print(json.dumps({"rate": rate}))
+    distributed.close()
+
+
+def ddp_scaling(model_name: str, batch: int, steps: int) -> dict[str, float]:
+    """Training images/s at global batch `batch`: 1 process x 1 thread, 1 x 2 threads, 2 x 1 (gloo),
+    and 2 x 1 without synchronised batch-norm (what the 2 all-reduces per batch-norm layer cost)."""
+    out = {}
+    for label, threads, nproc, local in (("1 process, 1 thread", 1, 1, ""), ("1 process, 2 threads", 2, 1, ""),
+                                         ("2 processes (gloo), 1 thread each", 1, 2, ""),
+                                         ("  same, batch-norm not synchronised", 1, 2, "local")):
+        child = [__file__, "--ddp-child", model_name, str(batch), str(steps), local or "sync"]
+        launcher = [sys.executable] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        r = subprocess.run([*launcher, *child], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        out[label] = json.loads(r.stdout.strip().splitlines()[-1])["rate"]
+    return out
+
+
+def _allreduce_child(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x = torch.zeros(129, dtype=torch.float64)       # a batch-norm layer's statistics (C = 64)
+    for _ in range(10):
+        dist.all_reduce(x)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        dist.all_reduce(x)
+    if rank == 0:
+        out.put((time.perf_counter() - t0) / 200)
+    dist.destroy_process_group()
+
+
+def allreduce_latency() -> float:
+    """Seconds per all-reduce of 129 float64 between 2 local gloo processes (1 thread each)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_allreduce_child, args=(port, out), nprocs=2, start_method="spawn")
+    return out.get()
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
@@ -160,8 +235,14 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; median ratio reported")
     p.add_argument("--runtime", action="store_true", help="also compare channels_last, bf16 and "
                    "torch.compile against the default (slow: bf16 on a CPU without bf16 units is ~50x)")
+    p.add_argument("--runtime-models", nargs="+", default=["convnet", "resnet20"],
+                   help="models for --runtime (bf16 on a CPU without bf16 units makes big ones take hours)")
+    p.add_argument("--ddp", action="store_true", help="also DDP scaling: 2 processes against 1 (CPU, gloo)")
+    p.add_argument("--ddp-child", nargs=4, metavar=("MODEL", "BATCH", "STEPS", "BN"), help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
+    if args.ddp_child:
+        return ddp_child(args.ddp_child[0], int(args.ddp_child[1]), int(args.ddp_child[2]), args.ddp_child[3] == "local")
     rt = Runtime(args.device).resolved()
     peak = matmul_peak()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
@@ -175,31 +256,44 @@ def main():
             rounds = []
             for _ in range(args.rounds):
                 bare_r = bare_loop(name, data, batch, args.steps, args.windows, rt)
+                bare_aug_r = bare_loop(name, data, batch, args.steps, args.windows, rt, augment=True)
                 dense_r, eval_s, _ = project_loop(name, data, batch, args.windows, 0, rt)
                 pruned_r, _, _ = project_loop(name, data, batch, args.windows, 5, rt)
-                rounds.append((bare_r, dense_r, pruned_r))
-            bare, dense, pruned = (statistics.median(r[i] for r in rounds) for i in range(3))
-            over_dense = statistics.median(b / d - 1 for b, d, _ in rounds)
-            over_pruned = statistics.median(b / q - 1 for b, _, q in rounds)
+                rounds.append((bare_r, bare_aug_r, dense_r, pruned_r))
+            bare, bare_aug, dense, pruned = (statistics.median(r[i] for r in rounds) for i in range(4))
+            over_bare = statistics.median(r[0] / r[2] - 1 for r in rounds)
+            over_dense = statistics.median(r[1] / r[2] - 1 for r in rounds)
+            over_pruned = statistics.median(r[1] / r[3] - 1 for r in rounds)
             enforce = mask_cost(name, data)
             step = batch / dense
             pipe = pipeline_rate(data, batch, 50)
             gflops = step_flops(name, data, batch) / step
             print(f"\n{name}, batch {batch}")
-            print(f"  bare PyTorch loop          {bare:9.1f} img/s   (rounds: {', '.join(f'{r[0]:.1f}' for r in rounds)})")
-            print(f"  sslprune loop, dense mask  {dense:9.1f} img/s   time overhead {over_dense:+.1%} (median of paired ratios)")
-            print(f"  sslprune loop, 0.8^5 mask  {pruned:9.1f} img/s   time overhead {over_pruned:+.1%}")
+            print(f"  bare loop, ready batch     {bare:9.1f} img/s   (rounds: {', '.join(f'{r[0]:.1f}' for r in rounds)})")
+            print(f"  bare loop + augmentation   {bare_aug:9.1f} img/s   (rounds: {', '.join(f'{r[1]:.1f}' for r in rounds)})")
+            print(f"  sslprune loop, dense mask  {dense:9.1f} img/s   time overhead {over_dense:+.1%} vs bare + "
+                  f"augmentation, {over_bare:+.1%} vs ready batch (medians of paired ratios)")
+            print(f"  sslprune loop, 0.8^5 mask  {pruned:9.1f} img/s   time overhead {over_pruned:+.1%} vs bare + augmentation")
             print(f"  mask enforcement           {enforce * 1e3:9.2f} ms/step = {enforce / step:.2%} of a dense step")
             print(f"  per-epoch evaluation       {eval_s:9.2f} s ({batch} test images), logged apart")
             print(f"  data pipeline + RotNet x4  {pipe:9.1f} img/s = {pipe / dense:.0f}x the training rate")
             print(f"  achieved (nominal FLOPs)   {gflops / 1e9:9.1f} GFLOP/s = {gflops / peak:.0%} of the matmul peak")
-            if args.runtime:
+            if args.runtime and name in args.runtime_models:
                 variants = {"contiguous (NCHW)": Runtime(args.device, channels_last=False),
                             "bf16 autocast": Runtime(args.device, precision="bf16"),
                             "torch.compile": Runtime(args.device, compile=True)}
                 for label, v in variants.items():
                     r, _, first = project_loop(name, data, batch, args.windows, 0, v)
                     print(f"  {label:<26} {r:9.1f} img/s = {r / dense:.2f}x the default; first epoch {first:.1f} s")
+    if args.ddp:
+        for name in args.runtime_models:
+            batch = args.batches[-1]
+            rates = ddp_scaling(name, batch, args.steps)
+            base = rates["1 process, 1 thread"]
+            print(f"\nDDP scaling, {name}, global batch {batch} (the machine has {os.cpu_count()} cores; "
+                  f"one small gloo all-reduce between 2 processes: {allreduce_latency() * 1e3:.2f} ms)")
+            for label, r in rates.items():
+                print(f"  {label:<34} {r:9.1f} img/s = {r / base:.2f}x one thread")
     print(f"\npeak resident memory of this process: {peak_rss_gib():.2f} GiB")
 
 

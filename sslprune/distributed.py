@@ -144,42 +144,52 @@ def sum_over_ranks(*values: torch.Tensor) -> list[torch.Tensor]:
 
 
 class _SyncBatchNorm(torch.autograd.Function):
-    """Batch-norm over the global batch: per-channel sums are all-reduced in the forward pass, and
-    the two per-channel sums the input gradient needs in the backward pass."""
+    """Batch-norm over the global batch. Forward: each rank's per-channel mean and variance (native
+    kernel, any memory format), combined over ranks in float64 by one all-reduce of (C,) sums, then
+    normalised by the native eval-mode kernel. Backward: the native eval-mode backward gives
+    dy * w * invstd and the local per-channel sums of dy and dy * xhat; those sums are all-reduced
+    and the train-mode correction, an affine function of x per channel, is subtracted."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        # x: (B_local, C, H, W). Global mean and biased variance from sums over every rank.
-        dims = (0, 2, 3)
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float64)
-        stats = torch.cat([x.sum(dims, dtype=torch.float64), (x.double() ** 2).sum(dims), count])
-        dist.all_reduce(stats)
-        c = x.shape[1]
+        c, dt = x.shape[1], torch.float64                       # x: (B_local, C, H, W)
+        scratch = torch.zeros(c, device=x.device, dtype=weight.dtype), torch.ones(c, device=x.device, dtype=weight.dtype)
+        mean, var = torch.batch_norm_update_stats(x, *scratch, 0.0)   # local, biased; scratch untouched at momentum 0
+        n = torch.full((1,), x.numel() / c, device=x.device, dtype=dt)
+        stats = torch.cat([mean.to(dt) * n, (var.to(dt) + mean.to(dt) ** 2) * n, n])
+        dist.all_reduce(stats)                                  # (2C+1,): sums of x and x^2, count
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean ** 2).clamp_min(0)
-        invstd = torch.rsqrt(var + eps)
-        shape = (1, c, 1, 1)
-        xhat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
-        ctx.save_for_backward(xhat, weight, invstd.to(x.dtype))
-        ctx.n = n
+        mean_w, var_w = mean.to(weight.dtype), var.to(weight.dtype)
+        y = nn.functional.batch_norm(x, mean_w, var_w, weight, bias, training=False, eps=eps)
+        ctx.save_for_backward(x, weight, mean_w, var_w)
+        ctx.eps, ctx.n = eps, n
         mean, var = mean.float(), var.float()  # fp32 for the running statistics, even under bf16
         ctx.mark_non_differentiable(mean, var, n)
-        return xhat * weight.view(shape) + bias.view(shape), mean, var, n
+        return y, mean, var, n
 
     @staticmethod
     def backward(ctx, grad_out, _gmean, _gvar, _gn):
-        xhat, weight, invstd = ctx.saved_tensors
-        dims, shape = (0, 2, 3), (1, -1, 1, 1)
-        grad_weight = (grad_out * xhat).sum(dims)              # local: gradients are averaged later
-        grad_bias = grad_out.sum(dims)
-        sums = torch.cat([grad_bias, grad_weight]).double()   # (2C,) over every rank's images
+        x, weight, mean, var = ctx.saved_tensors
+        grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(memory_format=_format(x)), x, weight, mean, var, None, None, False, ctx.eps,
+            [True, True, True])                                 # dy*w*invstd; local sums of dy*xhat, dy
+        sums = torch.cat([grad_bias, grad_weight]).double()    # (2C,) over every rank's images
         dist.all_reduce(sums)
-        c = weight.shape[0]
-        mean_dy = (sums[:c] / ctx.n).to(xhat.dtype).view(shape)
-        mean_dy_xhat = (sums[c:] / ctx.n).to(xhat.dtype).view(shape)
-        grad_x = (grad_out - mean_dy - xhat * mean_dy_xhat) * (invstd * weight).view(shape)
+        c, shape = weight.shape[0], (1, -1, 1, 1)
+        invstd = torch.rsqrt(var.double() + ctx.eps)
+        k = invstd * weight.double()
+        # dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd = grad_in - (offset + slope * x)
+        slope = k * invstd * sums[c:] / ctx.n
+        offset = k * sums[:c] / ctx.n - slope * mean.double()
+        grad_x = grad_in - (x * slope.to(x.dtype).view(shape) + offset.to(x.dtype).view(shape))
         return grad_x, grad_weight, grad_bias, None
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
