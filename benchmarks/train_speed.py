@@ -35,7 +35,7 @@ from sslprune.config import Experiment
 from sslprune.data import Dataset, Split
 from sslprune.data.augment import Normalize, batch_crop, batch_flip_lr
 from sslprune.lottery import build
-from sslprune.models import build_model
+from sslprune.models import MODELS, build_model
 from sslprune.pruning import SCORES, MaskEnforcer, dense_mask, prunable, prune, prune_iteratively
 from sslprune.runtime import Runtime
 from sslprune.tasks.rotation import rotate4
@@ -100,6 +100,35 @@ def project_loop(model_name: str, data: Dataset, batch: int, windows: int, mask_
         log = [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()]
     best = min(h["train_seconds"] for h in log[1:])
     return len(data.train) // batch * batch / best, min(h["eval_seconds"] for h in log[1:]), log[0]["train_seconds"]
+
+
+class NullBackbone(nn.Module):
+    """Almost no compute (a linear map of each image's channel means): what is left of a training
+    step is the loop around the model, whose cost the paired ratios above cannot resolve (their
+    noise is a few percent of a step)."""
+    feature_dim = 16
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+def machinery_ms(data: Dataset, batch: int, steps: int, rounds: int, rt: Runtime) -> float:
+    """Milliseconds per step that our loop adds to the bare loop with the same augmentation, both
+    around NullBackbone (median over rounds of the paired difference)."""
+    MODELS["null"] = NullBackbone
+    try:
+        diffs = []
+        for _ in range(rounds):
+            bare = bare_loop("null", data, batch, steps, 3, rt, augment=True)
+            ours, _, _ = project_loop("null", data, batch, 3, 0, rt)
+            diffs.append(batch / ours - batch / bare)
+        return statistics.median(diffs) * 1e3
+    finally:
+        del MODELS["null"]
 
 
 def step_flops(model_name: str, data: Dataset, batch: int) -> float:
@@ -234,7 +263,7 @@ def main():
     p.add_argument("--windows", type=int, default=1, help="timed windows per loop and round (best kept)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; median ratio reported")
     p.add_argument("--runtime", action="store_true", help="also compare channels_last, bf16 and "
-                   "torch.compile against the default (slow: bf16 on a CPU without bf16 units is ~50x)")
+                   "torch.compile against the default (slow on a CPU without bf16 units: bf16 is ~50x slower there)")
     p.add_argument("--runtime-models", nargs="+", default=["convnet", "resnet20"],
                    help="models for --runtime (bf16 on a CPU without bf16 units makes big ones take hours)")
     p.add_argument("--ddp", action="store_true", help="also DDP scaling: 2 processes against 1 (CPU, gloo)")
@@ -252,6 +281,9 @@ def main():
     print(f"global prune step, resnet50 ({n / 1e6:.1f}M prunable weights): {seconds:.3f} s")
     for batch in args.batches:
         data = fake_cifar(batch * args.steps, batch)
+        machinery = machinery_ms(fake_cifar(batch * 20, batch), batch, 20, 5, rt)
+        print(f"\nloop machinery at batch {batch} (our loop minus the bare loop with the same augmentation, "
+              f"around a model of almost no compute): {machinery:.2f} ms/step")
         for name in args.models:
             rounds = []
             for _ in range(args.rounds):
@@ -274,6 +306,7 @@ def main():
             print(f"  sslprune loop, dense mask  {dense:9.1f} img/s   time overhead {over_dense:+.1%} vs bare + "
                   f"augmentation, {over_bare:+.1%} vs ready batch (medians of paired ratios)")
             print(f"  sslprune loop, 0.8^5 mask  {pruned:9.1f} img/s   time overhead {over_pruned:+.1%} vs bare + augmentation")
+            print(f"  loop machinery             {machinery:9.2f} ms/step = {machinery / 1e3 / step:.2%} of a dense step")
             print(f"  mask enforcement           {enforce * 1e3:9.2f} ms/step = {enforce / step:.2%} of a dense step")
             print(f"  per-epoch evaluation       {eval_s:9.2f} s ({batch} test images), logged apart")
             print(f"  data pipeline + RotNet x4  {pipe:9.1f} img/s = {pipe / dense:.0f}x the training rate")

@@ -144,8 +144,8 @@ def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for convs [default: on; see sslprune/runtime.py]")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on a CUDA GPU with bf16, fp32 elsewhere (bf16 on a CPU "
-                   "without bf16 units is ~50x slower) [default: auto]")
+                   help="auto: bf16 autocast on a CUDA GPU with bf16, fp32 on a CPU (bf16 there: faster "
+                   "with AVX512-BF16 units, ~50x slower without) [default: auto]")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone (compile time "
                    "counts against the run; pays off on long runs)")
     g.add_argument("--loader-workers", type=int, default=None, help="--stream: processes decoding images "

@@ -6,10 +6,13 @@ they change floating-point results, so a training run records them in its checkp
 to resume under different ones.
 
 Defaults ("auto") follow benchmarks/train_speed.py on each device:
-- channels_last: on for CUDA and CPU (3x3 convs ~1.4x faster on AVX-512 CPUs without bf16 units;
-  tensor cores want NHWC);
-- precision: bf16 autocast on a CUDA GPU that supports it, fp32 everywhere else. Never bf16 by
-  default on a CPU: without bf16 units it is ~50x slower than fp32;
+- channels_last: on for CUDA and CPU (training 1.2-1.5x faster than NCHW on the 2-core AVX-512
+  CPU of benchmarks/RESULTS-cpu-2core.txt; tensor cores want NHWC);
+- precision: bf16 autocast on a CUDA GPU that supports it, fp32 on every CPU. On a CPU with
+  AVX512-BF16 units bf16 trained 1.6-1.9x faster (same file), and without them it is reported ~50x
+  slower; it stays opt-in there because CPU runs are where results get compared across machines
+  (tests, demos, reproductions), and a default that depended on CPU flags would give the same
+  command different numerics on different laptops;
 - compile: off (its compile time is paid by the run it serves; opt in for long runs);
 - loader_workers (--stream only): the CPUs of this process, shared between the local training
   processes, minus one for training, at most 8. It never changes results (sslprune/data/stream.py),
