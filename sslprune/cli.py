@@ -296,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_lottery(args, argv) -> int:
     from .data import load_dataset
     from .lottery import prepare, pretrained_file, run_replicate, source_run
+    from .tasks import TASKS
 
     exp, run = resolve(args)
     _check_counts(run["levels"], run["replicates"])
     runtime = _runtime(args)
     exp.validate()                         # before reading any data
-    distributed.check_batch(exp.train.batch_size)  # N processes: before anything is written
+    paired = TASKS[exp.task.task].sampler == "paired"     # half labelled, half unlabelled: an even batch
+    distributed.check_batch(exp.train.batch_size // 2 * 2 if paired else exp.train.batch_size)  # before anything is written
     if source_run(exp) is not None:        # every replicate's start exists before anything is written
         for replicate in run["replicates"]:
             pretrained_file(exp, replicate)
@@ -426,8 +428,8 @@ def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
 
     cfg = dataclasses.replace(exp.train, **{f.name: getattr(args, f.name) for f in dataclasses.fields(config.Train)
                                             if getattr(args, f.name) is not None})
-    aug = dataclasses.replace(exp.data, **{k: getattr(args, k) for k in ("crop_pad", "flip")
-                                           if getattr(args, k) is not None})
+    aug = dataclasses.replace(exp.data, stream=False,  # the target dataset is read into memory
+                              **{k: getattr(args, k) for k in ("crop_pad", "flip") if getattr(args, k) is not None})
     Experiment(data=aug, model=exp.model, task=config.Task(task="labels"), train=cfg, prune=exp.prune).validate()
     size = args.image_size if args.image_size is not None else own.train.image_shape[-1]
     data = load_dataset(Data(dataset=args.dataset, image_size=size, train_per_class=args.train_per_class,

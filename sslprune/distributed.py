@@ -2,7 +2,8 @@
 
 The design keeps every rank doing the single-process computation on its share of each batch, so a
 run on N processes matches a run on one with the same global batch, to floating-point tolerance:
-- every rank holds the data and draws the same global batch and the same augmentation (one seed);
+- every rank holds the data (in memory; with --stream each decodes its rows of every batch and
+  the rows are all-gathered) and draws the same global batch and the same augmentation (one seed);
   rank r trains on its contiguous 1/N of it (the global batch must divide by N). Random views
   (Exemplar's) are drawn for the whole batch too, so every rank draws what one process would;
 - gradients are averaged over ranks in one flat all-reduce after backward (the mean of equal
@@ -172,8 +173,9 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _gmean, _gvar, _gn):
         x, weight, mean, var = ctx.saved_tensors
+        unused = mean.new_empty(0)  # not None: CUDA's channels_last path asserts they are defined
         grad_in, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_format(x)), x, weight, mean, var, None, None, False, ctx.eps,
+            grad_out.contiguous(memory_format=_format(x)), x, weight, mean, var, unused, unused, False, ctx.eps,
             [True, True, True])                                 # dy*w*invstd; local sums of dy*xhat, dy
         sums = torch.cat([grad_bias, grad_weight]).double()    # (2C,) over every rank's images
         dist.all_reduce(sums)
@@ -183,7 +185,10 @@ class _SyncBatchNorm(torch.autograd.Function):
         # dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd = grad_in - (offset + slope * x)
         slope = k * invstd * sums[c:] / ctx.n
         offset = k * sums[:c] / ctx.n - slope * mean.double()
-        grad_x = grad_in - (x * slope.to(x.dtype).view(shape) + offset.to(x.dtype).view(shape))
+        # in at least fp32: offset holds -slope * mean, which cancels against slope * x (bf16 would lose it)
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        correction = torch.addcmul(offset.to(wide.dtype).view(shape), wide, slope.to(wide.dtype).view(shape))
+        grad_x = (grad_in - correction).to(x.dtype)
         return grad_x, grad_weight, grad_bias, None
 
 

@@ -19,6 +19,13 @@ def steps_per_epoch(sampler: str, labels: torch.Tensor, batch_size: int) -> int:
     return max(1, len(labels) // min(batch_size, len(labels)))
 
 
+def batch_width(sampler: str, labels: torch.Tensor, batch_size: int) -> int:
+    """The number of images epoch_batches puts in each batch (B, or fewer: see above)."""
+    if sampler == "paired":
+        return 2 * min(max(1, batch_size // 2), int((labels == UNLABELLED).sum()))
+    return min(batch_size, len(labels))
+
+
 def epoch_batches(sampler: str, labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Indices (steps, B) into the training split, drawn from `generator`; labels (N,) on the
     training device, UNLABELLED where hidden."""

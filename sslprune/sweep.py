@@ -152,7 +152,8 @@ def _downstream(path: Path, here: Path, kind: str, table, extra: set[str]) -> di
 def _finetune_config(exp: Experiment, table: dict) -> tuple[Train, Data]:
     """The run's training and augmentation settings with the table's overrides (as `eval finetune`)."""
     cfg = dataclasses.replace(exp.train, **{k: v for k, v in table.items() if k in {f.name for f in dataclasses.fields(Train)}})
-    aug = dataclasses.replace(exp.data, **{k: table[k] for k in ("crop_pad", "flip") if k in table})
+    aug = dataclasses.replace(exp.data, stream=False,  # the target dataset is read into memory
+                              **{k: table[k] for k in ("crop_pad", "flip") if k in table})
     Experiment(data=aug, model=exp.model, task=Task(task="labels"), train=cfg, prune=exp.prune).validate()
     return cfg, aug
 

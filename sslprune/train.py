@@ -26,12 +26,17 @@ from .data.stream import Stream
 from .errors import UserError
 from .pruning import Mask, MaskEnforcer, apply_mask
 from .runtime import CPU, Runtime
-from .sampling import epoch_batches, steps_per_epoch
+from .sampling import batch_width, epoch_batches, steps_per_epoch
 from .tasks import Batch, Task
 
 
 # Checkpoints written before the runtime flags existed ran with these.
 LEGACY_RUNTIME = {"channels_last": False, "precision": "fp32", "compile": False}
+
+
+def _aug_repr(aug: DataConfig) -> str:
+    """repr(aug) as checkpoints from before Data.stream existed wrote it, while stream is off."""
+    return repr(aug) if aug.stream else repr(aug).replace(", stream=False)", ")")
 
 
 def rewind_step(rewind: str, per_epoch: int) -> int:
@@ -113,7 +118,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
     if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
-        distributed.check_batch(min(cfg.batch_size, len(train_y)))  # what epoch_batches draws
+        distributed.check_batch(batch_width(task.sampler, train_y, cfg.batch_size))  # what epoch_batches draws
         distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
@@ -123,7 +128,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
 
-    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": repr(aug), "n_train": len(train_y), "task": task.name,
+    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": _aug_repr(aug), "n_train": len(train_y), "task": task.name,
                    **rt.fingerprint()}  # RNG streams and rounding differ between devices and runtimes
     cuda = torch.device(device).type == "cuda"
     if rt.compile:  # compiles the backbone's forward in place: state_dict keys stay the same

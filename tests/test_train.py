@@ -67,3 +67,23 @@ def test_schedules():
     assert lrs[50] == pytest.approx(0.1) and lrs[80] == pytest.approx(0.01)
     cos = tiny_experiment(lr=1.0, epochs=10, schedule="cosine")
     assert learning_rate(cos.train, 0, 10) == 1.0 and learning_rate(cos.train, 99, 10) < 0.01
+
+
+def test_checkpoints_from_before_the_stream_option_still_resume():
+    """The resume fingerprint holds repr(Data); a field added since (stream) must not change it
+    while it is off, or every older checkpoint would be refused."""
+    from sslprune.config import Data
+    from sslprune.train import _aug_repr
+    assert _aug_repr(Data(dataset="digits", crop_pad=1, flip=True)) == \
+        "Data(dataset='digits', image_size=0, train_per_class=0, test_per_class=0, crop_pad=1, flip=True)"
+    assert "stream=True" in _aug_repr(Data(dataset="imagefolder", stream=True))
+
+
+def test_batch_width_is_what_the_sampler_draws():
+    from sslprune.sampling import batch_width, epoch_batches
+    from sslprune.tasks import UNLABELLED
+    labels = torch.tensor([0, 1, 2] * 4 + [UNLABELLED] * 3)           # 12 labelled, 3 unlabelled
+    g = torch.Generator().manual_seed(0)
+    for sampler, b in (("paired", 9), ("paired", 4), ("uniform", 9), ("uniform", 40)):
+        assert epoch_batches(sampler, labels, b, g).shape[1] == batch_width(sampler, labels, b), (sampler, b)
+    assert batch_width("paired", labels, 9) == 6 and batch_width("uniform", labels, 40) == 15
