@@ -208,7 +208,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
                 cache[key] = data, finetune_name(data, *_finetune_config(exp, table))
         return cache[key]
 
-    def evaluation(exp, name, r, level, rdir, label, out, run, trains):
+    def evaluation(name, r, level, rdir, label, out, run, trains):
         ldir = rdir / f"level_{level}"
         return Step(key=f"{name}/replicate_{r}/level_{level}/{label}", lock=ldir / f".{label}.lock",
                     ready=lambda: layout.is_done(ldir / "train"), done=lambda: layout.is_done(out()),
@@ -238,19 +238,19 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
                 ldir = rdir / f"level_{level}"
                 for reset in spec.retrain:
                     steps.append(evaluation(
-                        exp, name, r, level, rdir, f"retrain_{reset}", lambda out=ldir / f"retrain_{reset}": out,
+                        name, r, level, rdir, f"retrain_{reset}", lambda out=ldir / f"retrain_{reset}": out,
                         lambda exp=exp, r=r, level=level, reset=reset: retrain(
                             exp, exp_dir(exp), data_for(exp), r, level, reset, runtime, False), trains=True))
                 for i, table in enumerate(spec.probe):
                     steps.append(evaluation(
-                        exp, name, r, level, rdir, f"probe_{i + 1}",
+                        name, r, level, rdir, f"probe_{i + 1}",
                         lambda exp=exp, t=table, ldir=ldir: ldir / downstream(exp, "probe", t)[1],
                         lambda exp=exp, t=table, r=r, level=level: probe_level(
                             exp_dir(exp), r, level, downstream(exp, "probe", t)[0], Normalize(*data_for(exp).channel_stats()),
                             runtime.device, t.get("stage")), trains=False))
                 for i, table in enumerate(spec.finetune):
                     steps.append(evaluation(
-                        exp, name, r, level, rdir, f"finetune_{i + 1}",
+                        name, r, level, rdir, f"finetune_{i + 1}",
                         lambda exp=exp, t=table, ldir=ldir: ldir / downstream(exp, "finetune", t)[1],
                         lambda exp=exp, t=table, r=r, level=level: finetune(
                             exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *_finetune_config(exp, t), runtime, False),
