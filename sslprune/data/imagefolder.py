@@ -59,11 +59,16 @@ def _entries(root: Path, splits=SPLITS) -> dict[str, dict[str, list[tuple[str, o
     return out
 
 
-def _decode(blob: bytes, size: int, name: str) -> np.ndarray:
+def open_image(blob: bytes, name: str) -> Image.Image:
+    """Encoded bytes -> an RGB image; a file Pillow cannot read is a one-line error naming it."""
     try:
-        img = Image.open(io.BytesIO(blob)).convert("RGB")
+        return Image.open(io.BytesIO(blob)).convert("RGB")
     except Exception as e:
         raise UserError(f"cannot decode image {name} ({e}); remove it from the dataset") from None
+
+
+def _decode(blob: bytes, size: int, name: str) -> np.ndarray:
+    img = open_image(blob, name)
     if size:
         # Shorter side to `size`, then centre crop: keeps the aspect ratio of variable-size images.
         w, h = img.size

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from .imagefolder import _decode, open_image
 from .tensors import first_per_class
 
 SCALE = (0.08, 1.0)            # of the image's area (torchvision's RandomResizedCrop defaults)
@@ -65,29 +66,14 @@ class ImageFiles:
 
     def centre_crops(self, rows: list[int]) -> torch.Tensor:
         """(len(rows), 3, S, S) uint8: the shorter side resized to S, then the centre (no randomness)."""
-        return torch.stack([torch.from_numpy(_centre(_open(self.root / self.files[i]), self.size))
-                            for i in rows])
+        return torch.stack([torch.from_numpy(_decode((self.root / self.files[i]).read_bytes(), self.size,
+                                                     str(self.root / self.files[i])).copy()) for i in rows])
 
     def digest(self, h) -> None:
         """Feed the split's identity into hashlib object h: every relative path, byte size and
         label (reading 100+ GB to hash the pixels is not an option)."""
         for name, label in zip(self.files, self.labels.tolist()):
             h.update(f"{name}|{(self.root / name).stat().st_size}|{label}\n".encode())
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        return Image.open(path).convert("RGB")
-    except Exception as e:
-        raise UserError(f"cannot decode image {path} ({e}); remove it from the dataset") from None
-
-
-def _centre(img: Image.Image, size: int) -> np.ndarray:
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def resized_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -122,7 +108,8 @@ class Crops(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> torch.Tensor:
         row, epoch, position = key
         rng = np.random.default_rng([self.seed, epoch, position])
-        img = _open(self.files.root / self.files.files[row])
+        path = self.files.root / self.files.files[row]
+        img = open_image(path.read_bytes(), str(path))
         left, top, w, h = resized_crop_box(*img.size, rng)
         s = self.files.size
         img = img.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
