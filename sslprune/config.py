@@ -74,6 +74,8 @@ class Prune:
     reset: str = "rewind"        # how each level starts: rewind (winning ticket) | reinit (random re-init)
     rewind: str = "0it"          # rewind point: "<N>it" (updates) or "<N>ep" (epochs); 0 = the init
     layers: int = 0              # layerwise pruning: prune only the first N conv layers, the rest stays dense (0 = all layers)
+    granularity: str = "weight"  # weight: single weights (unstructured) | channel: whole channels (structured: a compact network can be exported)
+    channel_score: str = "l1"    # channel granularity: rank channels by l1 | l2 (of their weights) | bn (batch-norm |gamma|)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class Experiment:
 
     def validate(self) -> None:
         """Fail early, before any work, with the fix in the message."""
+        from .channels import CHANNEL_SCORES
         from .data import DATASETS
         from .models import MODELS
         from .tasks import TASKS
@@ -139,6 +142,13 @@ class Experiment:
         _choose("optimizer", self.train.optimizer, {"sgd", "adam"})
         _choose("schedule", self.train.schedule, {"constant", "step", "cosine"})
         _choose("reset", self.prune.reset, {"rewind", "reinit"})
+        _choose("granularity", self.prune.granularity, {"weight", "channel"})
+        _choose("channel-score", self.prune.channel_score, CHANNEL_SCORES)
+        if self.prune.granularity != "channel" and self.prune.channel_score != Prune().channel_score:
+            raise UserError("--channel-score applies to --granularity channel only; drop it")
+        if self.prune.granularity == "channel" and self.prune.layers:
+            raise UserError("--layers prunes single weights of the first N convs; with --granularity channel "
+                            "drop --layers")
         if self.prune.layers < 0:
             raise UserError(f"--layers must be >= 0 (0 = every layer), got {self.prune.layers}")
         if not 0.0 < self.prune.fraction < 1.0:

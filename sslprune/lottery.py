@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed, layout
+from . import channels, distributed, layout
 from .config import Experiment
 from .config import Task as TaskConfig
 from .data import Dataset
@@ -179,9 +179,13 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
             raise UserError(f"level {level - 1} of replicate {replicate} is not trained yet; run "
                             f"'sslprune lottery' with --levels {level} first")
         trained = layout.load_tensors(prev / "train" / layout.MODEL)
-        scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
-        mask = prune(scores, level_mask(exp, exp_dir, replicate, level - 1, backbone), exp.prune.fraction,
-                     pruned_layers(backbone, exp.prune.layers))
+        previous = level_mask(exp, exp_dir, replicate, level - 1, backbone)
+        if exp.prune.granularity == "channel":
+            state = {k.removeprefix("backbone."): v for k, v in trained.items() if k.startswith("backbone.")}
+            mask = channels.next_mask(backbone, previous, state, exp.prune.fraction, exp.prune.channel_score)
+        else:
+            scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
+            mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
     layout.save_json(path.parent / layout.DENSITY,  # per layer, in total, and over the pruned layers
                      density_report(mask, pruned_layers(backbone, exp.prune.layers)))
     layout.save_tensors(path, mask)  # last: its existence marks the step done

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import layout
+from . import channels, layout
 from .config import Experiment
 from .data import Dataset
 from .errors import UserError
@@ -42,13 +42,17 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
         mask = dense_mask(backbone)
     else:
         previous = random_mask(exp, exp_dir, backbone, replicate, level - 1, reset)
-        if reset == "random":
-            generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate, level))
-            scores = SCORES["random"](prunable(backbone), generator)
+        if exp.prune.granularity == "channel":  # random channels, as many as the lottery's level keeps
+            generator = torch.Generator().manual_seed(derive_seed("random-channels", replicate, level))
+            mask = channels.next_mask(backbone, previous, None, exp.prune.fraction, "random", generator)
         else:
-            generator = torch.Generator().manual_seed(derive_seed("adjusted-random-mask", replicate, level))
-            scores = adjusted_random_scores(natural_zeros(_dense_trained(exp_dir, replicate, backbone)), generator)
-        mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
+            if reset == "random":
+                generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate, level))
+                scores = SCORES["random"](prunable(backbone), generator)
+            else:
+                generator = torch.Generator().manual_seed(derive_seed("adjusted-random-mask", replicate, level))
+                scores = adjusted_random_scores(natural_zeros(_dense_trained(exp_dir, replicate, backbone)), generator)
+            mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
     layout.save_tensors(path, mask)
     return mask
 
@@ -66,6 +70,9 @@ def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level
             runtime: Runtime = CPU, progress: bool = True) -> dict:
     if reset not in RESETS:
         raise UserError(f"unknown reset '{reset}'; choose one of: {', '.join(RESETS)}")
+    if reset == "random_adjusted" and exp.prune.granularity == "channel":
+        raise UserError("random_adjusted prunes naturally-zero single weights first; a channel run's random "
+                        "baseline is --reset random (random channels)")
     ldir = layout.level_dir(exp_dir, replicate, level)
     out = ldir / f"retrain_{reset}"
     seed = derive_seed("retrain", reset, replicate, level)

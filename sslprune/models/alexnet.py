@@ -8,6 +8,7 @@ from torch import nn
 
 class AlexNet(nn.Module):
     torchvision_head = "classifier.6"
+    example_size = 224  # smallest traced input is ~63 px; trace at the size it is made for
 
     def __init__(self):
         super().__init__()
