@@ -237,6 +237,36 @@ def parser() -> argparse.ArgumentParser:
     _train_flags(ft)
     _common(ft)
 
+    co = ev_sub.add_parser("cost", help="params, MACs and measured latency of every level's compact network",
+                           description="For every mask of the run (each level's, and the random baselines'): "
+                           "parameters, MACs per image (torch.utils.flop_counter) and the median latency of the "
+                           "network it gives (channel granularity: channels removed; weight granularity: the "
+                           "dense network, zeros and all) in PyTorch eager at batch 1 and 64 (CPU; CUDA too when "
+                           "there is one) and in onnxruntime, as speed-ups over the dense network measured in the "
+                           "same call. Writes cost.json beside each mask; 'sslprune report' shows them.")
+    co.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    co.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every level with a mask]")
+    co.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    co.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median) [default: 10]")
+    co.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time onnxruntime (needs sslprune[export]) [default: on]")
+
+    ex = sub.add_parser("export", help="a level as a standalone network file (compact for channel pruning)",
+                        description="Writes one level's network as model.safetensors (torchvision-style keys), "
+                        "export.json (architecture, input normalisation, provenance, params and MACs) and, "
+                        "with --format onnx, model.onnx. Channel granularity: dead channels are removed, a "
+                        "smaller dense network; weight granularity: the dense network with its pruned weights "
+                        "at zero (no speed-up). Load it with sslprune.export.load_exported(DIR).")
+    ex.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    ex.add_argument("--level", type=int, required=True, help="the level to export")
+    ex.add_argument("--replicate", type=int, default=1, help="the replicate [default: 1]")
+    ex.add_argument("--retrain", default=None, choices=["rewind", "reinit", "random", "random_adjusted"],
+                    help="export the level re-trained on labels from this start, with its label head (a "
+                    "classifier) [default: the lottery's network, backbone only (features)]")
+    ex.add_argument("--format", nargs="+", default=["safetensors"], choices=["safetensors", "onnx"],
+                    help="files to write [default: safetensors]")
+    ex.add_argument("--out", type=Path, default=None, help="output folder [default: export_<run>_r<R>_l<L>]")
+
     sp = sub.add_parser("sparsity", help="natural sparsity of trained networks, per layer and in total",
                         description="Fraction of each trained network's prunable weights with |w| <= "
                         "threshold (Caron et al. 2020, Fig. 6 and 10). Writes natural_sparsity.csv, .md "
@@ -391,6 +421,8 @@ def cmd_eval(args, argv) -> int:
     from .lottery import load_experiment, record_command
     from .probe import probe_level
 
+    if args.evaluation == "cost":
+        return cmd_cost(args, argv)
     _check_device(args.device)
     exp, saved = load_experiment(args.run_dir)
     pairs = _trained_levels(args.run_dir, args.replicates, args.levels)
@@ -418,6 +450,38 @@ def cmd_eval(args, argv) -> int:
         res = probe_level(args.run_dir, r, level, data, normalize, args.device, args.stage)
         print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
+    return 0
+
+
+def cmd_cost(args, argv) -> int:
+    from . import layout
+    from .cost import cost_run
+
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.onnx:
+        from .export import _need_onnx
+        _need_onnx()
+    pairs = sorted((int(m.parents[1].name.split("_")[1]), int(m.parent.name.split("_")[1]))
+                   for m in Path(args.run_dir).glob(f"replicate_*/level_*/{layout.MASK}"))
+    pairs = [(r, lv) for r, lv in pairs if (args.replicates is None or r in args.replicates)
+             and (args.levels is None or lv in args.levels)]
+    if not pairs:
+        raise UserError(f"no level with a mask matches in {args.run_dir}; run 'sslprune lottery' first")
+    written = cost_run(args.run_dir, pairs, args.repeats, args.onnx)
+    print(f"{written} cost.json written ({len(pairs)} levels)")
+    return 0
+
+
+def cmd_export(args, argv) -> int:
+    from .export import export
+
+    out = args.out or Path(f"export_{Path(args.run_dir).name}_r{args.replicate}_l{args.level}")
+    info = export(args.run_dir, args.replicate, args.level, out, tuple(args.format), args.retrain)
+    c, d = info["cost"], info["dense_cost"]
+    print(f"{out}: {info['granularity']} granularity, {info['remaining']:.2%} of the weights; params "
+          f"{c['params']:,} ({c['params'] / d['params']:.1%} of dense), MACs {c['macs']:,} "
+          f"({c['macs'] / d['macs']:.1%}); {info['note']}")
     return 0
 
 
@@ -523,4 +587,4 @@ def _check_device(device: str) -> None:
 
 DISTRIBUTED_COMMANDS = ("lottery", "retrain", "eval")  # the ones that train: one run on N processes
 COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report,
-            "eval": cmd_eval, "sparsity": cmd_sparsity, "sweep": cmd_sweep}
+            "eval": cmd_eval, "sparsity": cmd_sparsity, "sweep": cmd_sweep, "export": cmd_export}

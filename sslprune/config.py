@@ -28,7 +28,8 @@ class Data:
 @dataclass(frozen=True)
 class Model:
     model: str = ""              # MODELS key
-    pretrained: str = ""         # start level 0 from these backbone weights: a model.safetensors of ours, a torchvision-layout state dict (.pth), or a lottery run directory (replicate r starts from its replicate r's trained level 0) (empty = from scratch)
+    pretrained: str = ""         # start level 0 from these backbone weights: a model.safetensors of ours, a torchvision-layout state dict (.pth/.safetensors), a public self-supervised checkpoint (MoCo v1-v3, DINO, SwAV, SimCLR, solo-learn, lightly, VISSL; layout detected), or a lottery run directory (replicate r starts from its replicate r's trained level 0) (empty = from scratch)
+    pretrained_prefix: str = ""  # key prefix of the backbone in a --pretrained checkpoint, e.g. module.encoder_q. ('' = detect it; 'none' = keys as they are)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ class Experiment:
             raise UserError(f"--stream reads an ImageFolder from disk; --dataset {self.data.dataset} is held in memory: drop --stream")
         if self.data.stream and self.data.crop_pad:
             raise UserError("--crop-pad does not apply with --stream (its random-resized crop replaces it): drop --crop-pad")
+        if self.model.pretrained_prefix and not self.model.pretrained:
+            raise UserError("--pretrained-prefix applies to a --pretrained checkpoint; drop it or pass --pretrained FILE")
         parse_rewind(self.prune.rewind)
         self._validate_task()
 

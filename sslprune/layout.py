@@ -9,6 +9,7 @@
             level_<L>/
                 mask.safetensors                  bool mask over the backbone's prunable weights
                 density.json                      kept / total weights per layer and in total
+                cost.json                         params, MACs, latency of the compact network (eval cost)
                 train/                            training run of this level (see train.py)
                 retrain_<rewind|reinit>/          the mask re-trained on labels
                 retrain_random/                   random-pruning baseline at the same density,
@@ -48,6 +49,10 @@ DENSITY = "density.json"
 INIT = "init.safetensors"
 PRETRAINED = "pretrained.json"   # replicate_<r>/: the weights file (and its sha256) level 0 started from
 REWIND = "rewind.safetensors"
+COST = "cost.json"               # beside a mask: params, MACs and measured latency of its compact network
+EXPORT_MODEL = MODEL             # an export folder: the standalone network's tensors (torchvision-style keys)
+EXPORT_ONNX = "model.onnx"       # ... the same network for onnxruntime
+EXPORT_INFO = "export.json"      # ... architecture, input normalisation, provenance, cost, file hashes
 
 
 _UMASK = os.umask(0)

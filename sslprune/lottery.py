@@ -25,6 +25,7 @@ from .errors import UserError
 from .runtime import CPU, Runtime
 from .labelled import labelled_subset_checked, task_data
 from .models import build_model, load_pretrained
+from .models.checkpoints import describe
 from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
 from .pruning import report as density_report
 from .sampling import steps_per_epoch
@@ -76,9 +77,16 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
     layout.save_json(cfg_path, {
         "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_fingerprint": fingerprint,
         "data_root": str(Path(data_root).resolve()) if data_root else None, "data_name": data.name,
-        "pretrained_id": pretrained,
+        "pretrained_id": pretrained, "input": input_record(data),
         "git": _git_sha(), "commands": [argv], "versions": _versions()})
     return exp_dir
+
+
+def input_record(data: Dataset) -> dict:
+    """What the network sees: image shape and the training set's channel statistics (0-1 scale),
+    kept so that an exported network normalises its inputs as training did."""
+    mean, std = data.channel_stats()
+    return {"shape": list(data.train.image_shape), "mean": mean.tolist(), "std": std.tolist()}
 
 
 def source_run(exp: Experiment) -> Path | None:
@@ -86,6 +94,12 @@ def source_run(exp: Experiment) -> Path | None:
     trained level 0: pruning during transfer, paired seed by seed), or None for a file / no start."""
     p = Path(exp.model.pretrained) if exp.model.pretrained else None
     return p if p is not None and p.is_dir() else None
+
+
+def pretrained_prefix(exp: Experiment) -> str | None:
+    """--pretrained-prefix as checkpoints.load takes it: None = detect, '' = keys as they are."""
+    p = exp.model.pretrained_prefix
+    return None if not p else "" if p == "none" else p
 
 
 def pretrained_file(exp: Experiment, replicate: int) -> Path:
@@ -139,7 +153,7 @@ def check_data(exp: Experiment, data: Dataset) -> None:
                             f"{exp.model.model}; pass --model {src.model.model}")
     elif exp.model.pretrained:  # fails here, before anything is written, if it does not fit
         pretrained_id(exp.model.pretrained)
-        load_pretrained(build_model(exp.model.model), exp.model.pretrained)
+        load_pretrained(build_model(exp.model.model), exp.model.pretrained, pretrained_prefix(exp))
     if exp.prune.layers:
         try:
             pruned_layers(build_model(exp.model.model), exp.prune.layers)
@@ -210,8 +224,10 @@ def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int,
     else:
         if exp.model.pretrained:  # Hubens et al.: level 0 fine-tunes a pre-trained backbone, fresh head
             start = pretrained_file(exp, replicate)
-            load_pretrained(backbone, start)
-            layout.save_json(rdir / layout.PRETRAINED, {"file": str(start), "sha256": _sha256(start)})
+            loaded = load_pretrained(backbone, start, pretrained_prefix(exp))
+            if distributed.is_main():  # what was taken from the file, and what was left (heads, projectors)
+                print(f"replicate {replicate}: {describe(loaded)}", file=sys.stderr)
+            layout.save_json(rdir / layout.PRETRAINED, {"file": str(start), "sha256": _sha256(start), "loaded": loaded})
         layout.save_tensors(init_path, weights(backbone, task))
     distributed.barrier()  # rank 0 has written init.safetensors before anyone reads it
     k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))

@@ -37,8 +37,11 @@ from .lottery import load_experiment
 from .models import build_model
 from .pruning import density, pruned_layers
 
+# cost.json of the row's mask (sslprune eval cost): empty until measured
+SPEEDUPS = ("torch_cpu_b1", "torch_cpu_b64", "onnxruntime_b1", "onnxruntime_b64", "torch_cuda_b1", "torch_cuda_b64")
+COST_COLUMNS = ["granularity", "params", "macs", "macs_ratio", *(f"speedup_{k}" for k in SPEEDUPS)]
 COLUMNS = ["experiment", "objective", "reset", "replicate", "level", "remaining", "remaining_network", "eval",
-           "metric", "value"]
+           "metric", "value", *COST_COLUMNS]
 # those a run has (NPID: no test loss; probes: accuracy and mean per-class accuracy)
 METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc", "test_mean_class_acc")
 
@@ -74,12 +77,23 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     done = layout.load_json(run / layout.DONE)
                     mask = layout.load_tensors(mask_path)
                     remaining, remaining_network = density(mask, layers), density(mask)
+                    cost = _cost(mask_path.parent / layout.COST, exp.prune.granularity)
                     for metric in (m for m in METRICS if done.get(m) is not None):
                         rows.append(dict(experiment=Path(exp_dir).name, objective=curve, reset=reset, replicate=replicate,
                                          level=level, remaining=remaining, remaining_network=remaining_network,
                                          eval=eval_name,
-                                         metric=metric, value=done[metric]))
+                                         metric=metric, value=done[metric], **cost))
     return rows
+
+
+def _cost(path: Path, granularity: str) -> dict:
+    """The cost columns of a mask: its cost.json (sslprune eval cost), or blanks."""
+    out = dict.fromkeys(COST_COLUMNS, "") | {"granularity": granularity}
+    if path.exists():
+        c = layout.load_json(path)
+        out |= {"params": c["params_nonzero"], "macs": c["macs"], "macs_ratio": c["macs_ratio"],
+                **{f"speedup_{k}": v for k, v in c["speedup"].items() if k in SPEEDUPS}}
+    return out
 
 
 def _eval_name(folder: str) -> str:
@@ -114,6 +128,8 @@ def objective_label(exp) -> str:
     label = t.task
     if t.label_fraction and t.label_fraction < 1:
         label = f"{t.task} {t.label_fraction:.0%} of {t.label_split}"
+    if exp.prune.granularity == "channel":
+        label = f"{label}, channels ({exp.prune.channel_score})"
     if exp.model.pretrained:  # e.g. 'labels from resnet50.pth' or 'rotation from labels_..._<hash> level_0'
         parts = Path(exp.model.pretrained).parts
         source = next((f"{parts[i - 1]} {parts[i + 1]}" for i, p in enumerate(parts)
@@ -195,6 +211,67 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cost_summary(rows: list[dict]) -> list[dict]:
+    """Accuracy next to cost: per (eval, curve, level) over the replicates whose mask has a
+    cost.json, the mean test accuracy, params, MACs ratio and speed-ups (task and retrain rows)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["eval"] in ("task", "retrain") and r["metric"] == "test_acc" and r["macs"] != "":
+            groups[(r["eval"], f"{r['objective']} / {r['reset']}", r["level"])].append(r)
+    out = []
+    for (ev, curve, level), rs in sorted(groups.items()):
+        n = len(rs)
+        speedups = {k: sum(r[f"speedup_{k}"] for r in rs) / n for k in SPEEDUPS if all(r[f"speedup_{k}"] != "" for r in rs)}
+        out.append(dict(eval=ev, curve=curve, level=level, n=n, granularity=rs[0]["granularity"],
+                        remaining=sum(r["remaining"] for r in rs) / n, acc=sum(r["value"] for r in rs) / n,
+                        params=sum(r["params"] for r in rs) / n, macs_ratio=sum(r["macs_ratio"] for r in rs) / n,
+                        speedup=speedups))
+    return out
+
+
+def cost_markdown(costs: list[dict]) -> str:
+    if not costs:
+        return ""
+    keys = [k for k in SPEEDUPS if any(k in c["speedup"] for c in costs)]
+    lines = ["## Cost of the pruned networks (sslprune eval cost; mean over replicates)", "",
+             "MACs per image and non-zero conv/linear weights of the network each mask gives (channel "
+             "granularity: channels removed; weight granularity: the dense kernels), and speed-ups over "
+             "the dense network measured in the same call.", "",
+             "| eval | curve | level | remaining | test_acc | params | MACs | " + " | ".join(f"speed-up {k}" for k in keys) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(keys)]
+    for c in costs:
+        lines.append(f"| {c['eval']} | {c['curve']} | {c['level']} | {c['remaining']:.2%} | {c['acc']:.4f} (n={c['n']}) | "
+                     f"{c['params']:,.0f} | {c['macs_ratio']:.3f}x | "
+                     + " | ".join(f"{c['speedup'][k]:.2f}x" if k in c["speedup"] else "" for k in keys) + " |")
+    return "\n".join(lines + [""])
+
+
+def plot_cost(costs: list[dict], path: Path) -> None:
+    """Test accuracy against MACs and against measured speed-up (PyTorch, CPU, batch 64), every
+    curve (weight and channel granularity side by side)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (ev, curve) in sorted({(c["eval"], c["curve"]) for c in costs}):
+        pts = sorted((c for c in costs if (c["eval"], c["curve"]) == (ev, curve)), key=lambda c: c["level"])
+        label = f"{curve} ({ev})"
+        style = "--" if "random" in curve else "-"
+        axes[0].plot([100 * c["macs_ratio"] for c in pts], [c["acc"] for c in pts], style, marker="o", ms=3, label=label)
+        sp = [c for c in pts if "torch_cpu_b64" in c["speedup"]]
+        axes[1].plot([c["speedup"]["torch_cpu_b64"] for c in sp], [c["acc"] for c in sp], style, marker="o", ms=3, label=label)
+    axes[0].set_xscale("log")
+    axes[0].invert_xaxis()
+    axes[0].set_xlabel("MACs per image (% of dense)")
+    axes[1].set_xlabel("measured speed-up over dense (PyTorch, CPU, batch 64)")
+    for ax in axes:
+        ax.set_ylabel("test_acc (mean over replicates)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    save_png(fig, path)
+
+
 def plot(summary: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -256,6 +333,10 @@ def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
     w.writerows(rows)
     paths = {"csv": out / "results.csv", "md": out / "summary.md", "png": out / "accuracy_vs_remaining.png"}
     layout.save_text(paths["csv"], buf.getvalue())
-    layout.save_text(paths["md"], "# sslprune report\n\n" + markdown(summary))
+    costs = cost_summary(rows)
+    layout.save_text(paths["md"], "# sslprune report\n\n" + markdown(summary) + "\n" + cost_markdown(costs))
     plot(summary, paths["png"])
+    if costs:
+        paths["cost_png"] = out / "accuracy_vs_cost.png"
+        plot_cost(costs, paths["cost_png"])
     return paths

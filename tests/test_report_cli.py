@@ -27,7 +27,10 @@ def test_report_columns_remaining_and_stats(tmp_path, data):
     paths = write_report(dirs, tmp_path / "report")
     rows = list(csv.DictReader(open(paths["csv"])))
     assert list(rows[0]) == ["experiment", "objective", "reset", "replicate", "level", "remaining",
-                            "remaining_network", "eval", "metric", "value"]
+                            "remaining_network", "eval", "metric", "value", "granularity", "params", "macs",
+                            "macs_ratio", "speedup_torch_cpu_b1", "speedup_torch_cpu_b64", "speedup_onnxruntime_b1",
+                            "speedup_onnxruntime_b64", "speedup_torch_cuda_b1", "speedup_torch_cuda_b64"]
+    assert {r["granularity"] for r in rows} == {"weight"} and {r["macs"] for r in rows} == {""}  # no eval cost
     assert {(r["objective"], r["reset"], r["eval"]) for r in rows} == {
         ("labels", "rewind", "task"), ("rotation", "rewind", "task"),
         ("labels", "reinit", "retrain"), ("rotation", "reinit", "retrain")}

@@ -1,0 +1,269 @@
+"""Standalone networks out of a run: `sslprune export` and `load_exported`.
+
+A channel-granularity level becomes a physically smaller dense network (dead channels removed from
+its convs, batch-norm layers and the next layers' inputs: `channels.compact`); a weight-granularity
+level stays the dense network with its pruned weights at zero (same kernels, so no speed-up: the
+provenance says so). A lottery level exports its backbone (images -> features); a level re-trained
+on labels (`--retrain RESET`) exports with its label head (images -> class logits).
+
+An export folder holds
+    model.safetensors   torchvision-style keys (conv1.weight, layer1.0.bn1.running_mean, ..., fc.weight)
+    export.json         architecture, input normalisation, provenance, params and MACs, sha256 of the files
+    model.onnx          (--format onnx) the same network for onnxruntime, dynamic batch size
+
+Inputs are float images on the 0-1 scale, (B, 3, H, W): the training set's channel normalisation is
+part of the exported network.
+
+    from sslprune.export import load_exported
+    net = load_exported("small/")        # an nn.Module in eval mode, verified against export.json
+    logits_or_features = net(images)
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import channels, layout
+from .errors import UserError
+from .models import build_model
+from .cost import count
+from .pruning import apply_mask, density
+
+FORMATS = ("safetensors", "onnx")
+HEAD = "fc"  # the label head's key prefix in an exported file (torchvision's, for every model)
+
+
+class Standalone(nn.Module):
+    """normalise -> backbone -> optional linear head: what a level computes, as one module."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear | None, mean, std):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:   # (B, 3, H, W) on the 0-1 scale
+        features = self.backbone((images - self.mean) / self.std)  # (B, feature_dim)
+        return features if self.head is None else self.head(features)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """torchvision-style keys: the backbone's own, the head as fc.*"""
+        out = dict(self.backbone.state_dict())
+        if self.head is not None:
+            out |= {f"{HEAD}.{k}": v for k, v in self.head.state_dict().items()}
+        return out
+
+
+def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None = None) -> tuple[Standalone, dict]:
+    """A trained level as a Standalone network (masked, not yet compact) and its provenance."""
+    from .lottery import load_experiment
+
+    exp, saved = load_experiment(exp_dir)
+    ldir = layout.level_dir(exp_dir, replicate, level)
+    run = ldir / ("train" if reset is None else f"retrain_{reset}")
+    if not layout.is_done(run):
+        what = "sslprune lottery" if reset is None else f"sslprune retrain {exp_dir} --reset {reset}"
+        raise UserError(f"level {level} of replicate {replicate} is not trained ({run} has no "
+                        f"{layout.DONE}); run '{what}' first, or pick a trained level")
+    mask_path = run / layout.MASK if (run / layout.MASK).exists() else ldir / layout.MASK
+    mask = layout.load_tensors(mask_path)
+    tensors = layout.load_tensors(run / layout.MODEL)
+    backbone = build_model(exp.model.model)
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+    apply_mask(backbone, mask)  # already zero after training; a no-op that makes it certain
+    head = None
+    if reset is not None:  # re-trained on labels: the task's linear head
+        w, b = tensors["task.head.weight"], tensors["task.head.bias"]
+        head = nn.Linear(w.shape[1], w.shape[0])
+        head.load_state_dict({"weight": w, "bias": b})
+    shape, mean, std = input_spec(exp_dir, exp, saved)
+    info = {"source": {"run": Path(exp_dir).name, "replicate": replicate, "level": level,
+                       "trained": run.relative_to(exp_dir).as_posix(), "git": saved.get("git")},
+            "model": exp.model.model, "granularity": exp.prune.granularity, "remaining": density(mask),
+            "input": {"shape": list(shape), "mean": mean, "std": std, "scale": "0-1"},
+            "head": None if head is None else {"prefix": HEAD, "classes": head.out_features}}
+    return Standalone(backbone, head, mean, std).eval(), info | {"_mask": mask}
+
+
+def input_spec(exp_dir: Path, exp, saved: dict) -> tuple[tuple[int, int, int], list[float], list[float]]:
+    """(C, H, W) and the channel mean and std a run's network expects: recorded in config.json by
+    `prepare`; for runs made before that, read once from the run's data (and then recorded)."""
+    if "input" not in saved:
+        from .data import load_dataset
+        from .lottery import input_record
+        try:
+            data = load_dataset(exp.data, saved.get("data_root"))
+        except UserError as e:
+            raise UserError(f"{exp_dir} predates recorded input statistics and its data is not readable "
+                            f"({e})") from None
+        saved["input"] = input_record(data)
+        layout.save_json(Path(exp_dir) / layout.CONFIG, saved)
+    spec = saved["input"]
+    return tuple(spec["shape"]), spec["mean"], spec["std"]
+
+
+def compact_network(net: Standalone, granularity: str, mask) -> Standalone:
+    """Channel granularity: the physically smaller network; weight granularity: `net` itself."""
+    if granularity != "channel":
+        return net
+    groups = channels.channel_groups(net.backbone)
+    alive = channels.check_mask_is_channels(groups, mask, net.backbone)
+    backbone, head = channels.compact(net.backbone, groups, alive, net.head)
+    return Standalone(backbone, head, net.mean.flatten(), net.std.flatten()).eval()
+
+
+def export(exp_dir: Path, replicate: int, level: int, out: Path, formats=("safetensors",),
+           reset: str | None = None) -> dict:
+    """Write a level's standalone network to `out`; returns what export.json says."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UserError(f"unknown --format {unknown[0]}; choose from {', '.join(FORMATS)}")
+    if "onnx" in formats:
+        _need_onnx()
+    net, info = level_network(Path(exp_dir), replicate, level, reset)
+    masked = net
+    net = compact_network(net, info["granularity"], info.pop("_mask"))
+    shape = tuple(info["input"]["shape"])
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the invariant, checked on every export: compact computes what masked does
+        want = masked(x)
+        err = float((net(x) - want).abs().max())
+    if not err <= 1e-4 * max(1.0, float(want.abs().max())):
+        raise UserError(f"the compact network differs from the masked one by {err:.3g}; please report this")
+    info |= {"cost": count(net, shape), "dense_cost": count(build_dense(info), shape),
+             "note": ("channels removed: a smaller dense network" if info["granularity"] == "channel" else
+                      "weight granularity: the dense network with pruned weights at zero; same kernels, no speed-up")}
+    return write_export(net, info, Path(out), formats, x)
+
+
+def write_export(net: Standalone, info: dict, out: Path, formats=("safetensors",), x: torch.Tensor | None = None) -> dict:
+    """The export folder of a network: model.safetensors, [model.onnx, checked by onnxruntime on x],
+    then export.json with the files' sha256 (written last: it marks the export complete)."""
+    shape = tuple(info["input"]["shape"])
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0)) if x is None else x
+    if (out / layout.EXPORT_INFO).exists() and layout.load_json(out / layout.EXPORT_INFO).get("source") != info.get("source"):
+        raise UserError(f"{out} holds the export of another network; pass another --out or move it away")
+    files = {}
+    layout.save_tensors(out / layout.EXPORT_MODEL, net.tensors())
+    files[layout.EXPORT_MODEL] = _sha256(out / layout.EXPORT_MODEL)
+    if "onnx" in formats:
+        layout.save_bytes(out / layout.EXPORT_ONNX, onnx_bytes(net, shape))
+        check_onnx(out / layout.EXPORT_ONNX, net, x)
+        files[layout.EXPORT_ONNX] = _sha256(out / layout.EXPORT_ONNX)
+    info = {**info, "files": files}
+    layout.save_json(out / layout.EXPORT_INFO, info)
+    return info
+
+
+def build_dense(info: dict) -> Standalone:
+    """The dense network of an export's architecture (random weights): the cost reference."""
+    backbone = build_model(info["model"])
+    head = None if info["head"] is None else nn.Linear(backbone.feature_dim, info["head"]["classes"])
+    return Standalone(backbone, head, info["input"]["mean"], info["input"]["std"]).eval()
+
+
+def load_exported(folder: str | Path) -> Standalone:
+    """The network an `sslprune export` folder holds, in eval mode. Its files are checked against the
+    sha256 recorded in export.json; layer widths come from the tensors themselves."""
+    folder = Path(folder)
+    info = layout.load_json(folder / layout.EXPORT_INFO) if (folder / layout.EXPORT_INFO).exists() else None
+    if info is None:
+        raise UserError(f"{folder} holds no {layout.EXPORT_INFO}; pass a folder written by 'sslprune export'")
+    path = folder / layout.EXPORT_MODEL
+    if _sha256(path) != info["files"].get(layout.EXPORT_MODEL):
+        raise UserError(f"{path} does not match the sha256 in {layout.EXPORT_INFO}: it was damaged or replaced; "
+                        f"export it again")
+    tensors = layout.load_tensors(path)
+    net = build_dense(info)
+    body = {k: v for k, v in tensors.items() if not k.startswith(f"{HEAD}.")}
+    _resize(net.backbone, body)
+    net.backbone.load_state_dict(body, strict=True)
+    if net.head is not None:
+        w = tensors[f"{HEAD}.weight"]
+        net.head = nn.Linear(w.shape[1], w.shape[0])
+        net.head.load_state_dict({"weight": w, "bias": tensors[f"{HEAD}.bias"]})
+    return net.eval()
+
+
+def _resize(backbone: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give every conv, linear and batch-norm layer the shapes its tensors have (a compact network's)."""
+    for name, m in backbone.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = tensors[f"{prefix}weight"]
+            m.weight = nn.Parameter(torch.empty_like(w))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(w.shape[0]))
+            if isinstance(m, nn.Conv2d):
+                m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+            else:
+                m.out_features, m.in_features = w.shape
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = tensors[f"{prefix}running_mean"].shape[0]
+            m.num_features = c
+            m.weight, m.bias = nn.Parameter(torch.empty(c)), nn.Parameter(torch.empty(c))
+            m.running_mean, m.running_var = torch.empty(c), torch.empty(c)
+
+
+def _need_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'sslprune[export]'") from None
+
+
+def onnx_bytes(net: nn.Module, shape: tuple[int, int, int]) -> bytes:
+    """The network as one ONNX file (torch.export-based exporter), batch size dynamic."""
+    _need_onnx()
+    import onnx
+
+    example = torch.zeros(2, *shape)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(net, (example,), dynamo=True, verbose=False, input_names=["images"],
+                                        output_names=["output"],
+                                        dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    finally:
+        quiet.setLevel(level)
+    return onnx.ModelProto.SerializeToString(program.model_proto)
+
+
+def onnx_session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # no busy-waiting between calls: an idle session's spinning threads would slow the one being timed
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_onnx(path: Path, net: nn.Module, x: torch.Tensor) -> None:
+    """onnxruntime runs the file and gives what PyTorch gives (fp32 tolerance)."""
+    got = onnx_session(path).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        want = net(x)
+    err = float((torch.from_numpy(got) - want).abs().max())
+    if not err <= 1e-4 * max(1.0, float(want.abs().max())):
+        raise UserError(f"{path}: onnxruntime's output differs from PyTorch's by {err:.3g}; please report this")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
