@@ -206,3 +206,17 @@ def next_mask(backbone: nn.Module, mask: Mask, state: dict[str, torch.Tensor] | 
     alive = check_mask_is_channels(groups, mask, backbone)
     kept = prune_channels(groups, alive, channel_scores(groups, state, score, generator), fraction)
     return channel_mask(backbone, groups, kept)
+
+
+def check_levels(backbone: nn.Module, fraction: float, levels: int) -> None:
+    """Refuse, before anything runs, a schedule whose levels would empty a layer: level after level,
+    round(fraction x survivors) channels go, and every group keeps one."""
+    groups = channel_groups(backbone)
+    alive = sum(g.size for g in groups)
+    for level in range(1, levels + 1):
+        k = int(round(fraction * alive))
+        if k > alive - len(groups):
+            raise UserError(f"--granularity channel: level {level} would remove {k} of the {alive} surviving "
+                            f"channels, emptying a layer ({len(groups)} layers keep one each); pass --levels "
+                            f"{level - 1} or a smaller --fraction")
+        alive -= k

@@ -332,6 +332,10 @@ def cmd_lottery(args, argv) -> int:
     _check_counts(run["levels"], run["replicates"])
     runtime = _runtime(args)
     exp.validate()                         # before reading any data
+    if exp.prune.granularity == "channel":
+        from .channels import check_levels
+        from .models import build_model
+        check_levels(build_model(exp.model.model), exp.prune.fraction, run["levels"])
     paired = TASKS[exp.task.task].sampler == "paired"     # half labelled, half unlabelled: an even batch
     distributed.check_batch(exp.train.batch_size // 2 * 2 if paired else exp.train.batch_size)  # before anything is written
     if source_run(exp) is not None:        # every replicate's start exists before anything is written

@@ -12,6 +12,7 @@ the dense network timed in alternation on the same inputs.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -31,14 +32,12 @@ def count(net: nn.Module, shape: tuple[int, int, int]) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     weights = prunable(getattr(net, "backbone", net))
-    was_training = net.training
-    net.eval()
+    ghost = copy.deepcopy(net).to("meta").eval()  # shapes only: counting computes nothing
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, *shape))
-    net.train(was_training)
+        ghost(torch.zeros(1, *shape, device="meta"))
     return {"params": sum(p.numel() for p in net.parameters()),
             "params_prunable": sum(w.numel() for w in weights.values()),
-            "params_nonzero": sum(int(w.count_nonzero()) for w in weights.values()),
+            "params_nonzero": sum(w.numel() if w.is_meta else int(w.count_nonzero()) for w in weights.values()),
             "macs": counter.get_total_flops() // 2}
 
 

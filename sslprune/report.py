@@ -4,7 +4,7 @@ replicates) and plots of accuracy against remaining weights (log axis; the paper
 Reads nothing but saved files: config.json, masks and done.json of each step.
 
 results.csv columns: experiment, objective, reset, replicate, level, remaining, remaining_network,
-eval, metric, value
+eval, metric, value, then the cost columns
 - experiment:     the experiment directory's name (task_model_dataset_hash): replicates are
                   averaged within one experiment, never across experiments.
 - eval 'task':    the lottery run itself, its objective's own metric (Task.metric: labels and
@@ -20,6 +20,9 @@ eval, metric, value
 - remaining:      fraction of prunable weights kept, over the layers being pruned (all of them,
                   unless --layers N restricts pruning to the first N conv layers);
 - remaining_network: the same over every prunable weight of the network.
+- granularity, params, macs, macs_ratio, speedup_<backend>_b<batch>: the cost of the network the
+                  row's mask gives (sslprune eval cost; blank until measured): non-zero conv/linear
+                  weights, MACs per image and their ratio to dense, measured speed-ups over dense.
 """
 from __future__ import annotations
 

@@ -114,3 +114,17 @@ def test_channel_lottery_retrain_and_random_baseline(tmp_path, data):
 def test_bad_channel_options_are_refused(overrides, message):
     with pytest.raises(UserError, match=message):
         tiny_experiment(**overrides).validate()
+
+
+def test_a_schedule_that_would_empty_a_layer_is_refused_before_anything_is_written(tmp_path, capsys):
+    from sslprune.cli import main
+    flags = ["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
+             "--lr", "1e-3", "--batch-size", "32", "--epochs", "1", "--granularity", "channel", "--quiet",
+             "--root", str(tmp_path / "runs")]
+    # the convnet's two prunable layers (32 + 64 channels) keep one channel each: 94 can go
+    assert main(flags + ["--fraction", "0.99", "--levels", "1"]) == 2
+    assert "would remove 95 of the 96 surviving channels" in capsys.readouterr().err
+    # 96 -> 48 -> 24 -> 12 -> 6 -> 3 channels, then 2 more would leave one layer with none
+    assert main(flags + ["--fraction", "0.5", "--levels", "6"]) == 2
+    assert "level 6 would remove 2 of the 3 surviving channels, emptying a layer" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
