@@ -32,7 +32,11 @@ what a pruned network is worth (Caron et al. 2020), and the command for each:
                                  (replicate r prunes RUN's replicate r's dense level 0 on D)
   natural sparsity               sslprune sparsity RUN [--threshold T ...]
   layerwise pruning              sslprune lottery ... --layers N   (only the first N convs; then any of the above)
-  pre-trained, then pruned       sslprune lottery ... --pretrained FILE   (model.safetensors or torchvision .pth)
+  pre-trained, then pruned       sslprune lottery ... --pretrained FILE   (ours, torchvision, MoCo, DINO, SwAV,
+                                 SimCLR, solo-learn, lightly, VISSL; --pretrained-prefix overrides the detection)
+  channel pruning                sslprune lottery ... --granularity channel [--channel-score l1|l2|bn]
+  params, MACs, latency          sslprune eval cost RUN   (each mask's network against dense, measured)
+  a standalone network           sslprune export RUN --level L [--retrain rewind] --format safetensors onnx
   everything, mean +- s.e.       sslprune report RUN... --out DIR   (arms 1 and 2 share one table per D)
 """
 

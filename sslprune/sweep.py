@@ -121,6 +121,9 @@ def load_spec(path: Path) -> Spec:
     bad = [r for r in retrain if r not in RESETS]
     if bad:
         raise UserError(f"{path}: unknown retrain reset(s) {bad}; choose from {', '.join(RESETS)}")
+    if "random_adjusted" in retrain and any(e.prune.granularity == "channel" for e in experiments):
+        raise UserError(f"{path}: random_adjusted prunes naturally-zero single weights; a channel run's random "
+                        f"baseline is 'random' (random channels): drop random_adjusted")
     here = path.resolve().parent
     probe = tuple(_downstream(path, here, "probe", t, {"stage"}) for t in evaluations.get("probe", ()))
     finetune = tuple(_downstream(path, here, "finetune", t, _FINETUNE_KEYS) for t in evaluations.get("finetune", ()))
