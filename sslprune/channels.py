@@ -150,6 +150,8 @@ def prune_channels(groups: list[Group], alive: list[torch.Tensor], scores: list[
     """Remove round(fraction x surviving channels) channels with the lowest scores, globally,
     never the highest-scoring survivor of a group. Exactly that many; ties broken by position."""
     total = sum(int(a.sum()) for a in alive)
+    if not all(bool(torch.isfinite(s[a]).all()) for a, s in zip(alive, scores)):
+        raise UserError("non-finite channel scores: the weights they come from diverged; nothing is pruned")
     k = int(round(fraction * total))
     candidates = []  # (score, group, channel) of every survivor but each group's best
     for gi, (a, s) in enumerate(zip(alive, scores)):

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import math
 import re
 import sys
 from pathlib import Path
@@ -522,8 +523,8 @@ def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
 def cmd_sparsity(args, argv) -> int:
     from .sparsity import write_report
 
-    if any(t is not None and t < 0 for t in args.threshold):
-        raise UserError(f"--threshold must be >= 0, got {args.threshold}")
+    if any(t is not None and not (math.isfinite(t) and t >= 0) for t in args.threshold):
+        raise UserError(f"--threshold must be >= 0 and finite, got {args.threshold}")
     paths = write_report(_experiment_dirs(args.run_dirs), args.out, tuple(args.threshold), tuple(args.levels),
                          args.with_init)
     print("\n".join(str(p) for p in paths.values()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
@@ -133,6 +134,7 @@ class Experiment:
 
     def validate(self) -> None:
         """Fail early, before any work, with the fix in the message."""
+        self._validate_types()
         from .channels import CHANNEL_SCORES
         from .data import DATASETS
         from .models import MODELS
@@ -164,6 +166,10 @@ class Experiment:
                             ("test_per_class", self.data.test_per_class)):
             if value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.train.optimizer == "sgd" and not 0.0 <= self.train.momentum < 1.0:
+            raise UserError(f"--momentum must be in [0, 1) (0.9 is usual), got {self.train.momentum}")
+        if self.train.optimizer == "adam" and self.train.momentum:
+            raise UserError("--momentum applies to --optimizer sgd only (Adam has its own betas); drop it")
         if not self.train.gamma > 0:
             raise UserError(f"--gamma must be > 0, got {self.train.gamma}")
         if self.train.warmup_epochs > self.train.epochs:
@@ -176,6 +182,27 @@ class Experiment:
             raise UserError("--pretrained-prefix applies to a --pretrained checkpoint; drop it or pass --pretrained FILE")
         parse_rewind(self.prune.rewind)
         self._validate_task()
+
+    def _validate_types(self) -> None:
+        """Every field holds its declared type (a config file or sweep spec may say lr = "abc"), and
+        every float is finite: NaN passes every range check, and NaN != NaN would make a run that
+        can never be resumed."""
+        for f in fields(self):
+            section = getattr(self, f.name)
+            for g in fields(section):
+                value, kind = getattr(section, g.name), type(getattr(type(section)(), g.name))
+                flag = f"--{g.name.replace('_', '-')}"
+                if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                    continue  # 1 for 1.0
+                if kind is tuple:
+                    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                        raise UserError(f"{flag} takes whole numbers, got {list(value)!r}")
+                    continue
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    what = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}[kind]
+                    raise UserError(f"{flag} takes {what}, got {value!r}")
+                if kind is float and not math.isfinite(value):
+                    raise UserError(f"{flag} must be a finite number, got {value}")
 
     def _validate_task(self) -> None:
         t, default = self.task, Task()
@@ -192,6 +219,8 @@ class Experiment:
         for name in ("embedding_dim", "nce_negatives", "knn", "temperature", "margin"):
             if not getattr(t, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(t, name)}")
+        if t.margin > 2.0:
+            raise UserError(f"--margin must be in (0, 2]: unit embeddings are at most 2 apart, got {t.margin}")
         if not 0.0 <= t.bank_momentum < 1.0:
             raise UserError(f"--bank-momentum must be in [0, 1), got {t.bank_momentum}")
         if not 0.0 <= t.z_momentum <= 1.0:

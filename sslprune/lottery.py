@@ -134,6 +134,15 @@ def _sha256(path: Path) -> str:
 
 def check_data(exp: Experiment, data: Dataset) -> None:
     h, w = data.train.image_shape[-2:]
+    if data.num_classes < 2:
+        raise UserError(f"{data.name} has {data.num_classes} class: nothing to tell apart (every accuracy would "
+                        f"be 1.0); an ImageFolder needs one sub-folder per class in train/ and test/")
+    if exp.train.batch_size > len(data.train):
+        raise UserError(f"--batch-size {exp.train.batch_size} exceeds the {len(data.train)} training images; "
+                        f"pass at most {len(data.train)}")
+    if exp.task.task == "npid" and exp.task.knn > len(data.train):
+        raise UserError(f"--knn {exp.task.knn} exceeds the {len(data.train)} rows of the memory bank; pass a "
+                        f"smaller --knn")
     if exp.task.task in ("rotation", "s4l") and h != w:
         raise UserError(f"--task {exp.task.task} needs square images, these are {h}x{w}; pass --image-size N")
     if exp.task.task == "npid" and exp.task.nce_negatives >= len(data.train):
@@ -193,6 +202,9 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
             raise UserError(f"level {level - 1} of replicate {replicate} is not trained yet; run "
                             f"'sslprune lottery' with --levels {level} first")
         trained = layout.load_tensors(prev / "train" / layout.MODEL)
+        if not all(bool(torch.isfinite(v).all()) for v in trained.values() if v.is_floating_point()):
+            raise UserError(f"{prev / 'train' / layout.MODEL} holds non-finite weights: level {level - 1} "
+                            f"diverged; nothing is pruned from it. Move {prev} away and re-run with a lower --lr")
         previous = level_mask(exp, exp_dir, replicate, level - 1, backbone)
         if exp.prune.granularity == "channel":
             state = {k.removeprefix("backbone."): v for k, v in trained.items() if k.startswith("backbone.")}

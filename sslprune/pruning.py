@@ -63,8 +63,11 @@ def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float, layers: 
     k = int(round(fraction * int(alive.sum())))
     if k == 0:
         return {n: m.clone() for n, m in mask.items()}
+    flat = torch.cat([scores[n].flatten().float() for n in names])
+    if not bool(torch.isfinite(flat[alive]).all()):
+        raise ValueError("non-finite scores among the surviving weights: the weights they come from diverged")
     # Pruned weights score +inf, so the k smallest are k survivors; one flat array, one selection.
-    flat = torch.cat([scores[n].flatten().float() for n in names]).masked_fill_(~alive, float("inf"))
+    flat = flat.masked_fill_(~alive, float("inf"))
     drop = torch.from_numpy(np.argpartition(flat.numpy(), k - 1, kind="introselect")[:k])  # the k smallest
     alive[drop] = False
     out = dict(zip(names, torch.split(alive, [mask[n].numel() for n in names])))  # views of one buffer

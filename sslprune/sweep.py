@@ -86,6 +86,10 @@ def load_spec(path: Path) -> Spec:
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise UserError(f"{path}: unknown key(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}")
+    for key, least in (("levels", 0), ("replicates", 1)):
+        value = raw.get(key, 3 if key == "levels" else 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise UserError(f"{path}: {key} must be a whole number >= {least}, got {value!r}")
     fields = {f.name for section in dataclasses.fields(Experiment) for f in dataclasses.fields(section.default_factory)}
     base, grid = dict(raw.get("base", {})), dict(raw.get("grid", {}))
     for key in [*base, *grid]:

@@ -83,6 +83,20 @@ def load_weights(backbone: nn.Module, task: Task | None, tensors: dict[str, torc
                         f"check --model/--task against the run's config.json") from None
 
 
+def check_finite(out: Path, epoch: int, bad_step: int, loss: float, params: list[torch.Tensor]) -> None:
+    """A diverged run stops here, before its epoch is saved: the last checkpoint on disk is the last
+    good epoch, and nothing non-finite is ever written as a result."""
+    finite_weights = all(bool(torch.isfinite(p).all()) for p in params)
+    if math.isfinite(loss) and finite_weights:
+        return
+    where = "/".join(Path(out).parts[-3:])
+    what = (f"the loss became non-finite at step {bad_step + 1}" if bad_step >= 0 else
+            "the weights became non-finite" if not finite_weights else "the test metrics are non-finite")
+    raise UserError(f"training diverged in {where}, epoch {epoch}: {what}; nothing of this epoch was "
+                    f"saved (the last good checkpoint is kept); lower --lr (or --momentum), which makes a "
+                    f"new experiment, and run again")
+
+
 def evaluate(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torch.Tensor, normalize,
              batch_size: int, train_labels: torch.Tensor) -> dict:
     """The task's metrics on a held-out split (Task.evaluate: batch-norm in eval mode, fixed views)."""
@@ -161,6 +175,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         loaded = stream.epoch(order, epoch, rows) if stream else None
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
         count = 0
         for i in range(per_epoch):
             step = epoch * per_epoch + i
@@ -184,6 +199,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
             optimizer.step()
             enforce_mask()                                          # pruned weights stay exactly 0
             loss_sum += loss.detach() * n
+            # on the device, no sync: the epoch's end reads it
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             correct += c
             count += n
             if snapshot and step + 1 == snapshot[0]:
@@ -191,10 +208,12 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         loss_sum, correct, count = distributed.sum_over_ranks(loss_sum, correct, torch.tensor(count))
         train_loss, train_acc = float(loss_sum) / float(count), float(correct) / float(count)  # one sync per epoch
         t1 = time.perf_counter()
+        check_finite(out, epoch + 1, int(first_bad), train_loss, params)
         batch = order.shape[1]
         with rt.autocast():
             test = evaluate(backbone, task, test_x, test_y, normalize,
                             batch if task.batch_metric else max(batch, 256), train_labels=train_y)
+        check_finite(out, epoch + 1, -1, sum(v for v in test.values() if isinstance(v, float)), [])
         history.append({"epoch": epoch + 1, "step": (epoch + 1) * per_epoch,
                         "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                         "train_acc": train_acc, **{f"test_{k}": v for k, v in test.items()},

@@ -146,7 +146,7 @@ def test_objectives_that_couple_the_batch_train_on_two_processes(tmp_path, task)
         from .test_stream import write_tree
         extra = ("--task", "exemplar", "--levels", "0", "--epochs", "2", "--dataset", "imagefolder",
                  "--data-root", str(write_tree(tmp_path / "tree")), "--stream", "--image-size", "16",
-                 "--crop-pad", "0", "--loader-workers", "1")
+                 "--crop-pad", "0", "--loader-workers", "1", "--batch-size", "24")  # all 24 images
     one, two = _sslprune(tmp_path / "one", 1, *extra), _sslprune(tmp_path / "two", 2, *extra)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]

@@ -90,7 +90,8 @@ def test_config_mismatch_is_refused_and_nothing_touched(tmp_path, data):
 def test_paper_preset_reopens_and_other_data_is_refused(tmp_path, data):
     from sslprune.cli import parser, resolve
     from .conftest import tiny_dataset
-    exp, _ = resolve(parser().parse_args(["lottery", "--preset", "cifar10-resnet18-paper", "--task", "rotation"]))
+    exp, _ = resolve(parser().parse_args(["lottery", "--preset", "cifar10-resnet18-paper", "--task", "rotation",
+                                          "--batch-size", "64"]))   # the preset's 512 exceeds the tiny data
     assert exp.train.milestones == (80, 120)
     d = prepare(exp, tmp_path, data, None, ["a"])
     assert prepare(exp, tmp_path, data, None, ["b"]) == d          # tuple vs JSON list: same config

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .tensors import Dataset, Split
 
 
 def load_digits(root=None, **_) -> Dataset:
     from sklearn.datasets import load_digits as sk_load
+
+    if root:  # recorded with the run, it would claim data that was never read
+        raise UserError(f"--dataset digits is embedded in scikit-learn and reads no --data-root ({root}); drop it")
 
     d = sk_load()
     x = torch.from_numpy(d.images).float().mul(255 / 16).round().to(torch.uint8)  # (N, 8, 8)

@@ -1,0 +1,116 @@
+"""Nothing silently wrong: divergence stops a run, nonsense input is refused before anything is written."""
+import math
+
+import pytest
+import torch
+
+from sslprune import layout
+from sslprune.cli import main
+from sslprune.errors import UserError
+from sslprune.pruning import dense_mask, prune
+from sslprune.models import build_model
+
+DIGITS = ["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--batch-size", "64",
+          "--epochs", "3", "--levels", "2", "--replicates", "1", "--quiet"]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sslprune: error: "), err   # one line, no traceback
+    return err
+
+
+def test_a_diverged_run_stops_keeps_its_last_good_checkpoint_and_publishes_nothing(tmp_path, capsys):
+    root = tmp_path / "runs"
+    # lr 1e6 diverges in epoch 1 (the issue's reproduction, exit 0 and NaN results before)
+    assert main([*DIGITS, "--optimizer", "sgd", "--lr", "1e6", "--root", str(root)]) == 2
+    err = _one_line(capsys)
+    assert "training diverged in replicate_1/level_0/train, epoch 1: the loss became non-finite at step" in err
+    assert "lower --lr" in err
+    exp_dir = next(root.iterdir())
+    level0 = layout.level_dir(exp_dir, 1, 0)
+    assert not (level0 / "train" / layout.DONE).exists() and not (level0 / "train" / layout.MODEL).exists()
+    assert not layout.level_dir(exp_dir, 1, 1).exists()                     # nothing pruned from NaN
+    assert main(["report", str(root), "--out", str(tmp_path / "rep")]) == 0
+    assert "nan" not in (tmp_path / "rep" / "results.csv").read_text().lower()
+
+
+def test_divergence_after_a_good_epoch_keeps_that_epoch(tmp_path, capsys, monkeypatch):
+    from sslprune import train as train_mod
+    real = train_mod.check_finite
+
+    def second_epoch_diverges(out, epoch, bad_step, loss, params):
+        if epoch == 2 and params:  # the training check of epoch 2 sees a NaN loss
+            loss = math.nan
+        return real(out, epoch, bad_step, loss, params)
+
+    monkeypatch.setattr(train_mod, "check_finite", second_epoch_diverges)
+    root = tmp_path / "runs"
+    assert main([*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--root", str(root)]) == 2
+    assert "epoch 2" in _one_line(capsys)
+    ckpt = layout.load_checkpoint(layout.level_dir(next(root.iterdir()), 1, 0) / "train" / layout.CHECKPOINT)
+    assert ckpt["epoch"] == 1                                                # the last good epoch, kept
+
+
+def test_pruning_refuses_non_finite_scores():
+    bb = build_model("convnet")
+    scores = {n: torch.rand(m.shape) for n, m in dense_mask(bb).items()}
+    scores["features.0.weight"][0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="non-finite scores"):
+        prune(scores, dense_mask(bb), 0.2)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--optimizer", "adam", "--lr", "nan"], "--lr must be a finite number"),
+    (["--optimizer", "adam", "--lr", "inf"], "--lr must be a finite number"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--optimizer", "sgd", "--lr", "0.1", "--momentum", "5"], "--momentum must be in [0, 1)"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--momentum", "0.9"], "--momentum applies to --optimizer sgd only"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--task", "exemplar", "--margin", "5"], "--margin must be in (0, 2]"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--batch-size", "100000"], "exceeds the 1437 training images"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--task", "npid", "--nce-negatives", "64", "--knn", "100000"],
+     "--knn 100000 exceeds the 1437 rows"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--data-root", "somewhere"], "reads no --data-root"),
+])
+def test_nonsense_flags_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    assert main([*DIGITS, *flags, "--root", str(tmp_path / "runs")]) == 2
+    assert message in _one_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_one_class_imagefolder_is_refused(tmp_path, capsys):
+    from .test_stream import write_tree
+    tree = write_tree(tmp_path / "tree", classes=("only",))
+    flags = ["lottery", "--dataset", "imagefolder", "--data-root", str(tree), "--image-size", "16", "--model",
+             "convnet", "--task", "rotation", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "4",
+             "--epochs", "1", "--root", str(tmp_path / "runs"), "--quiet"]
+    assert main(flags) == 2
+    assert "has 1 class: nothing to tell apart" in _one_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sparsity_refuses_a_nan_threshold(tmp_path, capsys):
+    assert main(["sparsity", str(tmp_path), "--threshold", "nan"]) == 2
+    assert "--threshold must be >= 0 and finite" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ('levels = "three"', "levels must be a whole number >= 0"),
+    ("levels = -1", "levels must be a whole number >= 0"),
+    ("replicates = 0", "replicates must be a whole number >= 1"),
+    ('[base]\nlr = "abc"', "--lr takes a number, got 'abc'"),
+    ("[base]\nepochs = 2.5", "--epochs takes a whole number, got 2.5"),
+])
+def test_sweep_specs_with_wrong_types_are_one_line_errors(tmp_path, capsys, spec, message):
+    top, base = ("", spec.removeprefix("[base]\n")) if spec.startswith("[base]") else (spec, "")
+    text = f'{top}\n[base]\npreset = "demo"\n{base}\n[grid]\ntask = ["labels"]\n'
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    assert main(["sweep", str(path)]) == 2
+    assert message in _one_line(capsys)
+
+
+def test_config_types_are_checked():
+    from .conftest import tiny_experiment
+    with pytest.raises(UserError, match="--milestones takes whole numbers"):
+        tiny_experiment(milestones=("a",)).validate()
