@@ -98,6 +98,9 @@ class Experiment:
             sub = f.default_factory  # the section's class
             known = {g.name for g in fields(sub)}
             given = d.get(f.name, {})
+            if not isinstance(given, dict):
+                raise UserError(f"config section '{f.name}' is a {type(given).__name__}, not a table of fields; "
+                                f"the file was damaged or edited")
             unknown = set(given) - known
             if unknown:
                 raise UserError(f"unknown config field(s) {sorted(unknown)} in section '{f.name}'; "

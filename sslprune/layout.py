@@ -115,11 +115,11 @@ def save_json(path: Path, obj) -> None:
 
 def load_json(path: Path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg}); it was truncated or edited: "
-                        f"move it away to recompute that step") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', None) or e.reason}); it was truncated or "
+                        f"damaged: move it away to recompute that step") from None
 
 
 def save_text(path: Path, text: str) -> None:

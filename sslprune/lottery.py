@@ -59,8 +59,8 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
     fingerprint = data.fingerprint()
     pretrained = pretrained_id(exp.model.pretrained) if exp.model.pretrained else None
     if cfg_path.exists():
-        saved = layout.load_json(cfg_path)
-        if Experiment.from_dict(saved.get("config", {})) != exp:
+        saved_exp, saved = load_experiment(exp_dir)
+        if saved_exp != exp:
             raise UserError(f"{cfg_path} holds a different configuration than the one asked for "
                             f"(same name {exp.name()}); use another --root or move {exp_dir} away")
         if saved.setdefault("data_fingerprint", fingerprint) != fingerprint:  # older runs: record it
@@ -186,6 +186,10 @@ def load_experiment(exp_dir: Path) -> tuple[Experiment, dict]:
         raise UserError(f"{exp_dir} is not an experiment directory (no {layout.CONFIG}); pass the "
                         f"directory that 'sslprune lottery' printed")
     saved = layout.load_json(cfg_path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise UserError(f"{cfg_path} holds no experiment configuration (a {type(saved).__name__}"
+                        f"{' without config' if isinstance(saved, dict) else ''}): it was damaged or replaced; "
+                        f"restore it, or move {exp_dir} away")
     return Experiment.from_dict(saved["config"]), saved
 
 

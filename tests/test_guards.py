@@ -114,3 +114,19 @@ def test_config_types_are_checked():
     from .conftest import tiny_experiment
     with pytest.raises(UserError, match="--milestones takes whole numbers"):
         tiny_experiment(milestones=("a",)).validate()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"{}", b"[1, 2]", b'{"config": [1]}',
+                                     b'{"config": {"train": 5}}'])
+def test_a_damaged_config_json_is_one_line_in_every_command(tmp_path, capsys, content):
+    root = tmp_path / "runs"
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "0", "--root", str(root)]
+    assert main(flags) == 0
+    exp_dir = next(root.iterdir())
+    capsys.readouterr()
+    (exp_dir / layout.CONFIG).write_bytes(content)
+    for argv in (flags, ["retrain", str(exp_dir), "--quiet"], ["report", str(exp_dir), "--out", str(tmp_path / "r")],
+                 ["eval", "probe", str(exp_dir)], ["export", str(exp_dir), "--level", "0", "--out", str(tmp_path / "e")]):
+        assert main(argv) == 2, argv
+        err = _one_line(capsys)
+        assert "config" in err and ("damaged" in err or "not valid JSON" in err), err
