@@ -67,6 +67,41 @@ def level_dir(exp_dir: Path, replicate: int, level: int) -> Path:
     return replicate_dir(exp_dir, replicate) / f"level_{level}"
 
 
+def replicate_lock(exp_dir: Path, replicate: int) -> Path:
+    """Held while a replicate's lottery chain runs (sslprune lottery, a sweep's lottery step)."""
+    return Path(exp_dir) / f".replicate_{replicate}.lock"
+
+
+def step_lock(level: Path, step: str) -> Path:
+    """Held while one evaluation of a level runs, e.g. step 'retrain_reinit'."""
+    return Path(level) / f".{step}.lock"
+
+
+def sweep_lock(folder: Path, step: str) -> Path:
+    """A sweep worker's claim on a step (taken without waiting: a worker that cannot take it moves on).
+    The step's own lock (replicate_lock, step_lock) is then taken inside, as by a plain command."""
+    return Path(folder) / f".sweep_{step}.lock"
+
+
+def experiment_lock(root: Path, name: str) -> Path:
+    """Held while an experiment's config.json is created or updated."""
+    return Path(root) / f".{name}.lock"
+
+
+def clean_temporaries(folder: Path) -> list[Path]:
+    """Remove the half-written temporaries (.<name>.*.tmp) a killed writer left in `folder`; call it
+    only under the lock of the step that writes there. Returns what was removed."""
+    gone = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def step_guard(path: Path):
+    """The lock of a step, taken by rank 0 only: under torchrun the N processes of one run are one writer."""
+    return file_lock(path) if distributed.is_main() else contextlib.nullcontext(True)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, wait: bool = True):
     """Exclusive flock on `path`; yields True when taken, False when another process holds it and
@@ -94,9 +129,9 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # after writing (a writer may re-create the file): every output 0644
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

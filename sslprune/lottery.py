@@ -54,6 +54,11 @@ def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, a
     config or dataset that differs from the one asked for is an error: nothing computed is touched."""
     exp.validate()
     check_data(exp, data)
+    with layout.file_lock(layout.experiment_lock(root, exp.name())):  # one writer of config.json at a time
+        return _prepare(exp, Path(root), data, data_root, argv)
+
+
+def _prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str]) -> Path:
     exp_dir = Path(root) / exp.name()
     cfg_path = exp_dir / layout.CONFIG
     fingerprint = data.fingerprint()
@@ -173,9 +178,14 @@ def check_data(exp: Experiment, data: Dataset) -> None:
 
 
 def record_command(exp_dir: Path, argv: list[str], saved: dict | None = None) -> None:
-    """Append a command line to config.json: every command that touched the results is kept."""
-    cfg_path = Path(exp_dir) / layout.CONFIG
-    saved = layout.load_json(cfg_path) if saved is None else saved
+    """Append a command line to config.json: every command that touched the results is kept.
+    `saved` (prepare's) is read under the experiment's lock; otherwise the file is read under it."""
+    exp_dir = Path(exp_dir)
+    cfg_path = exp_dir / layout.CONFIG
+    if saved is None:
+        with layout.file_lock(layout.experiment_lock(exp_dir.parent, exp_dir.name)):
+            record_command(exp_dir, argv, layout.load_json(cfg_path))
+        return
     saved["commands"] = saved.get("commands", []) + [argv]
     layout.save_json(cfg_path, saved)
 
@@ -224,9 +234,18 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
 
 def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, levels: int,
                   runtime: Runtime = CPU, progress: bool = True) -> None:
-    """data: the full dataset; the objective trains on task_data(exp, exp_dir, data)."""
+    """data: the full dataset; the objective trains on task_data(exp, exp_dir, data). One process
+    runs a replicate's chain at a time: a second identical command waits, then finds it done."""
+    with layout.step_guard(layout.replicate_lock(exp_dir, replicate)):
+        _run_replicate(exp, exp_dir, data, replicate, levels, runtime, progress)
+
+
+def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, levels: int,
+                   runtime: Runtime, progress: bool) -> None:
     data = task_data(exp, exp_dir, data)
     rdir = layout.replicate_dir(exp_dir, replicate)
+    for folder in [rdir, *rdir.glob("level_*")]:  # left by a killed run of this chain (its lock is ours now)
+        layout.clean_temporaries(folder)
     backbone, task = build(exp, data, seed=derive_seed("init", replicate))
     init_path = rdir / layout.INIT
     if init_path.exists():

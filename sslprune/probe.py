@@ -106,6 +106,12 @@ def probe_level(exp_dir: Path, replicate: int, level: int, data: Dataset, normal
         raise UserError("a linear probe fits on features of training images held in memory, and this run's "
                         "data is streamed from disk: probe on another dataset (--dataset, --data-root)")
     out = layout.level_dir(exp_dir, replicate, level) / probe_name(data, stage)
+    with layout.file_lock(layout.step_lock(out.parent, out.name)):  # one writer; a second one waits
+        return _probe(exp_dir, replicate, level, data, normalize, device, stage, out)
+
+
+def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: Normalize, device: str,
+           stage: str | None, out: Path) -> dict:
     if layout.is_done(out):
         return layout.load_json(out / layout.DONE)
     run = layout.level_dir(exp_dir, replicate, level) / "train"

@@ -221,16 +221,14 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
 
     def evaluation(name, r, level, rdir, label, out, run, trains):
         ldir = rdir / f"level_{level}"
-        return Step(key=f"{name}/replicate_{r}/level_{level}/{label}", lock=ldir / f".{label}.lock",
+        return Step(key=f"{name}/replicate_{r}/level_{level}/{label}", lock=layout.sweep_lock(ldir, label),
                     ready=lambda: layout.is_done(ldir / "train"), done=lambda: layout.is_done(out()),
                     run=run, train_dirs=lambda: [out()] if trains else [], level=level)
 
     def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
         d = spec.root / exp.name()
-        if not (d / layout.CONFIG).exists():
-            with layout.file_lock(spec.root / f".{exp.name()}.lock"):
-                if not (d / layout.CONFIG).exists():
-                    prepare(exp, spec.root, data_for(exp), spec.data_root, ["sweep", str(spec.path)])
+        if not (d / layout.CONFIG).exists():  # prepare takes the experiment's lock; config.json is written once
+            prepare(exp, spec.root, data_for(exp), spec.data_root, ["sweep", str(spec.path)])
         return d
 
     steps = []
@@ -240,7 +238,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
             rdir = layout.replicate_dir(spec.root / name, r)
             levels = range(spec.levels + 1)
             steps.append(Step(
-                key=f"{name}/replicate_{r}/lottery", lock=spec.root / name / f".replicate_{r}.lock",
+                key=f"{name}/replicate_{r}/lottery", lock=layout.sweep_lock(spec.root / name, f"replicate_{r}"),
                 ready=lambda: True,
                 done=lambda rdir=rdir, levels=levels: all(layout.is_done(rdir / f"level_{L}" / "train") for L in levels),
                 run=lambda exp=exp, r=r: run_replicate(exp, exp_dir(exp), data_for(exp), r, spec.levels, runtime, False),

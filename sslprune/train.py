@@ -114,6 +114,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     if layout.is_done(out):
         load_weights(backbone, task, layout.load_tensors(out / layout.MODEL))
         return layout.load_json(out / layout.DONE)
+    if distributed.is_main():  # callers hold this step's lock: a temporary here is a killed writer's
+        layout.clean_temporaries(out)
 
     rt = runtime.resolved()
     device = rt.device

@@ -42,5 +42,6 @@ def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: Trai
     backbone, task = build(exp, data, seed=derive_seed("finetune", replicate, level), task_name="labels")
     load_weights(backbone, None, layout.load_tensors(ldir / "train" / layout.MODEL))
     mask = layout.load_tensors(ldir / layout.MASK)
-    return train(backbone, task, data, cfg, aug, mask, ldir / finetune_name(data, cfg, aug), seed=replicate,
-                 runtime=runtime, progress=progress)
+    out = ldir / finetune_name(data, cfg, aug)
+    with layout.step_guard(layout.step_lock(ldir, out.name)):  # one writer; a second one waits
+        return train(backbone, task, data, cfg, aug, mask, out, seed=replicate, runtime=runtime, progress=progress)

@@ -130,3 +130,62 @@ def test_a_damaged_config_json_is_one_line_in_every_command(tmp_path, capsys, co
         assert main(argv) == 2, argv
         err = _one_line(capsys)
         assert "config" in err and ("damaged" in err or "not valid JSON" in err), err
+
+
+def test_two_identical_lotteries_at_once_compute_each_step_once(tmp_path, monkeypatch):
+    """Two commands on one run root (threads here: flock locks open files, so they exclude each other
+    as two processes do). Each level is trained once, both end with the files one command writes."""
+    import threading
+
+    from sslprune import lottery
+
+    real, trained = lottery.train, []
+
+    def counting(backbone, task, data, cfg, aug, mask, out, *a, **k):
+        if not layout.is_done(out):
+            trained.append(str(out))
+        return real(backbone, task, data, cfg, aug, mask, out, *a, **k)
+
+    monkeypatch.setattr(lottery, "train", counting)
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "2", "--replicates", "2"]
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(main([*flags, "--root", str(tmp_path / "a")])))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [0, 0]
+    assert len(trained) == len(set(trained)) == 6                      # 2 replicates x 3 levels, once each
+    assert main([*flags, "--root", str(tmp_path / "b")]) == 0          # one command alone
+    a, b = next((tmp_path / "a").iterdir()), next((tmp_path / "b").iterdir())
+    files = sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert len(layout.load_json(a / layout.CONFIG)["commands"]) == 2   # neither command line lost
+    assert not list(a.rglob("*.tmp"))
+
+
+def test_temporaries_of_a_killed_writer_are_cleaned_on_the_next_run(tmp_path):
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--root", str(tmp_path / "runs")]
+    assert main([*flags, "--levels", "0"]) == 0
+    exp_dir = next((tmp_path / "runs").iterdir())
+    left = [layout.level_dir(exp_dir, 1, 1) / ".mask.safetensors.abc.tmp",
+            layout.level_dir(exp_dir, 1, 1) / "train" / ".checkpoint.pt.xyz.tmp"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    assert main([*flags, "--levels", "1"]) == 0
+    assert not any(p.exists() for p in left)
+
+
+def test_every_output_file_gets_one_mode(tmp_path):
+    import os
+    import stat
+    assert main([*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "0",
+                 "--root", str(tmp_path / "runs")]) == 0
+    modes = {stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "runs").rglob("*") if p.is_file()
+             and not p.name.endswith(".lock")}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {0o666 & ~umask}
