@@ -402,9 +402,12 @@ def _experiment_dirs(paths: list[Path]) -> list[Path]:
 
 
 def cmd_report(args, argv) -> int:
-    from .report import write_report
+    from .report import unfinished, write_report
 
-    paths = write_report(_experiment_dirs(args.run_dirs), args.out)
+    dirs = _experiment_dirs(args.run_dirs)
+    for line in unfinished(dirs):
+        print(f"sslprune report: warning: {line}", file=sys.stderr)
+    paths = write_report(dirs, args.out)
     print("\n".join(str(p) for p in paths.values()))
     return 0
 

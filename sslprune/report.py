@@ -99,6 +99,21 @@ def _cost(path: Path, granularity: str) -> dict:
     return out
 
 
+def unfinished(exp_dirs: list[Path]) -> list[str]:
+    """One line per experiment whose levels (or re-trainings) are not finished: they are left out of
+    the report, and a reader should know it."""
+    lines = []
+    for exp_dir in exp_dirs:
+        missing = [f"{run.parents[1].name}/{run.parent.name}/{run.name}"
+                   for run in sorted(Path(exp_dir).glob("replicate_*/level_*/*"))
+                   if run.is_dir() and (run.name == "train" or run.name.startswith("retrain_"))
+                   and not layout.is_done(run)]
+        if missing:
+            lines.append(f"{Path(exp_dir).name}: {len(missing)} unfinished, left out of the report: "
+                         f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
+    return lines
+
+
 def _eval_name(folder: str) -> str:
     """'probe_caltech101-subset@layer2_1a2b3c4d' -> 'probe caltech101-subset @layer2 [1a2b3c4d]': the
     hash stays, so two configurations on one dataset are never averaged as if they were replicates."""

@@ -189,3 +189,15 @@ def test_every_output_file_gets_one_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert modes == {0o666 & ~umask}
+
+
+def test_report_names_unfinished_levels(tmp_path, capsys):
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "1",
+             "--root", str(tmp_path / "runs")]
+    assert main(flags) == 0
+    exp_dir = next((tmp_path / "runs").iterdir())
+    (layout.level_dir(exp_dir, 1, 1) / "train" / layout.DONE).unlink()
+    capsys.readouterr()
+    assert main(["report", str(exp_dir), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {exp_dir.name}: 1 unfinished, left out of the report: replicate_1/level_1/train" in err
