@@ -71,8 +71,10 @@ def table(args) -> None:
             ldir = exp / "replicate_1" / f"level_{level}"
             done, cost = ldir / "retrain_rewind" / "done.json", ldir / "cost.json"
             if done.exists() and cost.exists():
+                density = json.loads((ldir / "density.json").read_text())
+                density = density["layers"] if isinstance(density, dict) else density  # (before sealing: a list)
                 levels.append((level, json.loads(done.read_text())["test_acc"], json.loads(cost.read_text()),
-                               json.loads((ldir / "density.json").read_text())[-1]["density"]))
+                               density[-1]["density"]))
         if not levels:
             continue
         dense_acc = levels[0][1]

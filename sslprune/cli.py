@@ -347,7 +347,7 @@ def cmd_lottery(args, argv) -> int:
         for replicate in run["replicates"]:
             pretrained_file(exp, replicate)
     data = load_dataset(exp.data, args.data_root)
-    exp_dir = prepare(exp, args.root, data, args.data_root, list(argv))
+    exp_dir = prepare(exp, args.root, data, args.data_root, list(argv), runtime)
     distributed.barrier()                  # config.json is written before any rank goes on
     for replicate in run["replicates"]:
         run_replicate(exp, exp_dir, data, replicate, run["levels"], runtime, not args.quiet)

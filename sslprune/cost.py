@@ -122,7 +122,7 @@ def cost_run(exp_dir: Path, pairs: list[tuple[int, int]], repeats: int = 10, use
     with tempfile.TemporaryDirectory() as scratch:  # the ONNX files timed, not kept
         dense_onnx = _onnx_of(dense_net, shape, Path(scratch) / "dense.onnx") if use_onnx else None
         for path in masks:
-            net = network(layout.load_tensors(path))
+            net = network(layout.load_mask(path))
             counts = count(net, shape)
             onnx = [dense_onnx, _onnx_of(net, shape, Path(scratch) / "net.onnx")] if use_onnx else None
             base, seconds = latencies([dense_net, net], shape, repeats=repeats, onnx=onnx)

@@ -74,8 +74,8 @@ def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None =
         raise UserError(f"level {level} of replicate {replicate} is not trained ({run} has no "
                         f"{layout.DONE}); run '{what}' first, or pick a trained level")
     mask_path = run / layout.MASK if (run / layout.MASK).exists() else ldir / layout.MASK
-    mask = layout.load_tensors(mask_path)
-    tensors = layout.load_tensors(run / layout.MODEL)
+    mask = layout.load_mask(mask_path)
+    tensors = layout.load_model(run)
     backbone = build_model(exp.model.model)
     backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
     apply_mask(backbone, mask)  # already zero after training; a no-op that makes it certain

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -83,9 +84,9 @@ def sweep_lock(folder: Path, step: str) -> Path:
     return Path(folder) / f".sweep_{step}.lock"
 
 
-def experiment_lock(root: Path, name: str) -> Path:
+def experiment_lock(exp_dir: Path) -> Path:
     """Held while an experiment's config.json is created or updated."""
-    return Path(root) / f".{name}.lock"
+    return Path(exp_dir) / ".config.lock"
 
 
 def clean_temporaries(folder: Path) -> list[Path]:
@@ -201,4 +202,64 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def is_done(run_dir: Path) -> bool:
-    return (Path(run_dir) / DONE).exists()
+    """A step is done when its done.json exists and reads: a truncated or damaged one is an error
+    (load_json says what to do), never "done"."""
+    path = Path(run_dir) / DONE
+    if not path.exists():
+        return False
+    if not isinstance(load_json(path), dict):
+        raise UserError(f"{path} is damaged (not a JSON object): move it away to recompute that step")
+    return True
+
+
+# Sealing: a finished file's sha256 and size, recorded in the JSON file that marks its step finished
+# (done.json for a run's model.safetensors, density.json for a mask), checked on every read.
+
+def seal(*paths: Path) -> dict:
+    """{'files': {name: {'sha256', 'size'}}} of files in one folder, to merge into their done-file.
+    Only rank 0 writes files (and their done-files): the other ranks seal nothing."""
+    if not distributed.is_main():
+        return {"files": {}}
+    return {"files": {Path(p).name: {"sha256": _sha256(p), "size": os.path.getsize(p)} for p in paths}}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_seal(path: Path, record: dict | list | None) -> None:
+    """`path` against the seal `record` (a done-file's content); files from before sealing pass."""
+    sealed = record.get("files", {}).get(Path(path).name) if isinstance(record, dict) else None
+    if sealed is None:
+        return
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else None
+    same = size == sealed["size"] and _sha256(path) == sealed["sha256"]
+    if not same:
+        what = "size" if size != sealed["size"] else "sha256"
+        raise UserError(f"{path} is truncated or corrupt: its {what} differs from the one recorded when it was "
+                        f"written (damaged since); move it away (mv {path} {path}.bad) and re-run the command "
+                        f"that wrote it: that step is recomputed")
+
+
+def load_sealed(path: Path, record: Path) -> dict[str, torch.Tensor]:
+    """Tensors of `path`, checked against the seal in the JSON file `record` when there is one."""
+    if Path(record).exists():
+        check_seal(path, load_json(record))
+    return load_tensors(path)
+
+
+def load_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A finished run's model.safetensors, checked against its done.json."""
+    return load_sealed(Path(run_dir) / MODEL, Path(run_dir) / DONE)
+
+
+def load_mask(path: Path) -> dict[str, torch.Tensor]:
+    """A mask, checked against the density.json beside it (written after it, with its seal)."""
+    return load_sealed(path, Path(path).parent / DENSITY)
+
+
+def load_rewind(exp_dir: Path, replicate: int) -> dict[str, torch.Tensor]:
+    """The rewind point, checked against level 0's done.json (which seals it once level 0 is trained)."""
+    return load_sealed(replicate_dir(exp_dir, replicate) / REWIND, level_dir(exp_dir, replicate, 0) / "train" / DONE)

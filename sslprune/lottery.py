@@ -49,20 +49,23 @@ def build(exp: Experiment, data: Dataset, seed: int, task_name: str | None = Non
     return backbone, task
 
 
-def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str]) -> Path:
+def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str],
+            runtime: Runtime | None = None) -> Path:
     """Create (or re-open) the experiment directory, after every check that can fail. A saved
     config or dataset that differs from the one asked for is an error: nothing computed is touched."""
     exp.validate()
     check_data(exp, data)
-    with layout.file_lock(layout.experiment_lock(root, exp.name())):  # one writer of config.json at a time
-        return _prepare(exp, Path(root), data, data_root, argv)
+    with layout.file_lock(layout.experiment_lock(Path(root) / exp.name())):  # one writer of config.json at a time
+        return _prepare(exp, Path(root), data, data_root, argv, runtime)
 
 
-def _prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str]) -> Path:
+def _prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str],
+             runtime: Runtime | None) -> Path:
     exp_dir = Path(root) / exp.name()
     cfg_path = exp_dir / layout.CONFIG
     fingerprint = data.fingerprint()
     pretrained = pretrained_id(exp.model.pretrained) if exp.model.pretrained else None
+    ran = runtime.fingerprint() if runtime is not None else None
     if cfg_path.exists():
         saved_exp, saved = load_experiment(exp_dir)
         if saved_exp != exp:
@@ -77,14 +80,23 @@ def _prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, 
         if started != pretrained:
             raise UserError(f"--pretrained {exp.model.pretrained} is not what {exp_dir} started from "
                             f"({started}, now {pretrained}); restore it or use another --root")
+        if ran is not None and saved.setdefault("runtime", ran) != ran:  # one experiment, one arithmetic
+            raise UserError(f"{exp_dir} trains under {_runtime_text(saved['runtime'])}, not "
+                            f"{_runtime_text(ran)}: its levels would mix them; pass the same runtime flags "
+                            f"(--device, --precision, --channels-last, --compile) or use another --root")
         record_command(exp_dir, argv, saved)
         return exp_dir
     layout.save_json(cfg_path, {
         "name": exp.name(), "hash": exp.hash(), "config": exp.to_dict(), "data_fingerprint": fingerprint,
         "data_root": str(Path(data_root).resolve()) if data_root else None, "data_name": data.name,
-        "pretrained_id": pretrained, "input": input_record(data),
+        "pretrained_id": pretrained, "input": input_record(data), "runtime": ran,
         "git": _git_sha(), "commands": [argv], "versions": _versions()})
     return exp_dir
+
+
+def _runtime_text(r: dict) -> str:
+    return (f"{r['device']}, {r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}"
+            f"{', compiled' if r['compile'] else ''}")
 
 
 def input_record(data: Dataset) -> dict:
@@ -183,7 +195,7 @@ def record_command(exp_dir: Path, argv: list[str], saved: dict | None = None) ->
     exp_dir = Path(exp_dir)
     cfg_path = exp_dir / layout.CONFIG
     if saved is None:
-        with layout.file_lock(layout.experiment_lock(exp_dir.parent, exp_dir.name)):
+        with layout.file_lock(layout.experiment_lock(exp_dir)):
             record_command(exp_dir, argv, layout.load_json(cfg_path))
         return
     saved["commands"] = saved.get("commands", []) + [argv]
@@ -207,7 +219,7 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
     """Mask of `level`, computed from level-1's trained weights once, then read from disk."""
     path = layout.level_dir(exp_dir, replicate, level) / layout.MASK
     if path.exists():
-        return layout.load_tensors(path)
+        return layout.load_mask(path)
     if level == 0:
         mask = dense_mask(backbone)
     else:
@@ -215,7 +227,7 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
         if not layout.is_done(prev / "train"):
             raise UserError(f"level {level - 1} of replicate {replicate} is not trained yet; run "
                             f"'sslprune lottery' with --levels {level} first")
-        trained = layout.load_tensors(prev / "train" / layout.MODEL)
+        trained = layout.load_model(prev / "train")
         if not all(bool(torch.isfinite(v).all()) for v in trained.values() if v.is_floating_point()):
             raise UserError(f"{prev / 'train' / layout.MODEL} holds non-finite weights: level {level - 1} "
                             f"diverged; nothing is pruned from it. Move {prev} away and re-run with a lower --lr")
@@ -226,10 +238,15 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
         else:
             scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
             mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
-    layout.save_json(path.parent / layout.DENSITY,  # per layer, in total, and over the pruned layers
-                     density_report(mask, pruned_layers(backbone, exp.prune.layers)))
-    layout.save_tensors(path, mask)  # last: its existence marks the step done
+    save_mask(path, mask, pruned_layers(backbone, exp.prune.layers))
     return mask
+
+
+def save_mask(path: Path, mask: Mask, layers: list[str] | None = None) -> None:
+    """The mask, then density.json beside it: kept / total per layer, in total and over the pruned
+    layers, and the mask's sha256 (its seal, checked on every read)."""
+    layout.save_tensors(path, mask)
+    layout.save_json(path.parent / layout.DENSITY, {"layers": density_report(mask, layers), **layout.seal(path)})
 
 
 def run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, levels: int,
@@ -275,7 +292,7 @@ def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int
         if level == 0:
             load_weights(backbone, task, layout.load_tensors(init_path))
         elif exp.prune.reset == "rewind":
-            load_weights(backbone, task, layout.load_tensors(rdir / layout.REWIND))
+            load_weights(backbone, task, layout.load_rewind(exp_dir, replicate))
         else:  # reinit: fresh weights from the init distribution, a new draw per level
             backbone, task = build(exp, data, seed=derive_seed("reinit", replicate, level))
         train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,

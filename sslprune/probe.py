@@ -123,7 +123,7 @@ def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: 
     else:
         exp, _ = load_experiment(exp_dir)
         backbone = build_model(exp.model.model).to(device)
-        load_weights(backbone, None, layout.load_tensors(run / layout.MODEL))
+        load_weights(backbone, None, layout.load_model(run))
         norm = normalize.to(device)
         f = {"train": torch.from_numpy(features(backbone, data.train.images, norm, stage=stage)),
              "test": torch.from_numpy(features(backbone, data.test.images, norm, stage=stage))}

@@ -78,7 +78,7 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     if not layout.is_done(run):
                         continue
                     done = layout.load_json(run / layout.DONE)
-                    mask = layout.load_tensors(mask_path)
+                    mask = layout.load_mask(mask_path)
                     remaining, remaining_network = density(mask, layers), density(mask)
                     cost = _cost(mask_path.parent / layout.COST, exp.prune.granularity)
                     for metric in (m for m in METRICS if done.get(m) is not None):

@@ -19,7 +19,7 @@ from . import channels, layout
 from .config import Experiment
 from .data import Dataset
 from .errors import UserError
-from .lottery import build, derive_seed
+from .lottery import build, derive_seed, save_mask
 from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
 from .runtime import CPU, Runtime
 from .sparsity import adjusted_random_scores, natural_zeros
@@ -37,7 +37,7 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
     previous one, then read from disk."""
     path = layout.level_dir(exp_dir, replicate, level) / f"retrain_{reset}" / layout.MASK
     if path.exists():
-        return layout.load_tensors(path)
+        return layout.load_mask(path)
     if level == 0:
         mask = dense_mask(backbone)
     else:
@@ -53,7 +53,7 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
                 generator = torch.Generator().manual_seed(derive_seed("adjusted-random-mask", replicate, level))
                 scores = adjusted_random_scores(natural_zeros(_dense_trained(exp_dir, replicate, backbone)), generator)
             mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
-    layout.save_tensors(path, mask)
+    save_mask(path, mask)
     return mask
 
 
@@ -62,7 +62,7 @@ def _dense_trained(exp_dir: Path, replicate: int, backbone) -> dict[str, torch.T
     run = layout.level_dir(exp_dir, replicate, 0) / "train"
     if not layout.is_done(run):
         raise UserError(f"level 0 of replicate {replicate} is not trained yet; run 'sslprune lottery' first")
-    trained = layout.load_tensors(run / layout.MODEL)
+    trained = layout.load_model(run)
     return {n: trained[f"backbone.{n}"] for n in prunable(backbone)}
 
 
@@ -89,9 +89,8 @@ def _retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, leve
     else:
         if not (ldir / layout.MASK).exists():
             raise UserError(f"no mask at {ldir}; run 'sslprune lottery' up to level {level} first")
-        mask = layout.load_tensors(ldir / layout.MASK)
+        mask = layout.load_mask(ldir / layout.MASK)
     if reset == "rewind":
-        rewind = layout.replicate_dir(exp_dir, replicate) / layout.REWIND
-        load_weights(backbone, None, layout.load_tensors(rewind))  # backbone only: the head is fresh
+        load_weights(backbone, None, layout.load_rewind(exp_dir, replicate))  # backbone only: the head is fresh
     return train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
                  progress=progress)

@@ -76,8 +76,8 @@ def collect(exp_dirs, thresholds=(None,), levels=(0,), with_init: bool = False) 
                     run = rdir / f"level_{level}" / "train"
                     if not layout.is_done(run):
                         continue
-                    trained = layout.load_tensors(run / layout.MODEL)
-                    mask = layout.load_tensors(rdir / f"level_{level}" / layout.MASK)
+                    trained = layout.load_model(run)
+                    mask = layout.load_mask(rdir / f"level_{level}" / layout.MASK)
                 weights = {n: trained[f"backbone.{n}"] for n in names}
                 for t in thresholds:
                     s = natural_sparsity(weights, t, mask)

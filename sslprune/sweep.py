@@ -228,7 +228,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
     def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
         d = spec.root / exp.name()
         if not (d / layout.CONFIG).exists():  # prepare takes the experiment's lock; config.json is written once
-            prepare(exp, spec.root, data_for(exp), spec.data_root, ["sweep", str(spec.path)])
+            prepare(exp, spec.root, data_for(exp), spec.data_root, ["sweep", str(spec.path)], Runtime(spec.device))
         return d
 
     steps = []

@@ -112,7 +112,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     runtime: device, memory format, precision, compile (sslprune.runtime)."""
     out = Path(out)
     if layout.is_done(out):
-        load_weights(backbone, task, layout.load_tensors(out / layout.MODEL))
+        load_weights(backbone, task, layout.load_model(out))
         return layout.load_json(out / layout.DONE)
     if distributed.is_main():  # callers hold this step's lock: a temporary here is a killed writer's
         layout.clean_temporaries(out)
@@ -230,7 +230,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
 
     final = {**history[-1], "epochs": cfg.epochs, "seed": seed}
     layout.save_tensors(out / layout.MODEL, weights(backbone, task))
-    layout.save_json(out / layout.DONE, final)
+    final |= layout.seal(out / layout.MODEL, *([snapshot[1]] if snapshot else []))  # the rewind point too
+    layout.save_json(out / layout.DONE, final)  # last: marks it done
     if distributed.is_main():
         ckpt_path.unlink()  # model.safetensors now holds everything the finished run is
     distributed.barrier()   # the other ranks read these files next

@@ -40,8 +40,8 @@ def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: Trai
     if not layout.is_done(ldir / "train"):
         raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
     backbone, task = build(exp, data, seed=derive_seed("finetune", replicate, level), task_name="labels")
-    load_weights(backbone, None, layout.load_tensors(ldir / "train" / layout.MODEL))
-    mask = layout.load_tensors(ldir / layout.MASK)
+    load_weights(backbone, None, layout.load_model(ldir / "train"))
+    mask = layout.load_mask(ldir / layout.MASK)
     out = ldir / finetune_name(data, cfg, aug)
     with layout.step_guard(layout.step_lock(ldir, out.name)):  # one writer; a second one waits
         return train(backbone, task, data, cfg, aug, mask, out, seed=replicate, runtime=runtime, progress=progress)

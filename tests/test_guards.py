@@ -155,13 +155,13 @@ def test_two_identical_lotteries_at_once_compute_each_step_once(tmp_path, monkey
         t.start()
     for t in threads:
         t.join()
-    assert codes == [0, 0]
-    assert len(trained) == len(set(trained)) == 6                      # 2 replicates x 3 levels, once each
+    assert codes == [0, 0], codes
+    assert len(trained) == len(set(trained)) == 6, trained             # 2 replicates x 3 levels, once each
     assert main([*flags, "--root", str(tmp_path / "b")]) == 0          # one command alone
     a, b = next((tmp_path / "a").iterdir()), next((tmp_path / "b").iterdir())
     files = sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
     assert files == sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert [f for f in files if (a / f).read_bytes() != (b / f).read_bytes()] == []
     assert len(layout.load_json(a / layout.CONFIG)["commands"]) == 2   # neither command line lost
     assert not list(a.rglob("*.tmp"))
 
@@ -201,3 +201,61 @@ def test_report_names_unfinished_levels(tmp_path, capsys):
     assert main(["report", str(exp_dir), "--out", str(tmp_path / "rep")]) == 0
     err = capsys.readouterr().err
     assert f"warning: {exp_dir.name}: 1 unfinished, left out of the report: replicate_1/level_1/train" in err
+
+
+def _flip(path, offset_from_end=40, n=20):
+    raw = bytearray(path.read_bytes())
+    for i in range(n):  # data bytes at the end, not the header: the file still parses
+        raw[-offset_from_end + i] ^= 0x55
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_finished_files_are_detected_and_recomputed_exactly(tmp_path, capsys):
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "2"]
+    assert main([*flags, "--root", str(tmp_path / "a")]) == 0
+    assert main([*flags, "--root", str(tmp_path / "b")]) == 0                 # an untouched copy
+    exp_dir = next((tmp_path / "a").iterdir())
+    reference = next((tmp_path / "b").iterdir())
+    capsys.readouterr()
+    mask = layout.level_dir(exp_dir, 1, 1) / layout.MASK
+    _flip(mask)
+    for argv in (["retrain", str(exp_dir), "--reset", "rewind", "--quiet"], ["report", str(exp_dir), "--out",
+                 str(tmp_path / "rep")], ["export", str(exp_dir), "--level", "1", "--out", str(tmp_path / "e")]):
+        assert main(argv) == 2
+        err = _one_line(capsys)
+        assert f"{mask} is truncated or corrupt: its sha256 differs" in err and "move it away" in err
+    mask.rename(mask.with_suffix(".bad"))                                      # what the message says to do
+    assert main([*flags, "--root", str(tmp_path / "a")]) == 0
+    assert mask.read_bytes() == (layout.level_dir(reference, 1, 1) / layout.MASK).read_bytes()
+
+    model = layout.level_dir(exp_dir, 1, 2) / "train" / layout.MODEL
+    _flip(model)
+    assert main([*flags, "--root", str(tmp_path / "a"), "--levels", "3"]) == 2    # level 3's mask reads level 2
+    assert f"{model} is truncated or corrupt" in _one_line(capsys)
+    rewind = layout.replicate_dir(exp_dir, 1) / layout.REWIND
+    _flip(rewind)
+    assert main(["retrain", str(exp_dir), "--reset", "rewind", "--levels", "2", "--quiet"]) == 2
+    assert f"{rewind} is truncated or corrupt" in _one_line(capsys)
+
+
+def test_a_truncated_done_json_is_not_done(tmp_path, capsys):
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "1",
+             "--root", str(tmp_path / "runs")]
+    assert main(flags) == 0
+    done = layout.level_dir(next((tmp_path / "runs").iterdir()), 1, 1) / "train" / layout.DONE
+    done.write_bytes(done.read_bytes()[:30])
+    capsys.readouterr()
+    assert main(flags) == 2
+    err = _one_line(capsys)
+    assert f"{done} is not valid JSON" in err and "move it away" in err
+
+
+def test_an_experiment_keeps_one_runtime(tmp_path, capsys):
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "0",
+             "--root", str(tmp_path / "runs")]
+    assert main(flags) == 0
+    capsys.readouterr()
+    assert main([*flags[:-4], "--levels", "1", "--root", str(tmp_path / "runs"), "--precision", "bf16"]) == 2
+    err = _one_line(capsys)
+    assert "trains under cpu, fp32, channels_last, not cpu, bf16, channels_last" in err
+    assert not layout.level_dir(next((tmp_path / "runs").iterdir()), 1, 1).exists()

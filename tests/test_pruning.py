@@ -106,7 +106,7 @@ def test_layerwise_pruning_never_touches_layers_past_n(tmp_path, data):
             kept = sum(int(mask[n].sum()) for n in first)
             total = sum(mask[n].numel() for n in first)
             assert abs(kept - 0.8 ** level * total) <= 2                     # 20% per level of the first n
-    density_json = layout.load_json(layout.level_dir(exp_dir, 1, 3) / layout.DENSITY)
+    density_json = layout.load_json(layout.level_dir(exp_dir, 1, 3) / layout.DENSITY)["layers"]
     assert [r["layer"] for r in density_json[-2:]] == ["total", "pruned layers"]
     rows = list(csv.DictReader(open(write_report([exp_dir], tmp_path / "rep")["csv"])))
     last = next(r for r in rows if r["level"] == "3")

@@ -107,7 +107,7 @@ def test_cli_process_exit_code_and_preset_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert all(layout.is_done(f"{exp_dir}/replicate_1/level_{L}/retrain_random") for L in (0, 1))
     assert layout.load_json(f"{exp_dir}/{layout.CONFIG}")["commands"][-1][:2] == ["retrain", exp_dir]
-    density = layout.load_json(f"{exp_dir}/replicate_1/level_1/{layout.DENSITY}")
+    density = layout.load_json(f"{exp_dir}/replicate_1/level_1/{layout.DENSITY}")["layers"]
     assert density[-1]["layer"] == "total" and abs(density[-1]["density"] - 0.8) < 1e-3
 
 

@@ -49,6 +49,8 @@ def _plant_zeros(exp_dir, fraction, seed=0):
         zeros[n] = torch.rand(w.shape, generator=g) < fraction
         w[zeros[n]] = 0.0
     layout.save_tensors(path, trained)
+    done = layout.load_json(path.parent / layout.DONE)   # re-sealed: a deliberate edit, not damage
+    layout.save_json(path.parent / layout.DONE, {**done, "files": {**done["files"], **layout.seal(path)["files"]}})
     return zeros
 
 
