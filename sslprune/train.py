@@ -83,10 +83,11 @@ def load_weights(backbone: nn.Module, task: Task | None, tensors: dict[str, torc
                         f"check --model/--task against the run's config.json") from None
 
 
-def check_finite(out: Path, epoch: int, bad_step: int, loss: float, params: list[torch.Tensor]) -> None:
+def check_finite(out: Path, epoch: int, bad_step: int, loss: float, tensors: list[torch.Tensor]) -> None:
     """A diverged run stops here, before its epoch is saved: the last checkpoint on disk is the last
-    good epoch, and nothing non-finite is ever written as a result."""
-    finite_weights = all(bool(torch.isfinite(p).all()) for p in params)
+    good epoch, and nothing non-finite is ever written as a result. `tensors`: everything the network
+    is (batch-norm statistics too: they can overflow while the loss stays finite)."""
+    finite_weights = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
     if math.isfinite(loss) and finite_weights:
         return
     where = "/".join(Path(out).parts[-3:])
@@ -205,12 +206,13 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             correct += c
             count += n
-            if snapshot and step + 1 == snapshot[0]:
+            if snapshot and step + 1 == snapshot[0]:  # the rewind point: never a diverged one
+                check_finite(out, epoch + 1, int(first_bad), float(loss_sum), list(weights(backbone, task).values()))
                 layout.save_tensors(snapshot[1], weights(backbone, task))
         loss_sum, correct, count = distributed.sum_over_ranks(loss_sum, correct, torch.tensor(count))
         train_loss, train_acc = float(loss_sum) / float(count), float(correct) / float(count)  # one sync per epoch
         t1 = time.perf_counter()
-        check_finite(out, epoch + 1, int(first_bad), train_loss, params)
+        check_finite(out, epoch + 1, int(first_bad), train_loss, list(weights(backbone, task).values()))
         batch = order.shape[1]
         with rt.autocast():
             test = evaluate(backbone, task, test_x, test_y, normalize,
