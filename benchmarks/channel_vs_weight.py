@@ -42,7 +42,7 @@ def runs(args) -> list[tuple[str, str, str, Path]]:
     out = []
     for model in args.models:
         for task in args.tasks:
-            for gran in ("channel", "weight"):
+            for gran in args.granularities:
                 flags = [*COMMON, "--data-root", str(args.data), "--model", model, "--task", task, "--epochs",
                          str(args.epochs), "--granularity", gran, "--levels", str(LEVELS[gran]), "--root", str(args.root)]
                 out.append((model, task, gran, flags))
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA, help="the CIFAR-10 ImageFolder .tar.gz [default: shared/data's]")
     p.add_argument("--models", nargs="+", default=["resnet20", "convnet"])
     p.add_argument("--tasks", nargs="+", default=["labels", "rotation"])
+    p.add_argument("--granularities", nargs="+", default=["channel", "weight"])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per latency (median)")
     p.add_argument("--stage", choices=["all", "train", "measure", "table"], default="all")
