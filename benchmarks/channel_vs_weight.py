@@ -79,16 +79,23 @@ def table(args) -> None:
             continue
         dense_acc = levels[0][1]
         within = [lv for lv in levels if lv[1] >= dense_acc - 0.01]
-        best = min(within, key=lambda lv: lv[2]["macs"])
-        rows.append((model, task, gran, dense_acc, best))
+        best = min(within, key=lambda lv: (lv[2]["macs"], lv[2]["params_nonzero"]))  # weight: the sparsest
+        rows.append((model, task, gran, dense_acc, best, levels))
     keys = ["torch_cpu_b1", "torch_cpu_b64", "onnxruntime_b1", "onnxruntime_b64"]
     print("\n| model | objective | granularity | dense acc. | level | weights kept | acc. | MACs | params | "
           + " | ".join(f"speed-up {k}" for k in keys) + " |")
     print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(keys))
-    for model, task, gran, dense_acc, (level, acc, cost, kept) in rows:
+    for model, task, gran, dense_acc, (level, acc, cost, kept), _ in rows:
         print(f"| {model} | {task} | {gran} | {dense_acc:.3f} | {level} | {kept:.1%} | {acc:.3f} | "
               f"{cost['macs_ratio']:.3f}x | {cost['params_nonzero']:,} | "
               + " | ".join(f"{cost['speedup'].get(k, float('nan')):.2f}x" for k in keys) + " |")
+    print("\nEvery level:\n\n| model | objective | granularity | level | weights kept | acc. (re-trained) | MACs | params | "
+          + " | ".join(f"speed-up {k}" for k in keys) + " |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(keys))
+    for model, task, gran, _, _, levels in rows:
+        for level, acc, cost, kept in levels:
+            print(f"| {model} | {task} | {gran} | {level} | {kept:.1%} | {acc:.3f} | {cost['macs_ratio']:.3f}x | "
+                  f"{cost['params_nonzero']:,} | " + " | ".join(f"{cost['speedup'].get(k, float('nan')):.2f}x" for k in keys) + " |")
 
 
 def main() -> None:
