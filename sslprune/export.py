@@ -68,7 +68,7 @@ def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None =
 
     exp, saved = load_experiment(exp_dir)
     ldir = layout.level_dir(exp_dir, replicate, level)
-    run = ldir / ("train" if reset is None else f"retrain_{reset}")
+    run = layout.run_dir(ldir, reset)
     if not layout.is_done(run):
         what = "sslprune lottery" if reset is None else f"sslprune retrain {exp_dir} --reset {reset}"
         raise UserError(f"level {level} of replicate {replicate} is not trained ({run} has no "

@@ -68,6 +68,11 @@ def level_dir(exp_dir: Path, replicate: int, level: int) -> Path:
     return replicate_dir(exp_dir, replicate) / f"level_{level}"
 
 
+def run_dir(level: Path, reset: str | None = None) -> Path:
+    """A level's training run: the lottery's (train/), or its mask re-trained on labels (retrain_<reset>/)."""
+    return Path(level) / ("train" if reset is None else f"retrain_{reset}")
+
+
 def replicate_lock(exp_dir: Path, replicate: int) -> Path:
     """Held while a replicate's lottery chain runs (sslprune lottery, a sweep's lottery step)."""
     return Path(exp_dir) / f".replicate_{replicate}.lock"

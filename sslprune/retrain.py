@@ -74,14 +74,14 @@ def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level
         raise UserError("random_adjusted prunes naturally-zero single weights first; a channel run's random "
                         "baseline is --reset random (random channels)")
     ldir = layout.level_dir(exp_dir, replicate, level)
-    with layout.step_guard(layout.step_lock(ldir, f"retrain_{reset}")):  # one writer; a second one waits
+    with layout.step_guard(layout.step_lock(ldir, layout.run_dir(ldir, reset).name)):  # one writer at a time
         return _retrain(exp, exp_dir, data, replicate, level, reset, runtime, progress)
 
 
 def _retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, reset: str,
              runtime: Runtime, progress: bool) -> dict:
     ldir = layout.level_dir(exp_dir, replicate, level)
-    out = ldir / f"retrain_{reset}"
+    out = layout.run_dir(ldir, reset)
     seed = derive_seed("retrain", reset, replicate, level)
     backbone, task = build(exp, data, seed=seed, task_name="labels")
     if reset in RANDOM_MASKS:
