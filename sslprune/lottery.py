@@ -224,12 +224,12 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
         mask = dense_mask(backbone)
     else:
         prev = layout.level_dir(exp_dir, replicate, level - 1)
-        if not layout.is_done(prev / "train"):
+        if not layout.is_done(layout.run_dir(prev)):
             raise UserError(f"level {level - 1} of replicate {replicate} is not trained yet; run "
                             f"'sslprune lottery' with --levels {level} first")
-        trained = layout.load_model(prev / "train")
+        trained = layout.load_model(layout.run_dir(prev))
         if not all(bool(torch.isfinite(v).all()) for v in trained.values() if v.is_floating_point()):
-            raise UserError(f"{prev / 'train' / layout.MODEL} holds non-finite weights: level {level - 1} "
+            raise UserError(f"{layout.run_dir(prev) / layout.MODEL} holds non-finite weights: level {level - 1} "
                             f"diverged; nothing is pruned from it. Move {prev} away and re-run with a lower --lr")
         previous = level_mask(exp, exp_dir, replicate, level - 1, backbone)
         if exp.prune.granularity == "channel":

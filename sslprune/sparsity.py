@@ -73,11 +73,11 @@ def collect(exp_dirs, thresholds=(None,), levels=(0,), with_init: bool = False) 
                         continue
                     trained, mask = layout.load_tensors(rdir / layout.INIT), None
                 else:
-                    run = rdir / f"level_{level}" / "train"
+                    run = layout.run_dir(rdir / f"level_{level}")
                     if not layout.is_done(run):
                         continue
                     trained = layout.load_model(run)
-                    mask = layout.load_mask(rdir / f"level_{level}" / layout.MASK)
+                    mask = layout.load_mask(run.parent / layout.MASK)
                 weights = {n: trained[f"backbone.{n}"] for n in names}
                 for t in thresholds:
                     s = natural_sparsity(weights, t, mask)

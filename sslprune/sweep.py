@@ -238,7 +238,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
             rdir = layout.replicate_dir(spec.root / name, r)
             levels = range(spec.levels + 1)
             steps.append(Step(
-                key=f"{name}/replicate_{r}/lottery", lock=layout.sweep_lock(spec.root / name, f"replicate_{r}"),
+                key=f"{name}/replicate_{r}/lottery", lock=layout.sweep_lock(spec.root / name, rdir.name),
                 ready=lambda: True,
                 done=lambda rdir=rdir, levels=levels: all(layout.is_done(rdir / f"level_{L}" / "train") for L in levels),
                 run=lambda exp=exp, r=r: run_replicate(exp, exp_dir(exp), data_for(exp), r, spec.levels, runtime, False),

@@ -37,10 +37,10 @@ def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: Trai
     """Fine-tune level `level`'s trained backbone under its mask on `data` with a fresh label head."""
     exp, _ = load_experiment(exp_dir)
     ldir = layout.level_dir(exp_dir, replicate, level)
-    if not layout.is_done(ldir / "train"):
+    if not layout.is_done(layout.run_dir(ldir)):
         raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
     backbone, task = build(exp, data, seed=derive_seed("finetune", replicate, level), task_name="labels")
-    load_weights(backbone, None, layout.load_model(ldir / "train"))
+    load_weights(backbone, None, layout.load_model(layout.run_dir(ldir)))
     mask = layout.load_mask(ldir / layout.MASK)
     out = ldir / finetune_name(data, cfg, aug)
     with layout.step_guard(layout.step_lock(ldir, out.name)):  # one writer; a second one waits
