@@ -132,31 +132,39 @@ def test_a_damaged_config_json_is_one_line_in_every_command(tmp_path, capsys, co
         assert "config" in err and ("damaged" in err or "not valid JSON" in err), err
 
 
-def test_two_identical_lotteries_at_once_compute_each_step_once(tmp_path, monkeypatch):
-    """Two commands on one run root (threads here: flock locks open files, so they exclude each other
-    as two processes do). Each level is trained once, both end with the files one command writes."""
-    import threading
+_COUNTING = """
+import sys
+from sslprune import layout, lottery
+from sslprune.cli import main
 
-    from sslprune import lottery
+real = lottery.train
 
-    real, trained = lottery.train, []
+def counting(backbone, task, data, cfg, aug, mask, out, *a, **k):
+    if not layout.is_done(out):
+        with open(sys.argv[1], "a") as f:   # O_APPEND: one whole line per write, from either process
+            f.write(str(out) + "\\n")
+    return real(backbone, task, data, cfg, aug, mask, out, *a, **k)
 
-    def counting(backbone, task, data, cfg, aug, mask, out, *a, **k):
-        if not layout.is_done(out):
-            trained.append(str(out))
-        return real(backbone, task, data, cfg, aug, mask, out, *a, **k)
+lottery.train = counting
+sys.exit(main(sys.argv[2:]))
+"""
 
-    monkeypatch.setattr(lottery, "train", counting)
+
+def test_two_identical_lotteries_at_once_compute_each_step_once(tmp_path):
+    """Two commands on one run root, as two processes (threads would share torch's global RNG, which
+    seeds the initial weights, so they cannot stand in for two commands). Each level is trained once,
+    and both end with the files one command alone writes."""
+    import subprocess
+    import sys
+
     flags = [*DIGITS, "--optimizer", "adam", "--lr", "2e-3", "--epochs", "1", "--levels", "2", "--replicates", "2"]
-    codes = []
-    threads = [threading.Thread(target=lambda: codes.append(main([*flags, "--root", str(tmp_path / "a")])))
-               for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert codes == [0, 0], codes
-    assert len(trained) == len(set(trained)) == 6, trained             # 2 replicates x 3 levels, once each
+    trained = tmp_path / "trained.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", _COUNTING, str(trained), *flags, "--root", str(tmp_path / "a")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    lines = trained.read_text().splitlines()
+    assert len(lines) == len(set(lines)) == 6, lines                   # 2 replicates x 3 levels, once each
     assert main([*flags, "--root", str(tmp_path / "b")]) == 0          # one command alone
     a, b = next((tmp_path / "a").iterdir()), next((tmp_path / "b").iterdir())
     files = sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
