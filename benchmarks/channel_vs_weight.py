@@ -45,6 +45,9 @@ def runs(args) -> list[tuple[str, str, str, Path]]:
             for gran in args.granularities:
                 flags = [*COMMON, "--data-root", str(args.data), "--model", model, "--task", task, "--epochs",
                          str(args.epochs), "--granularity", gran, "--levels", str(LEVELS[gran]), "--root", str(args.root)]
+                if gran == "channel" and args.channel_round > 1:   # a run of its own (its name differs)
+                    flags += ["--channel-round", str(args.channel_round)]
+                    gran = f"channel, multiples of {args.channel_round}"
                 out.append((model, task, gran, flags))
     return out
 
@@ -67,7 +70,7 @@ def table(args) -> None:
     for model, task, gran, flags in runs(args):
         exp = Path(sh("lottery", *flags))
         levels = []
-        for level in range(LEVELS[gran] + 1):
+        for level in range(LEVELS[gran.split(",")[0]] + 1):
             ldir = exp / "replicate_1" / f"level_{level}"
             done, cost = ldir / "retrain_rewind" / "done.json", ldir / "cost.json"
             if done.exists() and cost.exists():
@@ -105,6 +108,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet20", "convnet"])
     p.add_argument("--tasks", nargs="+", default=["labels", "rotation"])
     p.add_argument("--granularities", nargs="+", default=["channel", "weight"])
+    p.add_argument("--channel-round", type=int, default=1,
+                   help="channel runs keep a multiple of N channels per layer (--channel-round) [default: 1, off]")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=20, help="timed calls per latency (median)")
     p.add_argument("--stage", choices=["all", "train", "measure", "table"], default="all")

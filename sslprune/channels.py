@@ -146,27 +146,38 @@ CHANNEL_SCORES = ("l1", "l2", "bn")
 
 
 def prune_channels(groups: list[Group], alive: list[torch.Tensor], scores: list[torch.Tensor],
-                   fraction: float) -> list[torch.Tensor]:
-    """Remove round(fraction x surviving channels) channels with the lowest scores, globally,
-    never the highest-scoring survivor of a group. Exactly that many; ties broken by position."""
+                   fraction: float, round_to: int = 1) -> list[torch.Tensor]:
+    """Remove about fraction x surviving channels with the lowest scores, globally, never a group's
+    best `round_to`. round_to=1: exactly round(fraction x survivors), ties broken by position.
+    round_to=8: each group goes in blocks of 8 (its lowest-scored survivors first), so every layer
+    keeps a multiple of 8 channels (or all of a smaller one), widths that CPU and GPU kernels
+    vectorise well (Torch-Pruning's round_to); the level then removes the number of whole blocks
+    nearest to round(fraction x survivors)."""
     total = sum(int(a.sum()) for a in alive)
     if not all(bool(torch.isfinite(s[a]).all()) for a, s in zip(alive, scores)):
         raise UserError("non-finite channel scores: the weights they come from diverged; nothing is pruned")
     k = int(round(fraction * total))
-    candidates = []  # (score, group, channel) of every survivor but each group's best
+    blocks = []  # (score of its best channel, group, block index, channels): every block but each group's last
     for gi, (a, s) in enumerate(zip(alive, scores)):
         idx = a.nonzero().flatten()
-        if len(idx) == 0:
-            continue
-        best = idx[s[idx].argmax()]
-        candidates += [(float(s[c]), gi, int(c)) for c in idx if c != best]
-    if k > len(candidates):
+        order = idx[torch.sort(s[idx], stable=True).indices]           # survivors, lowest score first
+        first = len(order) % round_to or round_to                       # so that what stays is a multiple
+        cuts = [0, *range(first, len(order) - round_to + 1, round_to)]  # block starts; the last block stays
+        for b, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+            blocks.append((float(s[order[hi - 1]]), gi, b, order[lo:hi]))
+    if k > sum(len(c) for *_, c in blocks):
         raise UserError(f"pruning {fraction:.0%} of the {total} surviving channels would remove a whole "
-                        f"layer ({len(candidates)} can go before one is empty); use a smaller --fraction "
-                        f"or fewer --levels")
-    out = [a.clone() for a in alive]
-    for _, gi, c in sorted(candidates)[:k]:
-        out[gi][c] = False
+                        f"layer ({sum(len(c) for *_, c in blocks)} can go before one is empty); use a smaller "
+                        f"--fraction or fewer --levels")
+    out, removed, skipped = [a.clone() for a in alive], 0, set()
+    for _, gi, _, chans in sorted(blocks, key=lambda b: b[:3]):
+        if removed >= k:
+            break
+        if gi in skipped or removed + len(chans) - k >= k - removed:   # overshoots more than it helps
+            skipped.add(gi)                                             # a group's blocks go in order
+            continue
+        out[gi][chans] = False
+        removed += len(chans)
     return out
 
 
@@ -201,24 +212,26 @@ def check_mask_is_channels(groups: list[Group], mask: Mask, backbone: nn.Module)
 
 
 def next_mask(backbone: nn.Module, mask: Mask, state: dict[str, torch.Tensor] | None, fraction: float,
-              score: str, generator: torch.Generator | None = None) -> Mask:
+              score: str, generator: torch.Generator | None = None, round_to: int = 1) -> Mask:
     """A channel level: `mask` (whole channels) with `fraction` of its surviving channels removed,
     scored on `state` (the backbone's trained weights; None for random)."""
     groups = channel_groups(backbone)
     alive = check_mask_is_channels(groups, mask, backbone)
-    kept = prune_channels(groups, alive, channel_scores(groups, state, score, generator), fraction)
+    kept = prune_channels(groups, alive, channel_scores(groups, state, score, generator), fraction, round_to)
     return channel_mask(backbone, groups, kept)
 
 
-def check_levels(backbone: nn.Module, fraction: float, levels: int) -> None:
+def check_levels(backbone: nn.Module, fraction: float, levels: int, round_to: int = 1) -> None:
     """Refuse, before anything runs, a schedule whose levels would empty a layer: level after level,
-    round(fraction x survivors) channels go, and every group keeps one."""
+    round(fraction x survivors) channels go (with round_to > 1, about that many), and every group
+    keeps one block of round_to (or all of a smaller group)."""
     groups = channel_groups(backbone)
     alive = sum(g.size for g in groups)
+    floor = sum(min(g.size, round_to) for g in groups)
     for level in range(1, levels + 1):
         k = int(round(fraction * alive))
-        if k > alive - len(groups):
+        if k > alive - floor:
             raise UserError(f"--granularity channel: level {level} would remove {k} of the {alive} surviving "
-                            f"channels, emptying a layer ({len(groups)} layers keep one each); pass --levels "
-                            f"{level - 1} or a smaller --fraction")
+                            f"channels, emptying a layer ({floor} must stay, one block per layer); pass "
+                            f"--levels {level - 1} or a smaller --fraction")
         alive -= k

@@ -35,7 +35,7 @@ what a pruned network is worth (Caron et al. 2020), and the command for each:
   layerwise pruning              sslprune lottery ... --layers N   (only the first N convs; then any of the above)
   pre-trained, then pruned       sslprune lottery ... --pretrained FILE   (ours, torchvision, MoCo, DINO, SwAV,
                                  SimCLR, solo-learn, lightly, VISSL; --pretrained-prefix overrides the detection)
-  channel pruning                sslprune lottery ... --granularity channel [--channel-score l1|l2|bn]
+  channel pruning                sslprune lottery ... --granularity channel [--channel-score l1|l2|bn] [--channel-round 8]
   params, MACs, latency          sslprune eval cost RUN   (each mask's network against dense, measured)
   a standalone network           sslprune export RUN --level L [--retrain rewind] --format safetensors onnx
   everything, mean +- s.e.       sslprune report RUN... --out DIR   (arms 1 and 2 share one table per D)
@@ -330,17 +330,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_lottery(args, argv) -> int:
     from .data import load_dataset
-    from .lottery import prepare, pretrained_file, run_replicate, source_run
+    from .lottery import check_schedule, prepare, pretrained_file, run_replicate, source_run
     from .tasks import TASKS
 
     exp, run = resolve(args)
     _check_counts(run["levels"], run["replicates"])
     runtime = _runtime(args)
     exp.validate()                         # before reading any data
-    if exp.prune.granularity == "channel":
-        from .channels import check_levels
-        from .models import build_model
-        check_levels(build_model(exp.model.model), exp.prune.fraction, run["levels"])
+    check_schedule(exp, run["levels"])
     paired = TASKS[exp.task.task].sampler == "paired"     # half labelled, half unlabelled: an even batch
     distributed.check_batch(exp.train.batch_size // 2 * 2 if paired else exp.train.batch_size)  # before anything is written
     if source_run(exp) is not None:        # every replicate's start exists before anything is written

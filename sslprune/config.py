@@ -78,6 +78,7 @@ class Prune:
     layers: int = 0              # layerwise pruning: prune only the first N conv layers, the rest stays dense (0 = all layers)
     granularity: str = "weight"  # weight: single weights (unstructured) | channel: whole channels (structured: a compact network can be exported)
     channel_score: str = "l1"    # channel granularity: rank channels by l1 | l2 (of their weights) | bn (batch-norm |gamma|)
+    channel_round: int = 1       # channel granularity: every layer keeps a multiple of N channels (8: faster kernels; 1 = off)
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,11 @@ class Experiment:
         _choose("reset", self.prune.reset, {"rewind", "reinit"})
         _choose("granularity", self.prune.granularity, {"weight", "channel"})
         _choose("channel-score", self.prune.channel_score, CHANNEL_SCORES)
-        if self.prune.granularity != "channel" and self.prune.channel_score != Prune().channel_score:
-            raise UserError("--channel-score applies to --granularity channel only; drop it")
+        for name in ("channel_score", "channel_round"):
+            if self.prune.granularity != "channel" and getattr(self.prune, name) != getattr(Prune(), name):
+                raise UserError(f"--{name.replace('_', '-')} applies to --granularity channel only; drop it")
+        if self.prune.channel_round < 1:
+            raise UserError(f"--channel-round must be at least 1 (1 = off), got {self.prune.channel_round}")
         if self.prune.granularity == "channel" and self.prune.layers:
             raise UserError("--layers prunes single weights of the first N convs; with --granularity channel "
                             "drop --layers")

@@ -49,6 +49,12 @@ def build(exp: Experiment, data: Dataset, seed: int, task_name: str | None = Non
     return backbone, task
 
 
+def check_schedule(exp: Experiment, levels: int) -> None:
+    """A channel schedule that would empty a layer is refused before anything runs."""
+    if exp.prune.granularity == "channel":
+        channels.check_levels(build_model(exp.model.model), exp.prune.fraction, levels, exp.prune.channel_round)
+
+
 def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str],
             runtime: Runtime | None = None) -> Path:
     """Create (or re-open) the experiment directory, after every check that can fail. A saved
@@ -234,7 +240,8 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
         previous = level_mask(exp, exp_dir, replicate, level - 1, backbone)
         if exp.prune.granularity == "channel":
             state = {k.removeprefix("backbone."): v for k, v in trained.items() if k.startswith("backbone.")}
-            mask = channels.next_mask(backbone, previous, state, exp.prune.fraction, exp.prune.channel_score)
+            mask = channels.next_mask(backbone, previous, state, exp.prune.fraction, exp.prune.channel_score,
+                                      round_to=exp.prune.channel_round)
         else:
             scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
             mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))

@@ -147,7 +147,8 @@ def objective_label(exp) -> str:
     if t.label_fraction and t.label_fraction < 1:
         label = f"{t.task} {t.label_fraction:.0%} of {t.label_split}"
     if exp.prune.granularity == "channel":
-        label = f"{label}, channels ({exp.prune.channel_score})"
+        rounded = f", multiples of {exp.prune.channel_round}" if exp.prune.channel_round > 1 else ""
+        label = f"{label}, channels ({exp.prune.channel_score}{rounded})"
     if exp.model.pretrained:  # e.g. 'labels from resnet50.pth' or 'rotation from labels_..._<hash> level_0'
         parts = Path(exp.model.pretrained).parts
         source = next((f"{parts[i - 1]} {parts[i + 1]}" for i, p in enumerate(parts)

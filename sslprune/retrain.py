@@ -33,7 +33,8 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
                 reset: str = "random") -> Mask:
     """Level L's random mask: level L-1's mask with `fraction` of its survivors removed at random
     (random_adjusted: naturally-zero weights first), globally. Nested across levels, and each
-    level keeps exactly as many weights as the lottery's. Computed once per level from the
+    level keeps exactly as many weights as the lottery's (channels with --channel-round: about as
+    many, in the same blocks). Computed once per level from the
     previous one, then read from disk."""
     path = layout.level_dir(exp_dir, replicate, level) / f"retrain_{reset}" / layout.MASK
     if path.exists():
@@ -44,7 +45,8 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
         previous = random_mask(exp, exp_dir, backbone, replicate, level - 1, reset)
         if exp.prune.granularity == "channel":  # random channels, as many as the lottery's level keeps
             generator = torch.Generator().manual_seed(derive_seed("random-channels", replicate, level))
-            mask = channels.next_mask(backbone, previous, None, exp.prune.fraction, "random", generator)
+            mask = channels.next_mask(backbone, previous, None, exp.prune.fraction, "random", generator,
+                                      exp.prune.channel_round)
         else:
             if reset == "random":
                 generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate, level))

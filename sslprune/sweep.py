@@ -111,10 +111,8 @@ def load_spec(path: Path) -> Spec:
             flat["pretrained"] = str((path.resolve().parent / flat["pretrained"]).resolve())
         exp = Experiment.from_flat(flat)
         exp.validate()
-        if exp.prune.granularity == "channel":
-            from .channels import check_levels
-            from .models import build_model
-            check_levels(build_model(exp.model.model), exp.prune.fraction, int(raw.get("levels", 3)))
+        from .lottery import check_schedule
+        check_schedule(exp, int(raw.get("levels", 3)))
         experiments.append(exp)
     evaluations = raw.get("evaluations", {})
     unknown = set(evaluations) - EVALUATIONS

@@ -80,6 +80,27 @@ def test_level_removes_the_fraction_of_channels_and_keeps_every_layer():
     assert all(int(a.sum()) >= 1 for a in out)
 
 
+def test_rounded_levels_keep_a_multiple_of_round_to_in_every_layer():
+    bb = _randomised("resnet20")
+    groups = channels.channel_groups(bb)
+    scores = channels.channel_scores(groups, bb.state_dict(), "l1")
+    alive = [torch.ones(g.size, dtype=torch.bool) for g in groups]
+    for _ in range(4):
+        before = sum(int(a.sum()) for a in alive)
+        out = channels.prune_channels(groups, alive, scores, 0.2, round_to=8)
+        kept = [int(a.sum()) for a in out]
+        assert all(n % 8 == 0 and n >= 8 for n in kept), kept
+        assert abs((before - sum(kept)) - round(0.2 * before)) <= 4       # the nearest whole blocks
+        for a, o, s in zip(alive, out, scores):                           # a group's lowest scores go
+            gone, stay = s[a & ~o], s[o]
+            assert len(gone) == 0 or gone.max() <= stay.min()
+        alive = out
+    assert sum(int(a.sum()) for a in alive) < 0.6 * sum(g.size for g in groups)
+    small, _ = channels.compact(bb, groups, alive)
+    widths = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths
+
+
 def test_channel_lottery_retrain_and_random_baseline(tmp_path, data):
     exp = tiny_experiment(task="rotation", granularity="channel", channel_score="l2", epochs=1)
     assert exp.name() != tiny_experiment(task="rotation", epochs=1).name()
@@ -110,6 +131,8 @@ def test_channel_lottery_retrain_and_random_baseline(tmp_path, data):
     (dict(granularity="channel", channel_score="taylor"), "unknown channel-score"),
     (dict(channel_score="bn"), "applies to --granularity channel only"),
     (dict(granularity="channel", layers=2), "drop --layers"),
+    (dict(channel_round=8), "applies to --granularity channel only"),
+    (dict(granularity="channel", channel_round=0), "at least 1"),
 ])
 def test_bad_channel_options_are_refused(overrides, message):
     with pytest.raises(UserError, match=message):
@@ -127,4 +150,7 @@ def test_a_schedule_that_would_empty_a_layer_is_refused_before_anything_is_writt
     # 96 -> 48 -> 24 -> 12 -> 6 -> 3 channels, then 2 more would leave one layer with none
     assert main(flags + ["--fraction", "0.5", "--levels", "6"]) == 2
     assert "level 6 would remove 2 of the 3 surviving channels, emptying a layer" in capsys.readouterr().err
+    # rounded to 8: each layer keeps a block of 8 at least, 16 in all
+    assert main(flags + ["--fraction", "0.5", "--levels", "3", "--channel-round", "8"]) == 2
+    assert "level 3 would remove 12 of the 24 surviving channels" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
