@@ -32,6 +32,8 @@ what a pruned network is worth (Caron et al. 2020), and the command for each:
     transfer                       --rewind 0it --levels N [training flags]
                                  (replicate r prunes RUN's replicate r's dense level 0 on D)
   natural sparsity               sslprune sparsity RUN [--threshold T ...]
+  stability to SGD noise         sslprune eval stability RUN [--levels L]   (linear-mode connectivity of two
+                                 copies from the rewind point; lotteries with other --rewind for the sweep)
   layerwise pruning              sslprune lottery ... --layers N   (only the first N convs; then any of the above)
   pre-trained, then pruned       sslprune lottery ... --pretrained FILE   (ours, torchvision, MoCo, DINO, SwAV,
                                  SimCLR, solo-learn, lightly, VISSL; --pretrained-prefix overrides the detection)
@@ -242,6 +244,24 @@ def parser() -> argparse.ArgumentParser:
     _train_flags(ft)
     _common(ft)
 
+    st = ev_sub.add_parser("stability", help="linear-mode-connectivity instability of each level's ticket",
+                           description="Frankle et al. 2020: two copies of a level's ticket, started from the "
+                           "weights its training starts from (the rewind point under its mask), trained with "
+                           "the run's objective under two data orders and augmentations (copy 1 is the level's "
+                           "own run where it started there); the task's test error along the straight line "
+                           "between them, batch-norm statistics recomputed at each point. instability = max "
+                           "error on the path - mean error of the ends; about 0: stable. For the rewind point's "
+                           "effect, run lotteries with different --rewind and measure each; 'sslprune report' "
+                           "plots instability against the rewind point.")
+    st.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    st.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
+    st.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    st.add_argument("--points", type=int, default=11, help="evenly spaced points on the path, ends included [default: 11]")
+    st.add_argument("--bn", default="recompute", choices=["recompute", "keep"], help="batch-norm statistics at each "
+                    "point: recomputed from training batches, or the copies' own interpolated [default: recompute]")
+    st.add_argument("--bn-batches", type=int, default=20, help="training batches that recompute them [default: 20]")
+    _common(st)
+
     co = ev_sub.add_parser("cost", help="params, MACs and measured latency of every level's compact network",
                            description="For every mask of the run (each level's, and the random baselines'): "
                            "parameters, MACs per image (torch.utils.flop_counter) and the median latency of the "
@@ -441,6 +461,8 @@ def cmd_eval(args, argv) -> int:
                         f"was trained on; restore it there")
     if args.evaluation == "finetune":
         return cmd_finetune(args, argv, exp, saved, pairs, own)
+    if args.evaluation == "stability":
+        return cmd_stability(args, argv, exp, pairs, own)
     normalize = Normalize(*own.channel_stats())   # what the network was trained to see
     if (args.dataset, args.data_root, args.image_size, args.train_per_class, args.test_per_class) == \
             (None, None, None, 0, 0):
@@ -459,6 +481,21 @@ def cmd_eval(args, argv) -> int:
         res = probe_level(args.run_dir, r, level, data, normalize, args.device, args.stage)
         print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
+    return 0
+
+
+def cmd_stability(args, argv, exp, pairs, data) -> int:
+    from .lottery import record_command
+    from .stability import level_stability
+
+    runtime = _runtime(args)
+    record_command(args.run_dir, list(argv))
+    for r, level in pairs:
+        res = level_stability(exp, args.run_dir, data, r, level, runtime, args.points, args.bn, args.bn_batches,
+                              not args.quiet)
+        path = " ".join(f"{m:.3f}" for m in res["test_acc"])
+        print(f"replicate {r} level {level}: instability {res['instability']:.4f} (rewind {res['rewind']}; "
+              f"{res['metric']} along the path: {path})")
     return 0
 
 

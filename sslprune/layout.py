@@ -17,6 +17,8 @@
                 retrain_random_adjusted/          the same, naturally-zero weights pruned first
                 probe_<data>[@<stage>]_<fp>/      linear probe: features.safetensors, done.json
                 finetune_<data>_<hash>/           the pruned network fine-tuned on a target dataset
+                stability/                        linear-mode-connectivity instability: done.json, and
+                                                  copy_2/ (copy_1/), the copies' training runs
 
     a training run:  checkpoint.pt (per-epoch, for resume), log.jsonl, model.safetensors, done.json
 
@@ -71,6 +73,11 @@ def level_dir(exp_dir: Path, replicate: int, level: int) -> Path:
 def run_dir(level: Path, reset: str | None = None) -> Path:
     """A level's training run: the lottery's (train/), or its mask re-trained on labels (retrain_<reset>/)."""
     return Path(level) / ("train" if reset is None else f"retrain_{reset}")
+
+
+def stability_dir(level: Path) -> Path:
+    """A level's instability measurement (eval stability): the second copy's run and the result."""
+    return Path(level) / "stability"
 
 
 def replicate_lock(exp_dir: Path, replicate: int) -> Path:

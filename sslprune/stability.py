@@ -1,0 +1,166 @@
+"""Linear-mode-connectivity instability of a level's ticket (Frankle et al. 2020, "Linear Mode
+Connectivity and the Lottery Ticket Hypothesis").
+
+Two copies start from the weights level L's training starts from (the rewind point, or the level's
+re-initialisation, under its mask) and are trained with the run's own objective and schedule under
+two different data orders and augmentations. The straight line between their final weights is
+evaluated at `points` evenly spaced alphas; the error is 1 - the task's test metric (class, rotation,
+kNN accuracy ...). instability = max error on the path - mean error of its two ends. A ticket is
+stable (about 0) when SGD noise after the rewind point no longer decides which basin it ends in.
+
+Copy 1 is the level's own training run whenever it started from those weights (every level >= 1,
+and level 0 when the rewind point is the init), so one extra training per level is enough.
+
+Batch-norm. The running statistics of an interpolated network are not its statistics: at each
+point they are recomputed in train mode (momentum None: the exact average) over `bn_batches`
+training batches, without dataset augmentation, with the task's own views (RotNet's rotations);
+the task's other state (NPID's memory bank) is left as interpolated. bn="keep" interpolates the
+stored statistics instead (then the ends are exactly the two trained networks).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import distributed, layout
+from .config import Experiment
+from .data import Dataset, Split
+from .data.augment import Normalize
+from .errors import UserError
+from .labelled import task_data
+from .lottery import build, derive_seed, level_mask
+from .runtime import CPU, Runtime
+from .sampling import steps_per_epoch
+from .tasks import Batch, Task
+from .train import evaluate, load_weights, rewind_step, train, weights
+
+BN_MODES = ("recompute", "keep")
+
+
+def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """(1 - alpha) a + alpha b for floating tensors; others (batch counts) are a's. A weight both
+    copies hold at zero (the mask) stays exactly zero."""
+    return {k: torch.lerp(v, b[k], alpha) if v.is_floating_point() else v for k, v in a.items()}
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recompute_batchnorm(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torch.Tensor,
+                        normalize: Normalize, batch_size: int, batches: int) -> None:
+    """Replace every batch-norm layer's running statistics by their exact average over the first
+    `batches` batches of `images` (B, 3, H, W uint8, in a fixed order), seen through the task's own
+    views in train mode. Nothing else changes: the task's other state is restored afterwards."""
+    norms = _batchnorms(backbone) + _batchnorms(task)
+    if not norms:
+        return
+    names = {name for name, m in task.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    kept = {k: v.clone() for k, v in task.state_dict().items() if k.rpartition(".")[0] not in names}
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                                   # cumulative average, not exponential
+    backbone.train(), task.train()
+    generator = torch.Generator(device=images.device).manual_seed(0)   # the task's views, fixed
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(images.device)
+    for i in range(min(batches, -(-len(images) // batch_size))):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        task.step(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    task.load_state_dict({**task.state_dict(), **kept})
+    backbone.eval(), task.eval()
+
+
+def path_metrics(backbone: nn.Module, task: Task, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                 data: Dataset, normalize: Normalize, alphas: list[float], batch_size: int,
+                 bn: str = "recompute", bn_batches: int = 20) -> list[float]:
+    """The task's test metric at each alpha on the line from weights a (alpha 0) to b (alpha 1)."""
+    device = next(backbone.parameters()).device
+    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
+    test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
+    out = []
+    for alpha in alphas:
+        load_weights(backbone, task, interpolate(a, b, alpha))
+        if bn == "recompute":
+            recompute_batchnorm(backbone, task, train_x, train_y, normalize, batch_size, bn_batches)
+        test = evaluate(backbone, task, test_x, test_y, normalize,
+                        batch_size if task.batch_metric else max(batch_size, 256), train_labels=train_y)
+        out.append(test["acc"])
+    return out
+
+
+def instability(metrics: list[float]) -> float:
+    """max error on the path - mean error of its ends (error = 1 - metric)."""
+    errors = [1.0 - m for m in metrics]
+    return max(errors) - (errors[0] + errors[-1]) / 2
+
+
+def level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int,
+                    runtime: Runtime = CPU, points: int = 11, bn: str = "recompute", bn_batches: int = 20,
+                    progress: bool = True) -> dict:
+    """Instability of level `level`'s ticket; idempotent: level_<L>/stability/done.json, beside the
+    second copy's training run. data: the full dataset (the objective's share is taken here)."""
+    if points < 3:
+        raise UserError(f"--points must be at least 3 (the two ends and one between), got {points}")
+    if bn not in BN_MODES:
+        raise UserError(f"unknown --bn '{bn}'; choose one of: {', '.join(BN_MODES)}")
+    if bn_batches < 1:
+        raise UserError(f"--bn-batches must be at least 1, got {bn_batches}")
+    if distributed.world() > 1:
+        raise UserError("eval stability runs on one process; start it without torchrun")
+    if not isinstance(data.train, Split):
+        raise UserError("eval stability recomputes batch-norm statistics from training images held in memory, "
+                        "and this run's data is streamed from disk (--stream); it cannot run on it")
+    ldir = layout.level_dir(exp_dir, replicate, level)
+    if not layout.is_done(layout.run_dir(ldir)):
+        raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
+    out = layout.stability_dir(ldir)
+    with layout.step_guard(layout.step_lock(ldir, out.name)):   # one writer at a time
+        if layout.is_done(out):
+            return layout.load_json(out / layout.DONE)
+        return _level_stability(exp, exp_dir, data, replicate, level, runtime, points, bn, bn_batches, progress, out)
+
+
+def _start(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int) -> tuple[nn.Module, Task]:
+    """A backbone and task holding what level `level`'s training starts from (before its mask)."""
+    if level > 0 and exp.prune.reset == "reinit":   # the level's own draw, as the lottery made it
+        return build(exp, data, seed=derive_seed("reinit", replicate, level))
+    backbone, task = build(exp, data, seed=0)
+    load_weights(backbone, task, layout.load_rewind(exp_dir, replicate))
+    return backbone, task
+
+
+def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, runtime: Runtime,
+                     points: int, bn: str, bn_batches: int, progress: bool, out: Path) -> dict:
+    data = task_data(exp, exp_dir, data)
+    backbone, task = build(exp, data, seed=0)
+    mask = level_mask(exp, exp_dir, replicate, level, backbone)
+    k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
+    own = layout.run_dir(layout.level_dir(exp_dir, replicate, level))
+    # copy 1: the level's own run when it started from the same weights, with the same seed
+    copies = [(own if level > 0 or k == 0 else out / "copy_1", replicate),
+              (out / "copy_2", derive_seed("stability", replicate, level))]
+    ends, trained = [], []
+    for run, seed in copies:
+        net, head = _start(exp, exp_dir, data, replicate, level)
+        trained.append(train(net, head, data, exp.train, exp.data, mask, run, seed=seed, runtime=runtime,
+                             progress=progress)["test_acc"])
+        ends.append({name: t.cpu() for name, t in weights(net, head).items()})
+    device = runtime.resolved().device
+    backbone, task = backbone.to(device), task.to(device)
+    normalize = Normalize(*data.channel_stats()).to(device)
+    alphas = [i / (points - 1) for i in range(points)]
+    metrics = path_metrics(backbone, task, *[{name: t.to(device) for name, t in e.items()} for e in ends], data,
+                           normalize, alphas, exp.train.batch_size, bn, bn_batches)
+    result = {"instability": instability(metrics), "alphas": alphas, "test_acc": metrics,
+              "error": [1.0 - m for m in metrics], "ends_trained_acc": trained, "metric": task.metric,
+              "rewind": exp.prune.rewind, "rewind_step": k, "reset": exp.prune.reset, "bn": bn,
+              "bn_batches": bn_batches, "copies": [str(run.relative_to(exp_dir)) for run, _ in copies],
+              "seeds": [seed for _, seed in copies]}
+    layout.save_json(out / layout.DONE, result)
+    return result

@@ -1,0 +1,79 @@
+"""eval stability: linear-mode-connectivity instability (Frankle et al. 2020) of a level's ticket."""
+import pytest
+import torch
+
+from sslprune import layout
+from sslprune.data.augment import Normalize
+from sslprune.lottery import build, prepare, run_replicate
+from sslprune.stability import instability, interpolate, level_stability, path_metrics, recompute_batchnorm
+from sslprune.train import weights
+
+from .conftest import tiny_experiment
+
+
+def test_two_identical_copies_have_zero_instability(data):
+    exp = tiny_experiment(task="rotation")
+    backbone, task = build(exp, data, seed=3)
+    state = {k: v.clone() for k, v in weights(backbone, task).items()}
+    normalize = Normalize(*data.channel_stats())
+    metrics = path_metrics(backbone, task, state, state, data, normalize, [i / 4 for i in range(5)], 32)
+    assert len(set(metrics)) == 1 and instability(metrics) == 0.0
+
+
+def test_interpolation_keeps_pruned_weights_at_zero_and_ends_exact():
+    a = {"w": torch.tensor([0.0, 1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([0.0, -1.0, 4.0]), "n": torch.tensor(5)}
+    assert torch.equal(interpolate(a, b, 0.0)["w"], a["w"]) and torch.equal(interpolate(a, b, 1.0)["w"], b["w"])
+    mid = interpolate(a, b, 0.5)
+    assert torch.equal(mid["w"], torch.tensor([0.0, 0.0, 3.0])) and mid["n"] == 3
+    assert instability([0.9, 0.5, 0.8]) == pytest.approx(0.5 - 0.15)   # error 0.5 on the path, ends 0.1 and 0.2
+
+
+def test_recomputed_batchnorm_is_the_exact_average_in_train_mode(data):
+    exp = tiny_experiment(task="labels")
+    backbone, task = build(exp, data, seed=0)
+    normalize = Normalize(*data.channel_stats())
+    bank = {k: v.clone() for k, v in task.state_dict().items()}
+    recompute_batchnorm(backbone, task, data.train.images, data.train.labels, normalize, 32, batches=100)
+    # every training image once (no augmentation): the first BN's mean is the conv output's mean
+    with torch.no_grad():
+        out = backbone.features[0](normalize(data.train.images))          # (N, 32, H, W)
+    torch.testing.assert_close(backbone.features[1].running_mean, out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not backbone.training and backbone.features[1].momentum == 0.1   # left in eval mode, momentum back
+    assert all(torch.equal(v, task.state_dict()[k]) for k, v in bank.items() if "running" not in k)
+
+
+def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path, data):
+    exp = tiny_experiment(task="rotation", epochs=2, rewind="1it")
+    exp_dir = prepare(exp, tmp_path, data, None, ["t"])
+    run_replicate(exp, exp_dir, data, 1, 1, progress=False)
+    kept = level_stability(exp, exp_dir, data, 1, 1, points=5, bn="keep", progress=False)
+    # bn keep: the ends are exactly the two trained networks, so their accuracies are the runs' own
+    assert kept["test_acc"][0] == kept["ends_trained_acc"][0] and kept["test_acc"][-1] == kept["ends_trained_acc"][1]
+    assert kept["copies"][0] == "replicate_1/level_1/train"                # level 1 started at the rewind point
+    assert kept["ends_trained_acc"][0] == layout.load_json(
+        layout.level_dir(exp_dir, 1, 1) / "train" / layout.DONE)["test_acc"]
+    second = layout.load_model(layout.stability_dir(layout.level_dir(exp_dir, 1, 1)) / "copy_2")
+    first = layout.load_model(layout.level_dir(exp_dir, 1, 1) / "train")
+    assert any(not torch.equal(second[k], first[k]) for k in first)        # another data order: another network
+    mask = layout.load_mask(layout.level_dir(exp_dir, 1, 1) / layout.MASK)
+    assert all(torch.all(second[f"backbone.{n}"][~m] == 0) for n, m in mask.items())
+    # idempotent: the result is read back, nothing retrained
+    assert level_stability(exp, exp_dir, data, 1, 1, points=5, bn="keep", progress=False) == kept
+    # level 0 with a rewind point after the init trains both copies from it (the dense run started at the init)
+    dense = level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
+    assert dense["copies"] == ["replicate_1/level_0/stability/copy_1", "replicate_1/level_0/stability/copy_2"]
+    assert all(abs(m - t) < 0.15 for m, t in zip(dense["test_acc"][::2], dense["ends_trained_acc"]))
+
+
+def test_eval_stability_cli_refuses_bad_options_before_training(tmp_path, capsys):
+    from sslprune.cli import main
+    root = tmp_path / "runs"
+    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
+                 "--lr", "2e-3", "--batch-size", "64", "--epochs", "1", "--levels", "0", "--quiet",
+                 "--root", str(root)]) == 0
+    exp_dir = next(root.iterdir())
+    capsys.readouterr()
+    assert main(["eval", "stability", str(exp_dir), "--points", "2", "--quiet"]) == 2
+    assert "--points must be at least 3" in capsys.readouterr().err
+    assert not (exp_dir / "replicate_1/level_0/stability").exists()
