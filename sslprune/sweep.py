@@ -28,6 +28,9 @@ A spec is a TOML file:
     data_root = "../data/caltech"
     epochs = 30
 
+    [evaluations.stability]       # instability of the tickets (eval stability): one more training each
+    levels = [0, 5, 10]           # default: every level; also points, bn, bn_batches
+
 Steps are (experiment, replicate) lottery chains and (experiment, replicate, level, evaluation)
 re-trainings, probes and fine-tunings; an evaluation waits until its level is trained. Each step is guarded by an exclusive
 `flock` on its own lock file: a worker that cannot take it moves on, and a worker that dies (kill -9
@@ -55,7 +58,8 @@ from .errors import UserError
 from .runtime import Runtime
 
 SPEC_KEYS = {"root", "data_root", "levels", "replicates", "device", "base", "grid", "evaluations"}
-EVALUATIONS = {"retrain", "probe", "finetune"}
+EVALUATIONS = {"retrain", "probe", "finetune", "stability"}
+STABILITY_KEYS = {"levels": list, "points": int, "bn": str, "bn_batches": int}
 DATA_KEYS = {"dataset", "data_root", "image_size", "train_per_class", "test_per_class"}
 LEDGER = "sweep_ledger.jsonl"
 
@@ -72,6 +76,7 @@ class Spec:
     retrain: tuple[str, ...]
     probe: tuple[dict, ...] = ()      # each: DATA_KEYS (data_root absolute) and optionally stage
     finetune: tuple[dict, ...] = ()   # each: DATA_KEYS and Train / crop_pad / flip overrides
+    stability: dict | None = None     # STABILITY_KEYS; None: not measured
 
 
 def load_spec(path: Path) -> Spec:
@@ -132,11 +137,32 @@ def load_spec(path: Path) -> Spec:
     for t in finetune:  # the overrides make a valid training configuration for every experiment
         for exp in experiments:
             _finetune_config(exp, t)
+    stability = _stability(path, evaluations.get("stability"))
     data_root = raw.get("data_root")
     return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
                 data_root=str(here / data_root) if data_root else None, levels=int(raw.get("levels", 3)),
                 replicates=int(raw.get("replicates", 1)), device=raw.get("device", "cpu"),
-                experiments=tuple(experiments), retrain=retrain, probe=probe, finetune=finetune)
+                experiments=tuple(experiments), retrain=retrain, probe=probe, finetune=finetune, stability=stability)
+
+
+def _stability(path: Path, table) -> dict | None:
+    """[evaluations.stability], checked (its values as 'eval stability' checks them, at run time)."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: evaluations.stability must be a table ([evaluations.stability]), got {table!r}")
+    for key, value in table.items():
+        kind = STABILITY_KEYS.get(key)
+        if kind is None:
+            raise UserError(f"{path}: evaluations.stability: unknown key '{key}'; known: {sorted(STABILITY_KEYS)}")
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise UserError(f"{path}: evaluations.stability.{key} must be {'a list of levels' if kind is list else kind.__name__}, "
+                            f"got {value!r}")
+    from .stability import BN_MODES
+    if table.get("bn", "recompute") not in BN_MODES:
+        raise UserError(f"{path}: evaluations.stability.bn must be one of {', '.join(BN_MODES)}, got {table['bn']!r}")
+    return dict(table)
 
 
 _FINETUNE_KEYS = {f.name for f in dataclasses.fields(Train)} | {"crop_pad", "flip"}
@@ -194,6 +220,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
     from .lottery import prepare, run_replicate
     from .probe import probe_level, probe_name
     from .retrain import retrain
+    from .stability import level_stability
     from .transfer import finetune, finetune_name
 
     cache: dict = {}
@@ -221,7 +248,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
         ldir = rdir / f"level_{level}"
         return Step(key=f"{name}/replicate_{r}/level_{level}/{label}", lock=layout.sweep_lock(ldir, label),
                     ready=lambda: layout.is_done(ldir / "train"), done=lambda: layout.is_done(out()),
-                    run=run, train_dirs=lambda: [out()] if trains else [], level=level)
+                    run=run, train_dirs=trains if callable(trains) else lambda: [out()] if trains else [], level=level)
 
     def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
         d = spec.root / exp.name()
@@ -262,6 +289,13 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
                         lambda exp=exp, t=table, r=r, level=level: finetune(
                             exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *_finetune_config(exp, t), runtime, False),
                         trains=True))
+                if spec.stability is not None and level in spec.stability.get("levels", levels):
+                    options = {k: v for k, v in spec.stability.items() if k != "levels"}
+                    steps.append(evaluation(
+                        name, r, level, rdir, "stability", lambda ldir=ldir: layout.stability_dir(ldir),
+                        lambda exp=exp, r=r, level=level, o=options: level_stability(
+                            exp, exp_dir(exp), data_for(exp), r, level, runtime, progress=False, **o),
+                        trains=lambda ldir=ldir: sorted(layout.stability_dir(ldir).glob("copy_*"))))
     return steps
 
 

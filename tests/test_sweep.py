@@ -112,10 +112,14 @@ train_per_class = 20
 test_per_class = 10
 epochs = 1
 lr = 0.001
+
+[evaluations.stability]
+levels = [1]
+points = 3
 """)
     assert main(["sweep", str(spec)]) == 0
     st = status(load_spec(spec))
-    assert st["done"] == st["steps"] == 1 + 2 * 2 and st["finished_twice"] == []
+    assert st["done"] == st["steps"] == 1 + 2 * 2 + 1 and st["finished_twice"] == []
     (exp,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
     for level in (0, 1):
         ldir = layout.level_dir(exp, 1, level)
@@ -123,6 +127,8 @@ lr = 0.001
         assert layout.load_json(probe / layout.DONE)["n_train"] == 200
         (tuned,) = ldir.glob("finetune_digits_*")
         assert layout.load_json(tuned / layout.DONE)["epochs"] == 1
+    stable = layout.load_json(layout.stability_dir(layout.level_dir(exp, 1, 1)) / layout.DONE)
+    assert len(stable["test_acc"]) == 3 and not layout.stability_dir(layout.level_dir(exp, 1, 0)).exists()
     # the report reads them like those of 'sslprune eval'
     capsys.readouterr()
     assert main(["report", str(exp), "--out", str(tmp_path / "report")]) == 0
@@ -137,6 +143,9 @@ lr = 0.001
     ('[[evaluations.probe]]\ndata_root = "x"\n', "evaluations.probe needs a dataset"),
     ('[[evaluations.finetune]]\ndataset = "digits"\nepoch = 3\n', "unknown key(s) ['epoch']"),
     ('[[evaluations.finetune]]\ndataset = "digits"\nlr = -1.0\n', "--lr must be > 0"),
+    ('[evaluations.stability]\nlevel = [1]\n', "evaluations.stability: unknown key 'level'"),
+    ('[evaluations.stability]\nbn = "running"\n', "evaluations.stability.bn must be one of recompute, keep"),
+    ('[evaluations.stability]\npoints = "3"\n', "evaluations.stability.points must be int"),
 ])
 def test_bad_evaluations_fail_in_one_line(tmp_path, capsys, evaluations, message):
     bad = tmp_path / "bad.toml"
