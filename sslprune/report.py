@@ -1,5 +1,6 @@
 """Collect saved results into results.csv, a Markdown summary (mean ± standard error over
-replicates) and plots of accuracy against remaining weights (log axis; the paper's Fig. 3).
+replicates, headed by what produced them) and plots of accuracy against remaining weights (log axis;
+the paper's Fig. 3), each plot as PNG and as SVG beside it (vector, for papers).
 
 Reads nothing but saved files: config.json, masks and done.json of each step.
 
@@ -39,6 +40,7 @@ from .errors import UserError
 from .lottery import load_experiment
 from .models import build_model
 from .pruning import density, pruned_layers
+from .tasks import TASKS, Task
 
 # cost.json of the row's mask (sslprune eval cost): empty until measured
 SPEEDUPS = ("torch_cpu_b1", "torch_cpu_b64", "onnxruntime_b1", "onnxruntime_b64", "torch_cuda_b1", "torch_cuda_b64")
@@ -47,6 +49,9 @@ COLUMNS = ["experiment", "objective", "reset", "replicate", "level", "remaining"
            "metric", "value", *COST_COLUMNS]
 # those a run has (NPID: no test loss; probes: accuracy and mean per-class accuracy)
 METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc", "test_mean_class_acc")
+# what a metric measures, in words for tables and axes (rows carry it as 'measure', not in results.csv);
+# test_acc is filled per run by collect: the objective's own metric (Task.metric) or class accuracy
+MEASURES = {"test_mean_class_acc": "mean per-class accuracy", "test_rotation_acc": "rotation accuracy"}
 
 
 def collect(exp_dirs: list[Path]) -> list[dict]:
@@ -55,6 +60,7 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
         exp, saved = load_experiment(exp_dir)
         layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
         objective = objective_label(exp)
+        own_metric = TASKS.get(exp.task.task, Task).metric  # what test_acc means in the lottery's own runs
         # the lottery's own rows; a run started from another lottery run is pruning during transfer
         # (decided by what config.json recorded, so it holds wherever the source run lives now)
         train_row = (objective, "task", exp.prune.reset)
@@ -81,11 +87,14 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                     mask = layout.load_mask(mask_path)
                     remaining, remaining_network = density(mask, layers), density(mask)
                     cost = _cost(mask_path.parent / layout.COST, exp.prune.granularity)
+                    # every run but the lottery's own trains on labels (re-training, probes, fine-tuning)
+                    measures = {**MEASURES, "test_acc": own_metric if run == ldir / "train" else "class accuracy"}
                     for metric in (m for m in METRICS if done.get(m) is not None):
                         rows.append(dict(experiment=Path(exp_dir).name, objective=curve, reset=reset, replicate=replicate,
                                          level=level, remaining=remaining, remaining_network=remaining_network,
                                          eval=eval_name,
-                                         metric=metric, value=done[metric], **cost))
+                                         metric=metric, measure=measures.get(metric, metric),
+                                         value=done[metric], **cost))
     return rows
 
 
@@ -180,54 +189,130 @@ def summarise(rows: list[dict]) -> list[dict]:
         mean = sum(vals) / n
         se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan")
         out.append(dict(eval=ev, objective=obj, reset=reset, level=level,
-                        remaining=sum(r["remaining"] for r in rs) / n, metric=metric, mean=mean,
-                        se=se, n=n))
+                        remaining=sum(r["remaining"] for r in rs) / n, metric=metric,
+                        measure=rs[0].get("measure", metric), mean=mean, se=se, n=n))
     return out
 
 
-def _sections(summary: list[dict]) -> list[tuple[str, str, str]]:
-    """(eval, metric, title) of every table and plot panel, in a fixed order."""
+def _sections(summary: list[dict]) -> list[tuple[str, str, str, str, str]]:
+    """(eval, metric, measure, title, y-label) of every table and plot panel, in a fixed order. The
+    lottery's own rows get one per measure: objectives whose test_acc means different things (class,
+    rotation, kNN accuracy) never share a table or an axis."""
     evals = sorted({s["eval"] for s in summary}, key=lambda e: (e != "retrain", e != "task", e))
     out = []
     for ev in evals:
-        if ev == "retrain":
-            out.append((ev, "test_acc", "Masks re-trained on labels: test accuracy"))
-        elif ev == "task":
-            out.append((ev, "test_acc", "Each objective's own task during pruning: test accuracy"))
-        elif ev.startswith("transfer"):
-            out.append((ev, "test_mean_class_acc", f"Transfer to {ev.removeprefix('transfer ')}: pruned then "
-                        f"fine-tuned (mask fixed) vs {TRANSFER_PRUNED}: mean per-class test accuracy"))
-        else:  # a probe: mean per-class accuracy (the measure for unbalanced sets like Caltech-101)
-            out.append((ev, "test_mean_class_acc", f"Linear {ev}: mean per-class test accuracy"))
+        # probes and transfer: mean per-class accuracy (the measure for unbalanced sets like Caltech-101)
+        metric = "test_acc" if ev in ("retrain", "task") else "test_mean_class_acc"
+        for measure in sorted({s["measure"] for s in summary if (s["eval"], s["metric"]) == (ev, metric)}):
+            if ev == "retrain":
+                title, ylabel = "Masks re-trained on labels: test accuracy", f"test {measure}, re-trained on labels"
+            elif ev == "task":
+                title, ylabel = f"Each objective's own task during pruning: test {measure}", f"test {measure}"
+            elif ev.startswith("transfer"):
+                data = ev.removeprefix("transfer ")
+                title = (f"Transfer to {data}: pruned then fine-tuned (mask fixed) vs {TRANSFER_PRUNED}: "
+                         f"mean per-class test accuracy")
+                ylabel = f"test {measure} on {data}"
+            else:  # 'probe D @layer [hash]': the hash is in the title, the axis needs only the data
+                title = f"Linear {ev}: mean per-class test accuracy"
+                ylabel = f"linear probe on {ev.removeprefix('probe ').split(' [')[0]}: test {measure}"
+            out.append((ev, metric, measure, title, ylabel))
     return out
 
 
+def _rows(summary: list[dict], ev: str, metric: str, measure: str) -> list[dict]:
+    return [s for s in summary if (s["eval"], s["metric"], s["measure"]) == (ev, metric, measure)]
+
+
+def _value(s: dict, with_n: bool = False) -> str:
+    """'0.7000 ± 0.0200', or just '0.7000' from one replicate (no spread to show); with_n adds '(n=3)'."""
+    text = f"{s['mean']:.4f} ± {s['se']:.4f}" if s["n"] > 1 else f"{s['mean']:.4f}"
+    return f"{text} (n={s['n']})" if with_n else text
+
+
+def _n_header(ns: set[int]) -> str:
+    """Replicates of a column, said once in its header; when levels have different counts (a run
+    still going), each cell says its own."""
+    return f"n={min(ns)}" if len(ns) == 1 else f"n varies, {min(ns)}-{max(ns)}: see cells"
+
+
 def markdown(summary: list[dict]) -> str:
-    from .tasks import TASKS
-    # a curve is named by its objective label, or by its experiment (task_model_...) when ambiguous
-    objectives = sorted({re.split(r"[ _]", s["objective"])[0] for s in summary if s["eval"] == "task"} & set(TASKS))
-    lines = ["Each objective's own metric: " + "; ".join(f"{o}: {TASKS[o].metric}" for o in objectives) + ".", ""]
-    for ev, metric, title in _sections(summary):
-        rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]
-        if not rows:
-            continue
+    lines = []
+    for ev, metric, measure, title, _ in _sections(summary):
+        rows = _rows(summary, ev, metric, measure)
         curves = sorted({(s["objective"], s["reset"]) for s in rows})
         levels = sorted({s["level"] for s in rows})
         cell = {(s["objective"], s["reset"], s["level"]): s for s in rows}
-        lines += [f"## {title} (mean ± s.e. over replicates)", "",
-                  "| level | remaining | " + " | ".join(f"{o} / {r}" for o, r in curves) + " |",
+        ns = {c: {s["n"] for s in rows if (s["objective"], s["reset"]) == c} for c in curves}
+        spread = "mean ± s.e. over replicates" if any(s["n"] > 1 for s in rows) else "one replicate"
+        lines += [f"## {title} ({spread})", "",
+                  "| level | remaining | " + " | ".join(f"{o} / {r} ({_n_header(ns[(o, r)])})" for o, r in curves) + " |",
                   "|---|---|" + "---|" * len(curves)]
         for level in levels:
             rem = next(s["remaining"] for s in rows if s["level"] == level)
-            vals = []
-            for o, r in curves:
-                s = cell.get((o, r, level))
-                vals.append("" if s is None else
-                            f"{s['mean']:.4f} ± {s['se']:.4f} (n={s['n']})" if s["n"] > 1 else
-                            f"{s['mean']:.4f} (n=1)")
+            vals = ["" if (o, r, level) not in cell else _value(cell[(o, r, level)], len(ns[(o, r)]) > 1)
+                    for o, r in curves]
             lines.append(f"| {level} | {rem:.2%} | " + " | ".join(vals) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def provenance(exp_dirs: list[Path]) -> str:
+    """Which experiments produced the numbers, as each one's config.json recorded them when it was
+    created: objective, model, data, schedule, pruning and the git revision of the code."""
+    lines = ["## Experiments", "",
+             "From each experiment's config.json, which also keeps every command run on it and the package "
+             "versions. The revision is the code that created the experiment; later steps (retrain, eval) "
+             "record their command there, not their revision.", "",
+             "| experiment | objective | model | data | training | pruning | code (git) |",
+             "|---|---|---|---|---|---|---|"]
+    tasks = set()
+    for exp_dir in exp_dirs:
+        exp, saved = load_experiment(exp_dir)
+        tasks.add(exp.task.task)
+        cells = [Path(exp_dir).name, objective_label(exp), exp.model.model, _data_text(exp, saved),
+                 _schedule_text(exp.train), _pruning_text(exp.prune), _git_text(saved.get("git"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    known = sorted(tasks & set(TASKS))
+    lines += ["", "Each objective's own metric: " + "; ".join(f"{t}: {TASKS[t].metric}" for t in known) + ".", ""]
+    return "\n".join(lines)
+
+
+def _data_text(exp, saved: dict) -> str:
+    """'cifar10', or 'caltech101-subset (imagefolder)' when the data has its own name; subsets and size."""
+    name = _data_label(saved)
+    text = name if name == exp.data.dataset else f"{name} ({exp.data.dataset})"
+    d = exp.data
+    extra = [f"{d.train_per_class} train / class" if d.train_per_class else "",
+             f"{d.test_per_class} test / class" if d.test_per_class else "",
+             f"{d.image_size}px" if d.image_size else ""]
+    return ", ".join([text, *filter(None, extra)])
+
+
+def _schedule_text(t) -> str:
+    """'sgd lr 0.1 momentum 0.9 wd 0.0001, batch 128, epochs 160, lr step x0.1 at 80/120, warm-up 1'."""
+    lr = f"{t.optimizer} lr {t.lr:g}" + (f" momentum {t.momentum:g}" if t.momentum else "")
+    lr += f" wd {t.weight_decay:g}" if t.weight_decay else ""
+    schedule = (f"step x{t.gamma:g} at {'/'.join(map(str, t.milestones))}" if t.schedule == "step" and t.milestones
+                else t.schedule)
+    warmup = f", warm-up {t.warmup_epochs}" if t.warmup_epochs else ""
+    return f"{lr}, batch {t.batch_size}, epochs {t.epochs}, lr {schedule}{warmup}"
+
+
+def _pruning_text(p) -> str:
+    """'20% per level, rewind to 1ep, weight' (the layers and channel options when set)."""
+    reset = f"rewind to {p.rewind}" if p.reset == "rewind" else p.reset
+    layers = f", first {p.layers} conv layers" if p.layers else ""
+    return f"{p.fraction:.0%} per level, {reset}, {p.granularity}{layers}"
+
+
+def _git_text(git: str | None) -> str:
+    if not git:
+        return "not recorded"
+    if git == "unknown":
+        return "unknown (no git where it ran)"
+    sha, dirty = git.removesuffix("+dirty"), git.endswith("+dirty")
+    return f"{sha[:12]}" + (" + uncommitted changes" if dirty else "")
 
 
 def cost_summary(rows: list[dict]) -> list[dict]:
@@ -242,6 +327,7 @@ def cost_summary(rows: list[dict]) -> list[dict]:
         n = len(rs)
         speedups = {k: sum(r[f"speedup_{k}"] for r in rs) / n for k in SPEEDUPS if all(r[f"speedup_{k}"] != "" for r in rs)}
         out.append(dict(eval=ev, curve=curve, level=level, n=n, granularity=rs[0]["granularity"],
+                        measure=rs[0].get("measure", "test_acc"),
                         remaining=sum(r["remaining"] for r in rs) / n, acc=sum(r["value"] for r in rs) / n,
                         params=sum(r["params"] for r in rs) / n, macs_ratio=sum(r["macs_ratio"] for r in rs) / n,
                         speedup=speedups))
@@ -252,94 +338,143 @@ def cost_markdown(costs: list[dict]) -> str:
     if not costs:
         return ""
     keys = [k for k in SPEEDUPS if any(k in c["speedup"] for c in costs)]
+    ns = {c["n"] for c in costs}
     lines = ["## Cost of the pruned networks (sslprune eval cost; mean over replicates)", "",
              "MACs per image and non-zero conv/linear weights of the network each mask gives (channel "
              "granularity: channels removed; weight granularity: the dense kernels), and speed-ups over "
              "the dense network measured in the same call.", "",
-             "| eval | curve | level | remaining | test_acc | params | MACs | " + " | ".join(f"speed-up {k}" for k in keys) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(keys)]
+             f"| eval | curve | level | remaining | test metric | value ({_n_header(ns)}) | params | MACs | "
+             + " | ".join(f"speed-up {k}" for k in keys) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(keys)]
     for c in costs:
-        lines.append(f"| {c['eval']} | {c['curve']} | {c['level']} | {c['remaining']:.2%} | {c['acc']:.4f} (n={c['n']}) | "
-                     f"{c['params']:,.0f} | {c['macs_ratio']:.3f}x | "
+        n = f" (n={c['n']})" if len(ns) > 1 else ""
+        lines.append(f"| {c['eval']} | {c['curve']} | {c['level']} | {c['remaining']:.2%} | {c['measure']} | "
+                     f"{c['acc']:.4f}{n} | {c['params']:,.0f} | {c['macs_ratio']:.3f}x | "
                      + " | ".join(f"{c['speedup'][k]:.2f}x" if k in c["speedup"] else "" for k in keys) + " |")
     return "\n".join(lines + [""])
 
 
-def plot_cost(costs: list[dict], path: Path) -> None:
+def _percent(v: float) -> str:
+    """A density in % as a reader writes it: 100, 80, 64, ..., 11, then two significant digits
+    (8.6, 6.9, ..., 0.12), never 1e+02 or 9x10^1."""
+    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
+
+
+def _percent_axis(ax, values) -> None:
+    """Log x axis in %, a labelled tick at each value (each level's density: the levels are what was
+    measured, and round decades say little). Values that print alike get one tick; many ticks are
+    set upright (more than ~10 three-digit labels overlap across a 6-inch panel); no minor ticks."""
+    import matplotlib.ticker
+
+    ticks = {}
+    for v in sorted(values, reverse=True):
+        ticks.setdefault(_percent(v), v)
+    ax.set_xscale("log")
+    if ticks:
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(list(ticks.values())))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _percent(v)))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.tick_params(axis="x", labelsize=8, labelrotation=90 if len(ticks) > 10 else 0)
+
+
+def _thin_labels(fig) -> None:
+    """Hide each x tick label that would overlap the last one shown (very many levels, or curves whose
+    densities nearly coincide). Sizes are known only once the figure is laid out and drawn."""
+    fig.tight_layout()
+    fig.canvas.draw()
+    for ax in fig.axes:
+        shown = None
+        for label in ax.get_xticklabels():
+            box = label.get_window_extent()
+            if shown is not None and box.overlaps(shown):
+                label.set_visible(False)
+            else:
+                shown = box
+
+
+def plot_cost(costs: list[dict], path: Path):
     """Test accuracy against MACs and against measured speed-up (PyTorch, CPU, batch 64), every
-    curve (weight and channel granularity side by side)."""
+    curve (weight and channel granularity side by side). Returns the (closed) figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    measures = sorted({c["measure"] for c in costs})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for (ev, curve) in sorted({(c["eval"], c["curve"]) for c in costs}):
         pts = sorted((c for c in costs if (c["eval"], c["curve"]) == (ev, curve)), key=lambda c: c["level"])
-        label = f"{curve} ({ev})"
+        # one axis, several measures (a rotation run's own accuracy beside re-trained class accuracy):
+        # the legend says which curve measures what
+        label = f"{curve} ({ev})" if len(measures) == 1 else f"{curve} ({ev}: {pts[0]['measure']})"
         style = "--" if "random" in curve else "-"
         axes[0].plot([100 * c["macs_ratio"] for c in pts], [c["acc"] for c in pts], style, marker="o", ms=3, label=label)
         sp = [c for c in pts if "torch_cpu_b64" in c["speedup"]]
         axes[1].plot([c["speedup"]["torch_cpu_b64"] for c in sp], [c["acc"] for c in sp], style, marker="o", ms=3, label=label)
-    axes[0].set_xscale("log")
+    _percent_axis(axes[0], [100 * c["macs_ratio"] for c in costs])
     axes[0].invert_xaxis()
     axes[0].set_xlabel("MACs per image (% of dense)")
     axes[1].set_xlabel("measured speed-up over dense (PyTorch, CPU, batch 64)")
+    ylabel = f"test {measures[0]}" if len(measures) == 1 else "test accuracy, each curve's metric in the legend"
     for ax in axes:
-        ax.set_ylabel("test_acc (mean over replicates)")
+        ax.set_ylabel(textwrap.fill(f"{ylabel} (mean over replicates)", 45))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+    _thin_labels(fig)
     save_png(fig, path)
+    return fig
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(summary: list[dict], path: Path):
+    """One panel per section, accuracy against remaining weights. Returns the (closed) figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    sections = _sections(summary) or [("retrain", "test_acc", "no results yet")]
+    sections = _sections(summary) or [("retrain", "test_acc", "", "no results yet", "test accuracy")]
     cols = min(3, len(sections))
     rows_ = math.ceil(len(sections) / cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(6 * cols, 4.5 * rows_), squeeze=False)
     for ax in axes.flat[len(sections):]:
         ax.set_visible(False)
-    for ax, (ev, metric, title) in zip(axes.flat, sections):
-        rows = [s for s in summary if s["eval"] == ev and s["metric"] == metric]
+    for ax, (ev, metric, measure, title, ylabel) in zip(axes.flat, sections):
+        rows = _rows(summary, ev, metric, measure)
+        spread = any(s["n"] > 1 for s in rows)  # error bars and '± s.e.' only when there is a spread
         for obj, reset in sorted({(s["objective"], s["reset"]) for s in rows}):
             pts = sorted((s for s in rows if (s["objective"], s["reset"]) == (obj, reset)),
                          key=lambda s: -s["remaining"])
             x = [100 * s["remaining"] for s in pts]
             y = [s["mean"] for s in pts]
-            err = [0 if math.isnan(s["se"]) else s["se"] for s in pts]
+            err = [0 if math.isnan(s["se"]) else s["se"] for s in pts] if spread else None
             label = {"random": f"random pruning ({obj} run)",
                      "random_adjusted": f"random, natural zeros first ({obj} run)"}.get(reset, f"{obj} / {reset}")
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2,
                         ls="--" if reset.startswith("random") else "-", label=label)
-        ax.set_xscale("log")
-        xs = sorted({round(100 * s["remaining"], 2) for s in rows})
-        if 1 < len(xs) <= 8:  # few levels: tick exactly at them (log minor ticks would read 9x10^1)
-            ax.set_xticks(xs)
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        _percent_axis(ax, [100 * s["remaining"] for s in rows])
         ax.invert_xaxis()  # pruning proceeds to the right, as in the paper
         ax.set_xlabel("remaining weights (%)")
-        ax.set_ylabel(f"{metric} (mean ± s.e.)")
+        ax.set_ylabel(textwrap.fill(f"{ylabel} (mean ± s.e.)" if spread else ylabel, 56))
         ax.set_title(textwrap.fill(title, 60), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if rows:
             ax.legend(fontsize=8)
+    _thin_labels(fig)
     save_png(fig, path)
+    return fig
 
 
 def save_png(fig, path: Path) -> None:
-    """Write a matplotlib figure atomically, then close it."""
+    """Write a matplotlib figure atomically as PNG and, beside it, as SVG (same name: vector, for
+    papers; no date inside, so an unchanged report rewrites the same bytes), then close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    png, svg = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    with plt.rc_context({"svg.hashsalt": "sslprune"}):  # element ids from content, not random
+        fig.savefig(svg, format="svg", metadata={"Date": None})
     plt.close(fig)
-    layout.save_bytes(path, buf.getvalue())
+    layout.save_bytes(path, png.getvalue())
+    layout.save_bytes(path.with_suffix(".svg"), svg.getvalue())
 
 
 def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
@@ -349,13 +484,15 @@ def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
-    paths = {"csv": out / "results.csv", "md": out / "summary.md", "png": out / "accuracy_vs_remaining.png"}
+    w.writerows({k: r[k] for k in COLUMNS} for r in rows)  # 'measure' is for the summary, not a column
+    paths = {"csv": out / "results.csv", "md": out / "summary.md", "png": out / "accuracy_vs_remaining.png",
+             "svg": out / "accuracy_vs_remaining.svg"}
     layout.save_text(paths["csv"], buf.getvalue())
     costs = cost_summary(rows)
-    layout.save_text(paths["md"], "# sslprune report\n\n" + markdown(summary) + "\n" + cost_markdown(costs))
+    layout.save_text(paths["md"], "# sslprune report\n\n" + provenance(exp_dirs) + "\n" + markdown(summary) + "\n"
+                     + cost_markdown(costs))
     plot(summary, paths["png"])
     if costs:
-        paths["cost_png"] = out / "accuracy_vs_cost.png"
+        paths["cost_png"], paths["cost_svg"] = out / "accuracy_vs_cost.png", out / "accuracy_vs_cost.svg"
         plot_cost(costs, paths["cost_png"])
     return paths

@@ -8,7 +8,7 @@ from sslprune import layout
 from sslprune.cli import main
 from sslprune.config import Experiment
 from sslprune.lottery import prepare, run_replicate
-from sslprune.report import summarise, write_report
+from sslprune.report import collect, cost_markdown, markdown, plot, plot_cost, summarise, write_report
 from sslprune.retrain import retrain
 
 from .conftest import tiny_experiment
@@ -37,7 +37,26 @@ def test_report_columns_remaining_and_stats(tmp_path, data):
     for r in rows:
         assert abs(float(r["remaining"]) - 0.8 ** int(r["level"])) < 1e-3
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
-    assert "± " in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert "± " in md
+    # every plot also as SVG beside it
+    pngs = sorted((tmp_path / "report").glob("*.png"))
+    assert pngs and all(p.with_suffix(".svg").read_text().lstrip().startswith("<?xml") for p in pngs)
+    assert paths["svg"] == paths["png"].with_suffix(".svg")
+    # the header says what produced the numbers: model, data, schedule, the code's revision
+    header = md.split("## Experiments")[1].split("\n## ")[0]
+    git = layout.load_json(dirs[0] / layout.CONFIG)["git"]
+    for needle in ("convnet", "tiny (digits)", "adam lr 0.003", "epochs 1", "20% per level, rewind to 1it",
+                   git[:12], dirs[0].name, dirs[1].name):
+        assert needle in header, needle
+    # two replicates everywhere: n once per column header, never in a cell
+    table = [line for line in md.split("## Masks re-trained on labels")[1].split("\n## ")[0].splitlines() if line.startswith("|")]
+    assert "labels / reinit (n=2)" in table[0] and not any("(n=" in line for line in table[2:])
+    # one y-label per measure: class accuracy and rotation accuracy never share an axis
+    fig = plot(summarise(collect(dirs)), tmp_path / "again.png")
+    ylabels = [ax.get_ylabel() for ax in fig.axes if ax.get_visible()]
+    assert len(ylabels) == len(set(ylabels)) == 3
+    assert any("rotation accuracy" in y for y in ylabels) and any("re-trained on labels" in y for y in ylabels)
 
 
 def test_summary_mean_and_standard_error():
@@ -49,6 +68,71 @@ def test_summary_mean_and_standard_error():
     other = [{**r, "experiment": "e2", "value": 0.1} for r in rows]
     a, b = summarise(rows + other)
     assert {a["objective"], b["objective"]} == {"e1", "e2"} and a["n"] == b["n"] == 3
+
+
+def _rows(levels, replicates=(1,), ev="retrain", measure="class accuracy", objective="labels"):
+    return [dict(experiment="e1", eval=ev, objective=objective, reset="rewind", level=level,
+                 remaining=0.8 ** level, metric="test_acc", measure=measure, value=0.5 + 0.01 * r)
+            for level in range(levels) for r in replicates]
+
+
+def test_density_axis_has_a_readable_tick_at_every_level(tmp_path):
+    fig = plot(summarise(_rows(16)), tmp_path / "p.png")
+    ax = fig.axes[0]
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_visible()]
+    assert shown == ["100", "80", "64", "51", "41", "33", "26", "21", "17", "13", "11",
+                     "8.6", "6.9", "5.5", "4.4", "3.5"]
+    assert ax.get_xscale() == "log" and not ax.xaxis.get_minorticklabels()
+    assert (tmp_path / "p.svg").exists()
+    # too many levels to label them all: labels are thinned so that none overlap
+    ax = plot(summarise(_rows(60)), tmp_path / "many.png").axes[0]
+    labels = [t for t in ax.get_xticklabels() if t.get_visible()]
+    assert labels[0].get_text() == "100" and 10 < len(labels) < 60
+    boxes = [t.get_window_extent() for t in labels]
+    assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:]))
+
+
+def test_one_replicate_shows_values_without_spread(tmp_path):
+    summary = summarise(_rows(3))
+    md = markdown(summary)
+    assert "±" not in md and "nan" not in md and "(one replicate)" in md
+    assert "labels / rewind (n=1)" in md and "| 0.5100 |" in md
+    assert "±" not in plot(summary, tmp_path / "p.png").axes[0].get_ylabel()
+    plot(summary, tmp_path / "again.png")  # an unchanged report rewrites the same SVG bytes
+    assert (tmp_path / "p.svg").read_bytes() == (tmp_path / "again.svg").read_bytes()
+
+
+def test_replicates_per_column_once_or_per_cell_when_they_vary():
+    md = markdown(summarise(_rows(3, replicates=(1, 2, 3))))
+    assert "labels / rewind (n=3)" in md and "| 0.5200 ± 0.0058 |" in md
+    # level 2 has one replicate only (a run still going): the header says n varies, cells say theirs
+    rows = [r for r in _rows(3, replicates=(1, 2, 3)) if r["level"] < 2 or r["value"] < 0.515]
+    md = markdown(summarise(rows))
+    assert "n varies, 1-3" in md and "0.5200 ± 0.0058 (n=3)" in md and "| 0.5100 (n=1) |" in md
+
+
+def test_each_measure_has_its_own_table_and_axis(tmp_path):
+    rows = _rows(2, ev="task") + _rows(2, ev="task", measure="rotation accuracy", objective="rotation")
+    summary = summarise(rows)
+    md = markdown(summary)
+    assert "own task during pruning: test class accuracy" in md and "own task during pruning: test rotation accuracy" in md
+    assert [ax.get_ylabel() for ax in plot(summary, tmp_path / "p.png").axes] == [
+        "test class accuracy", "test rotation accuracy"]
+
+
+def test_cost_plot_and_table_say_what_they_measure(tmp_path):
+    costs = [dict(eval=ev, curve=f"{obj} / rewind", level=level, n=1, granularity="channel", measure=measure,
+                  remaining=0.8 ** level, acc=0.5, params=1000, macs_ratio=0.7 ** level,
+                  speedup={"torch_cpu_b64": 1.2 ** level})
+             for level in range(4) for ev, obj, measure in [("task", "rotation", "rotation accuracy"),
+                                                             ("retrain", "rotation", "class accuracy")]]
+    table = cost_markdown(costs)
+    assert "| value (n=1) |" in table and "| rotation accuracy | 0.5000 |" in table and "(n=1) |" not in table.split("\n", 5)[5]
+    fig = plot_cost(costs, tmp_path / "cost.png")
+    assert "each curve's metric in the legend" in " ".join(fig.axes[0].get_ylabel().split())
+    assert any("rotation accuracy" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["100", "70", "49", "34"]
+    assert (tmp_path / "cost.svg").exists()
 
 
 def test_preset_and_flags_and_golden_hashes():
