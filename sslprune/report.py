@@ -54,12 +54,35 @@ METRICS = ("test_acc", "train_acc", "test_loss", "test_rotation_acc", "test_mean
 MEASURES = {"test_mean_class_acc": "mean per-class accuracy", "test_rotation_acc": "rotation accuracy"}
 
 
+def _flat(exp) -> dict:
+    return {k: v for section in exp.to_dict().values() for k, v in section.items()}
+
+
+def labels(exp_dirs: list[Path], ignore: tuple[str, ...] = ()) -> dict[Path, str]:
+    """Each experiment's curve name: its objective label, and where experiments share one, the
+    settings that tell them apart, e.g. 'labels (rewind 3ep)' (never averaged as replicates).
+    `ignore`: settings a figure puts on an axis instead (the rewind point)."""
+    exps = {Path(d): load_experiment(d)[0] for d in exp_dirs}
+    groups = defaultdict(list)
+    for d, exp in exps.items():
+        groups[objective_label(exp)].append(d)
+    out = {}
+    for label, dirs in groups.items():
+        flats = {d: _flat(exps[d]) for d in dirs}
+        differ = [k for k in flats[dirs[0]] if k not in ignore and len({repr(f[k]) for f in flats.values()}) > 1]
+        for d in dirs:
+            extra = ", ".join(f"{k.replace('_', ' ')} {flats[d][k]}" for k in differ)
+            out[d] = f"{label} ({extra})" if extra else label
+    return out
+
+
 def collect(exp_dirs: list[Path]) -> list[dict]:
     rows = []
+    names = labels(exp_dirs)
     for exp_dir in exp_dirs:
         exp, saved = load_experiment(exp_dir)
         layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
-        objective = objective_label(exp)
+        objective = names[Path(exp_dir)]
         own_metric = TASKS.get(exp.task.task, Task).metric  # what test_acc means in the lottery's own runs
         # the lottery's own rows; a run started from another lottery run is pruning during transfer
         # (decided by what config.json recorded, so it holds wherever the source run lives now)
@@ -184,10 +207,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups[(r["eval"], objective, r["reset"], r["level"], r["metric"])].append(r)
     out = []
     for (ev, obj, reset, level, metric), rs in sorted(groups.items()):
-        vals = [r["value"] for r in rs]
-        n = len(vals)
-        mean = sum(vals) / n
-        se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan")
+        mean, se, n = _mean_se([r["value"] for r in rs])
         out.append(dict(eval=ev, objective=obj, reset=reset, level=level,
                         remaining=sum(r["remaining"] for r in rs) / n, metric=metric,
                         measure=rs[0].get("measure", metric), mean=mean, se=se, n=n))
@@ -477,6 +497,100 @@ def save_png(fig, path: Path) -> None:
     layout.save_bytes(path.with_suffix(".svg"), svg.getvalue())
 
 
+STABILITY_COLUMNS = ["experiment", "objective", "replicate", "level", "remaining", "rewind", "rewind_epochs",
+                     "instability", "retrained_acc"]
+
+
+def collect_stability(exp_dirs: list[Path]) -> list[dict]:
+    """One row per measured ticket (eval stability): its instability, and the accuracy of its mask
+    re-trained on labels from its rewind point (retrain_rewind, when run), by objective without the
+    rewind point (the figure's x axis)."""
+    names = labels(exp_dirs, ignore=("rewind",))
+    rows = []
+    for exp_dir in exp_dirs:
+        exp, _ = load_experiment(exp_dir)
+        layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
+        for ldir in sorted(Path(exp_dir).glob("replicate_*/level_*"), key=lambda p: (_number(p.parent), _number(p))):
+            sdir, retrained = layout.stability_dir(ldir), layout.run_dir(ldir, "rewind")
+            if not layout.is_done(sdir):
+                continue
+            st = layout.load_json(sdir / layout.DONE)
+            rows.append(dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir)], replicate=_number(ldir.parent),
+                             level=_number(ldir), remaining=density(layout.load_mask(ldir / layout.MASK), layers),
+                             rewind=st["rewind"], rewind_epochs=st["rewind_epochs"], instability=st["instability"],
+                             retrained_acc=layout.load_json(retrained / layout.DONE)["test_acc"]
+                             if layout.is_done(retrained) else ""))
+    return rows
+
+
+def _mean_se(vals: list[float]) -> tuple[float, float, int]:
+    n = len(vals)
+    mean = sum(vals) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan"), n
+
+
+def stability_summary(rows: list[dict]) -> list[dict]:
+    """Per (objective, level, rewind point): instability and re-trained accuracy over replicates."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["objective"], r["level"], r["rewind_epochs"])].append(r)
+    out = []
+    for (obj, level, epochs), rs in sorted(groups.items()):
+        acc = [r["retrained_acc"] for r in rs if r["retrained_acc"] != ""]
+        out.append(dict(objective=obj, level=level, rewind_epochs=epochs, rewind=rs[0]["rewind"],
+                        remaining=sum(r["remaining"] for r in rs) / len(rs),
+                        instability=_mean_se([r["instability"] for r in rs]),
+                        retrained=_mean_se(acc) if acc else None))
+    return out
+
+
+def stability_markdown(summary: list[dict]) -> str:
+    if not summary:
+        return ""
+    cell = lambda m: "" if m is None else _value(dict(mean=m[0], se=m[1], n=m[2]), with_n=True)  # noqa: E731
+    lines = ["## Stability to SGD noise against the rewind point (sslprune eval stability)", "",
+             "Linear-mode-connectivity instability (Frankle et al. 2020): max test error on the straight line "
+             "between two copies trained from the rewind point, minus the mean error of the two; about 0: "
+             "stable. Re-trained: the mask re-trained on labels from the same rewind point.", "",
+             "| objective | level | remaining | rewind (epochs) | instability | re-trained accuracy |",
+             "|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['objective']} | {s['level']} | {s['remaining']:.2%} | {s['rewind']} ({s['rewind_epochs']:g}) | "
+                     f"{cell(s['instability'])} | {cell(s['retrained'])} |")
+    return "\n".join(lines + [""])
+
+
+def plot_stability(summary: list[dict], path: Path):
+    """Instability and re-trained accuracy against the rewind point, a line per (objective, density)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    curves = sorted({(s["objective"], s["level"]) for s in summary})
+    for obj, level in curves:
+        pts = sorted((s for s in summary if (s["objective"], s["level"]) == (obj, level)), key=lambda s: s["rewind_epochs"])
+        label = f"{obj}, {100 * pts[0]['remaining']:.3g}% of the weights"
+        for ax, key in zip(axes.flat, ("instability", "retrained")):
+            kept = [p for p in pts if p[key] is not None]
+            if kept:
+                ax.errorbar([p["rewind_epochs"] for p in kept], [p[key][0] for p in kept],
+                            yerr=[0 if math.isnan(p[key][1]) else p[key][1] for p in kept],
+                            marker="o", ms=3, capsize=2, label=label)
+    for ax, ylabel in zip(axes.flat, ("instability (max error on the path - mean of the ends)",
+                                      "test class accuracy, re-trained on labels from the rewind point")):
+        ax.set_xlabel("rewind point (epochs of dense training)")
+        ax.set_ylabel(textwrap.fill(ylabel, 56))
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    axes.flat[0].axhline(0, color="grey", lw=0.8)
+    axes.flat[0].set_title("Linear-mode-connectivity instability of the tickets", fontsize=10)
+    axes.flat[1].set_title("Their masks re-trained on labels", fontsize=10)
+    save_png(fig, path)
+    return fig
+
+
 def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
     rows = collect(exp_dirs)
     summary = summarise(rows)
@@ -489,8 +603,18 @@ def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
              "svg": out / "accuracy_vs_remaining.svg"}
     layout.save_text(paths["csv"], buf.getvalue())
     costs = cost_summary(rows)
+    stable = collect_stability(exp_dirs)
+    stable_summary = stability_summary(stable)
     layout.save_text(paths["md"], "# sslprune report\n\n" + provenance(exp_dirs) + "\n" + markdown(summary) + "\n"
-                     + cost_markdown(costs))
+                     + cost_markdown(costs) + stability_markdown(stable_summary))
+    if stable:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=STABILITY_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(stable)
+        paths["stability_csv"], paths["stability_png"] = out / "stability.csv", out / "stability_vs_rewind.png"
+        layout.save_text(paths["stability_csv"], buf.getvalue())
+        plot_stability(stable_summary, paths["stability_png"])
     plot(summary, paths["png"])
     if costs:
         paths["cost_png"], paths["cost_svg"] = out / "accuracy_vs_cost.png", out / "accuracy_vs_cost.svg"

@@ -140,7 +140,8 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
     data = task_data(exp, exp_dir, data)
     backbone, task = build(exp, data, seed=0)
     mask = level_mask(exp, exp_dir, replicate, level, backbone)
-    k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
+    per_epoch = steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size)
+    k = rewind_step(exp.prune.rewind, per_epoch)
     own = layout.run_dir(layout.level_dir(exp_dir, replicate, level))
     # copy 1: the level's own run when it started from the same weights, with the same seed
     copies = [(own if level > 0 or k == 0 else out / "copy_1", replicate),
@@ -159,7 +160,8 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
                            normalize, alphas, exp.train.batch_size, bn, bn_batches)
     result = {"instability": instability(metrics), "alphas": alphas, "test_acc": metrics,
               "error": [1.0 - m for m in metrics], "ends_trained_acc": trained, "metric": task.metric,
-              "rewind": exp.prune.rewind, "rewind_step": k, "reset": exp.prune.reset, "bn": bn,
+              "rewind": exp.prune.rewind, "rewind_step": k,
+              "rewind_epochs": k / per_epoch, "reset": exp.prune.reset, "bn": bn,
               "bn_batches": bn_batches, "copies": [str(run.relative_to(exp_dir)) for run, _ in copies],
               "seeds": [seed for _, seed in copies]}
     layout.save_json(out / layout.DONE, result)

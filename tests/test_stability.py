@@ -77,3 +77,24 @@ def test_eval_stability_cli_refuses_bad_options_before_training(tmp_path, capsys
     assert main(["eval", "stability", str(exp_dir), "--points", "2", "--quiet"]) == 2
     assert "--points must be at least 3" in capsys.readouterr().err
     assert not (exp_dir / "replicate_1/level_0/stability").exists()
+
+
+def test_report_plots_instability_against_the_rewind_point(tmp_path, data):
+    from sslprune.report import collect, write_report
+    from sslprune.retrain import retrain
+
+    dirs = []
+    for rewind in ("0it", "2it"):
+        exp = tiny_experiment(task="rotation", epochs=1, rewind=rewind)
+        exp_dir = prepare(exp, tmp_path / "runs", data, None, ["t"])
+        run_replicate(exp, exp_dir, data, 1, 1, progress=False)
+        level_stability(exp, exp_dir, data, 1, 1, points=3, progress=False)
+        retrain(exp, exp_dir, data, 1, 1, "rewind", progress=False)
+        dirs.append(exp_dir)
+    paths = write_report(dirs, tmp_path / "report")
+    lines = paths["stability_csv"].read_text().splitlines()
+    assert len(lines) == 3 and all(",rotation,1,1," in line for line in lines[1:])   # one curve, two rewind points
+    assert paths["stability_png"].exists() and paths["stability_png"].with_suffix(".svg").exists()
+    assert "rewind (epochs)" in paths["md"].read_text()
+    # elsewhere the two experiments are two curves, told apart by their rewind point, never averaged
+    assert {r["objective"] for r in collect(dirs)} == {"rotation (rewind 0it)", "rotation (rewind 2it)"}
