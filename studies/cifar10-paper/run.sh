@@ -1,0 +1,48 @@
+#!/bin/bash
+# The cifar10-paper study on GPUs: five sweeps sharing runs/, then the report and natural sparsity.
+# Re-running resumes; finished steps are read back, interrupted ones resume from their last epoch.
+#   bash studies/cifar10-paper/run.sh                   this machine: every sweep, one worker per GPU each
+#   SUBMIT=slurm PARTITION=gpu bash studies/cifar10-paper/run.sh    SLURM jobs (submitit), returns at once
+#   REPORT=1 bash studies/cifar10-paper/run.sh          the report only, once the sweeps are done
+# SPECS (default: labels rotation exemplar semi npid) picks the sweeps. SLURM: MINUTES per job (default
+# 2880), CPUS per job (default 4); the jobs per sweep are below (README.md, "Cost").
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export PATH="$here/../../.venv/bin:$PATH"
+specs=${SPECS:-labels rotation exemplar semi npid}
+declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=18)
+
+report() {
+  sslprune report "$here/runs" --out "$here/report"
+  sslprune sparsity "$here/runs" --threshold 1.2e-7 1e-4 1e-3 --out "$here/report"
+}
+if [ -n "${REPORT:-}" ]; then report; exit; fi
+
+if [ "${SUBMIT:-}" = slurm ]; then
+  for spec in $specs; do
+    sslprune sweep "$here/$spec.toml" --submit slurm --workers "${jobs[$spec]}" \
+      --slurm-partition "${PARTITION:?set PARTITION to a SLURM partition with GPUs}" --slurm-gpus-per-node 1 \
+      --slurm-cpus-per-task "${CPUS:-4}" --slurm-time "${MINUTES:-2880}"
+  done
+  echo "progress: for s in $specs; do sslprune sweep $here/\$s.toml --status; done"
+  echo "jobs that ran out of time leave steps pending: run this command again; when none is: REPORT=1 bash $0"
+  exit
+fi
+
+# This machine: a worker of every sweep on every GPU (a worker with no step ready waits for one).
+gpus=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}
+mkdir -p "$here/logs"
+pids=()
+for g in ${gpus//,/ }; do
+  for spec in $specs; do
+    CUDA_VISIBLE_DEVICES=$g sslprune sweep "$here/$spec.toml" --workers 1 > "$here/logs/$spec-gpu$g.log" 2>&1 &
+    pids+=($!)
+  done
+done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
+if [ "$failed" = 1 ]; then
+  echo "a sweep left steps pending or failed (logs/ beside this file); run this command again" >&2
+  exit 1
+fi
+report
