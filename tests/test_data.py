@@ -1,7 +1,9 @@
+import ast
 import hashlib
 import io
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 
 from sslprune.config import Data
+import sslprune.data
 from sslprune.data import cifar, load_dataset
 from sslprune.data.augment import Normalize, batch_crop, batch_flip_lr
 from sslprune.data.imagefolder import load_imagefolder
@@ -169,3 +172,28 @@ def test_cifar_unpickler_builds_no_code(tmp_path):
     p.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         cifar._read_batch(p)
+
+
+def test_data_modules_import_each_other_one_way():
+    """No module of sslprune/data imports, even inside a function, one that imports it back."""
+    folder = Path(sslprune.data.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for m in modules:
+        deps = set()
+        for node in ast.walk(ast.parse((folder / f"{m}.py").read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # relative to the package sslprune.data
+                base = ".".join(["sslprune", "data"][:2 - node.level + 1] if node.level else [])
+                name = ".".join(filter(None, [base, node.module]))
+                names = [f"{name}.{a.name}" for a in node.names] if name == "sslprune.data" else [name]
+            else:
+                continue
+            deps |= {n.split(".")[2] for n in names if n.startswith("sslprune.data.")}
+        graph[m] = {d if d in modules else "__init__" for d in deps} - {m}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph[start])
+    assert graph["tensors"] == set() and graph["images"] == set()  # the bottom layer
+    assert not [m for m in modules if reaches(m, m)], graph

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..layout import file_lock
 from .tensors import Dataset, Split
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -60,8 +61,6 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def download(root: Path, url: str = URL, archive_md5: str = ARCHIVE_MD5) -> None:
     """Fetch the official archive into root, check its md5, extract it. One process at a time (the
     ranks of a torchrun job or the workers of a sweep may all find the data missing at once)."""
-    from ..layout import file_lock
-
     root.mkdir(parents=True, exist_ok=True)
     with file_lock(root / ".download.lock"):
         if _complete(root / FOLDER):   # another process finished it while this one waited

@@ -9,7 +9,6 @@ With stream=True (--stream) the training split stays on disk and is decoded ever
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -17,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import UserError
 from ..layout import load_tensors, save_tensors
+from .images import EXTENSIONS, decode
+from .stream import scan
 from .tensors import Dataset, Split
 
 SPLITS = ("train", "test", "val")
-EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def cache_dir() -> Path:
@@ -59,27 +58,6 @@ def _entries(root: Path, splits=SPLITS) -> dict[str, dict[str, list[tuple[str, o
     return out
 
 
-def open_image(blob: bytes, name: str) -> Image.Image:
-    """Encoded bytes -> an RGB image; a file Pillow cannot read is a one-line error naming it."""
-    try:
-        return Image.open(io.BytesIO(blob)).convert("RGB")
-    except Exception as e:
-        raise UserError(f"cannot decode image {name} ({e}); remove it from the dataset") from None
-
-
-def _decode(blob: bytes, size: int, name: str) -> np.ndarray:
-    img = open_image(blob, name)
-    if size:
-        # Shorter side to `size`, then centre crop: keeps the aspect ratio of variable-size images.
-        w, h = img.size
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
-
-
 def _read_split(root: Path, tree: dict, split: str, index: dict[str, int], limit: int, image_size: int) -> Split:
     images, labels = [], []
     for c in sorted(tree[split]):
@@ -89,7 +67,7 @@ def _read_split(root: Path, tree: dict, split: str, index: dict[str, int], limit
         if not files:
             raise UserError(f"class folder {split}/{c} of {root} holds no images; remove it or add images")
         for name, read in files[: limit or None]:
-            images.append(_decode(read(), image_size, f"{split}/{c}/{name}"))
+            images.append(decode(read(), image_size, f"{split}/{c}/{name}"))
             labels.append(index[c])
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
@@ -140,7 +118,6 @@ def _blob(meta: dict) -> torch.Tensor:
 
 def _streamed(root: Path, image_size: int, train_per_class: int, test_per_class: int) -> Dataset:
     """The training split as files on disk; the test split decoded (cached) as in memory."""
-    from .stream import scan
     if not root.is_dir():
         raise UserError(f"--stream reads training images at random, which a .tar.gz cannot serve: extract "
                         f"{root} (tar xzf) and pass the folder as --data-root")

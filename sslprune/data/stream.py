@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from .imagefolder import _decode, open_image
+from .images import EXTENSIONS, decode, open_image
 from .tensors import first_per_class
 
 SCALE = (0.08, 1.0)            # of the image's area (torchvision's RandomResizedCrop defaults)
@@ -66,8 +66,15 @@ class ImageFiles:
 
     def centre_crops(self, rows: list[int]) -> torch.Tensor:
         """(len(rows), 3, S, S) uint8: the shorter side resized to S, then the centre (no randomness)."""
-        return torch.stack([torch.from_numpy(_decode((self.root / self.files[i]).read_bytes(), self.size,
-                                                     str(self.root / self.files[i])).copy()) for i in rows])
+        return torch.stack([torch.from_numpy(decode((self.root / self.files[i]).read_bytes(), self.size,
+                                                    str(self.root / self.files[i])).copy()) for i in rows])
+
+    def channel_stats(self, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std (0-1 scale) of the centre crops of n images spread evenly over
+        the split (deterministic): each (3,)."""
+        rows = np.linspace(0, len(self) - 1, min(n, len(self))).round().astype(int).tolist()
+        x = self.centre_crops(rows).to(torch.float64).div_(255)
+        return x.mean((0, 2, 3)).float(), x.std((0, 2, 3)).float()
 
     def digest(self, h) -> None:
         """Feed the split's identity into hashlib object h: every relative path, byte size and
@@ -163,7 +170,6 @@ class Stream:
 def scan(root: Path, split: str, classes: list[str], limit: int, size: int) -> ImageFiles:
     """`root/split/<class>/*` as ImageFiles: classes in the given order, files sorted by name, at
     most `limit` per class (0 = all)."""
-    from .imagefolder import EXTENSIONS
     files, labels = [], []
     for label, c in enumerate(classes):
         folder = root / split / c
@@ -174,11 +180,3 @@ def scan(root: Path, split: str, classes: list[str], limit: int, size: int) -> I
         files += [f"{split}/{c}/{n}" for n in names]
         labels += [label] * len(names)
     return ImageFiles(root, files, torch.tensor(labels), size)
-
-
-def channel_stats(files: ImageFiles, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (0-1 scale) of the centre crops of n training images spread evenly
-    over the split (deterministic): each (3,)."""
-    rows = np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int).tolist()
-    x = files.centre_crops(rows).to(torch.float64).div_(255)
-    return x.mean((0, 2, 3)).float(), x.std((0, 2, 3)).float()

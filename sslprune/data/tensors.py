@@ -64,8 +64,7 @@ class Dataset:
         """Per-channel mean and std of the training images on the 0-1 scale, each (3,).
         Computed once, in chunks (a float copy of CIFAR-10 would take 600 MB)."""
         if self._stats is None and not isinstance(self.train, Split):  # on disk: a sample
-            from .stream import channel_stats
-            self._stats = channel_stats(self.train)
+            self._stats = self.train.channel_stats()
         if self._stats is None:
             total = torch.zeros(3, dtype=torch.float64)
             squares = torch.zeros(3, dtype=torch.float64)
