@@ -384,17 +384,13 @@ def cmd_retrain(args, argv) -> int:
     if saved.get("data_fingerprint") != data.fingerprint():
         raise UserError(f"the data found differs from the data {args.run_dir} was trained on; pass "
                         f"--data-root with the dataset it used")
-    reps = sorted(int(p.name.split("_")[1]) for p in args.run_dir.glob("replicate_*"))
-    if args.replicates:
-        reps = [r for r in reps if r in args.replicates]
+    reps = [r for r in layout.replicates(args.run_dir) if not args.replicates or r in args.replicates]
     if not reps:
         raise UserError(f"no matching replicates in {args.run_dir}; run 'sslprune lottery' first")
     record_command(args.run_dir, list(argv))
+    trained = layout.trained_levels(args.run_dir)
     for r in reps:
-        levels = args.levels
-        if levels is None:  # every trained level: level_<L>/train/done.json
-            levels = sorted(int(p.parent.parent.name.split("_")[1])
-                            for p in layout.replicate_dir(args.run_dir, r).glob(f"level_*/train/{layout.DONE}"))
+        levels = args.levels if args.levels is not None else [lv for rr, lv in trained if rr == r]
         for level in levels:
             for reset in args.reset:
                 retrain(exp, args.run_dir, data, r, level, reset, runtime, not args.quiet)
@@ -433,11 +429,8 @@ def _trained_levels(run_dir: Path, replicates, levels) -> list[tuple[int, int]]:
     """(replicate, level) pairs of trained levels, filtered by the given lists (None = all)."""
     from . import layout
 
-    pairs = []
-    for done in sorted(Path(run_dir).glob(f"replicate_*/level_*/train/{layout.DONE}")):
-        r, lv = int(done.parents[2].name.split("_")[1]), int(done.parents[1].name.split("_")[1])
-        if (replicates is None or r in replicates) and (levels is None or lv in levels):
-            pairs.append((r, lv))
+    pairs = [(r, lv) for r, lv in layout.trained_levels(run_dir)
+             if (replicates is None or r in replicates) and (levels is None or lv in levels)]
     if not pairs:
         raise UserError(f"no trained level matches in {run_dir}; run 'sslprune lottery' first")
     return sorted(pairs)
@@ -508,10 +501,8 @@ def cmd_cost(args, argv) -> int:
     if args.onnx:
         from .export import _need_onnx
         _need_onnx()
-    pairs = sorted((int(m.parents[1].name.split("_")[1]), int(m.parent.name.split("_")[1]))
-                   for m in Path(args.run_dir).glob(f"replicate_*/level_*/{layout.MASK}"))
-    pairs = [(r, lv) for r, lv in pairs if (args.replicates is None or r in args.replicates)
-             and (args.levels is None or lv in args.levels)]
+    pairs = [(r, lv) for r, lv, ldir in layout.levels(args.run_dir) if (ldir / layout.MASK).exists()
+             and (args.replicates is None or r in args.replicates) and (args.levels is None or lv in args.levels)]
     if not pairs:
         raise UserError(f"no level with a mask matches in {args.run_dir}; run 'sslprune lottery' first")
     written = cost_run(args.run_dir, pairs, args.repeats, args.onnx)

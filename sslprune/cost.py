@@ -104,8 +104,8 @@ def cost_run(exp_dir: Path, pairs: list[tuple[int, int]], repeats: int = 10, use
     masks = []
     for r, level in pairs:
         ldir = layout.level_dir(exp_dir, r, level)
-        masks += [p for p in [ldir / layout.MASK, *sorted(ldir.glob(f"retrain_random*/{layout.MASK}"))]
-                  if p.exists() and not (p.parent / layout.COST).exists()]
+        own = [e.mask for e in layout.evaluations(ldir) if e.kind == "retrain" and e.mask != ldir / layout.MASK]
+        masks += [p for p in [ldir / layout.MASK, *own] if p.exists() and not (p.parent / layout.COST).exists()]
     if not masks:
         return 0
 

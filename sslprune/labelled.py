@@ -21,7 +21,6 @@ from .data import Dataset
 from .errors import UserError
 from .tasks import UNLABELLED
 
-LABELLED = "labelled.safetensors"
 
 
 def labelled_subset(labels: torch.Tensor, fraction: float, split: str, seed: int) -> torch.Tensor:
@@ -60,7 +59,7 @@ def task_data(exp: Experiment, exp_dir: Path, data: Dataset) -> Dataset:
     if not t.label_fraction or t.label_fraction == 1.0:
         return data
     subset = labelled_subset_checked(exp, data)
-    path = Path(exp_dir) / LABELLED
+    path = Path(exp_dir) / layout.LABELLED
     if path.exists():
         saved = layout.load_tensors(path)["index"]
         if not torch.equal(saved, subset):

@@ -28,6 +28,7 @@ file or the new one, never half of one. A step is done when its done.json exists
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -50,6 +51,7 @@ LOG = "log.jsonl"
 MASK = "mask.safetensors"
 DENSITY = "density.json"
 INIT = "init.safetensors"
+LABELLED = "labelled.safetensors"   # the experiment's labelled training images (--label-fraction)
 PRETRAINED = "pretrained.json"   # replicate_<r>/: the weights file (and its sha256) level 0 started from
 REWIND = "rewind.safetensors"
 COST = "cost.json"               # beside a mask: params, MACs and measured latency of its compact network
@@ -62,6 +64,10 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+TRAIN = "train"                  # a level's lottery training run
+STABILITY = "stability"          # a level's instability measurement (eval stability)
+
+
 def replicate_dir(exp_dir: Path, replicate: int) -> Path:
     return Path(exp_dir) / f"replicate_{replicate}"
 
@@ -72,12 +78,150 @@ def level_dir(exp_dir: Path, replicate: int, level: int) -> Path:
 
 def run_dir(level: Path, reset: str | None = None) -> Path:
     """A level's training run: the lottery's (train/), or its mask re-trained on labels (retrain_<reset>/)."""
-    return Path(level) / ("train" if reset is None else f"retrain_{reset}")
+    return Path(level) / (TRAIN if reset is None else f"retrain_{reset}")
+
+
+def random_mask(level: Path, reset: str) -> Path:
+    """The mask of a random baseline (retrain_random, retrain_random_adjusted): its own."""
+    return run_dir(level, reset) / MASK
+
+
+def probe_dir(level: Path, data_name: str, fingerprint: str, stage: str | None = None) -> Path:
+    """A linear probe, named by the data it reads (wherever that lives) and the features it reads:
+    probe_<dataset>[@<stage>]_<fingerprint>."""
+    return Path(level) / f"probe_{data_name.split('.')[0]}{'@' + stage if stage else ''}_{fingerprint[:8]}"
+
+
+def finetune_dir(level: Path, data_name: str, digest: str) -> Path:
+    """A fine-tuning on a target dataset: finetune_<dataset>_<hash of its data and training settings>."""
+    return Path(level) / f"finetune_{data_name.split('.')[0]}_{digest[:8]}"
 
 
 def stability_dir(level: Path) -> Path:
     """A level's instability measurement (eval stability): the second copy's run and the result."""
-    return Path(level) / "stability"
+    return Path(level) / STABILITY
+
+
+def stability_copy(level: Path, copy: int) -> Path:
+    """The training run of copy 1 or 2 of a level's ticket, when it is not the level's own run."""
+    return stability_dir(level) / f"copy_{copy}"
+
+
+def number(folder: Path) -> int:
+    """replicate_3 -> 3, level_12 -> 12."""
+    prefix, _, n = Path(folder).name.rpartition("_")
+    if prefix not in ("replicate", "level") or not n.isdigit():
+        raise UserError(f"{folder} is no replicate_<r> or level_<L> folder")
+    return int(n)
+
+
+def replicates(exp_dir: Path) -> list[int]:
+    """The replicates an experiment has on disk, in order."""
+    return sorted(number(p) for p in Path(exp_dir).glob("replicate_*") if p.is_dir())
+
+
+def levels(exp_dir: Path) -> list[tuple[int, int, Path]]:
+    """(replicate, level, folder) of every level on disk, in order."""
+    return sorted((number(p.parent), number(p), p) for p in Path(exp_dir).glob("replicate_*/level_*") if p.is_dir())
+
+
+def trained_levels(exp_dir: Path) -> list[tuple[int, int]]:
+    """(replicate, level) of the levels whose lottery training is done."""
+    return [(r, lv) for r, lv, d in levels(exp_dir) if is_done(run_dir(d))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """A level's sub-folder, parsed: what ran there, on what."""
+    kind: str                   # train | retrain | probe | finetune | stability
+    path: Path
+    reset: str | None = None    # retrain: rewind | reinit | random | random_adjusted
+    data: str | None = None     # probe, finetune: the dataset's name
+    stage: str | None = None    # probe: the backbone module it read, or None (final features)
+    digest: str | None = None   # probe: the data's fingerprint; finetune: the settings' hash
+
+    @property
+    def mask(self) -> Path:
+        """The mask the run trained under: a random baseline's own, else its level's."""
+        own = self.path / MASK
+        return own if self.kind == "retrain" and self.reset.startswith("random") else self.path.parent / MASK
+
+
+def evaluations(level: Path) -> list[Evaluation]:
+    """Every run and evaluation folder of a level (finished or not), parsed; the inverse of run_dir,
+    probe_dir, finetune_dir and stability_dir. Unknown folders are left out."""
+    out = []
+    for p in sorted(Path(level).iterdir()) if Path(level).is_dir() else []:
+        if not p.is_dir():
+            continue
+        kind, _, rest = p.name.partition("_")
+        if p.name in (TRAIN, STABILITY):
+            out.append(Evaluation(p.name, p))
+        elif kind == "retrain" and rest:
+            out.append(Evaluation("retrain", p, reset=rest))
+        elif kind == "probe" and "_" in rest:
+            what, digest = rest.rsplit("_", 1)
+            data, _, stage = what.partition("@")
+            out.append(Evaluation("probe", p, data=data, stage=stage or None, digest=digest))
+        elif kind == "finetune" and "_" in rest:
+            data, digest = rest.rsplit("_", 1)
+            out.append(Evaluation("finetune", p, data=data, digest=digest))
+    return out
+
+
+# What may lie where in an experiment folder (describe): files by level of the tree; run folders
+# hold RUN_FILES, a stability folder also its copies' runs.
+EXPERIMENT_FILES = {CONFIG, LABELLED, ".config.lock"}
+REPLICATE_FILES = {INIT, REWIND, PRETRAINED}
+LEVEL_FILES = {MASK, DENSITY, COST}
+RUN_FILES = {DONE, MODEL, CHECKPOINT, LOG, MASK, DENSITY, COST, "features.safetensors"}
+
+
+def describe(path: Path, exp_dir: Path) -> str:
+    """What a path inside an experiment folder is, e.g. 'replicate 1, level 2: retrain (rewind)';
+    UserError for anything layout does not name (a stray file, a folder of an unknown kind)."""
+    rel = Path(path).relative_to(exp_dir).parts
+    lock = rel and rel[-1].startswith(".") and rel[-1].endswith(".lock")
+    if not rel or (len(rel) == 1 and (rel[0] in EXPERIMENT_FILES or lock)):
+        return "the experiment" if not rel else f"the experiment: {rel[0]}"
+    try:
+        what = f"replicate {number(Path(rel[0]))}"
+        if len(rel) == 1 or (len(rel) == 2 and (rel[1] in REPLICATE_FILES or lock)):
+            return what + (f": {rel[1]}" if len(rel) == 2 else "")
+        what += f", level {number(Path(rel[1]))}"
+    except UserError:
+        raise UserError(f"{path}: not a path sslprune's layout names") from None
+    if len(rel) == 2 or (len(rel) == 3 and (rel[2] in LEVEL_FILES or lock)):
+        return what + (f": {rel[2]}" if len(rel) == 3 else "")
+    found = [e for e in evaluations(Path(exp_dir, *rel[:2])) if e.path.name == rel[2]]
+    inner = rel[3:]
+    if found and found[0].kind == "stability" and inner and inner[0] in ("copy_1", "copy_2"):
+        inner = inner[1:]  # a copy's training run
+    if not found or len(inner) > 1 or (inner and inner[0] not in RUN_FILES):
+        raise UserError(f"{path}: not a path sslprune's layout names")
+    e = found[0]
+    detail = e.reset or e.data or ""
+    return f"{what}: {e.kind}{f' ({detail})' if detail else ''}" + (f", {inner[0]}" if inner else "")
+
+
+def locate(path: Path) -> tuple[Path, int, int | None] | None:
+    """(experiment folder, replicate, level or None) of a path inside a run (e.g. a level's
+    model.safetensors given as --pretrained), or None when it is not inside one."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        try:
+            replicate = number(Path(part)) if part.startswith("replicate_") else None
+        except UserError:
+            continue
+        if replicate is not None and i > 0:
+            level = None
+            if i + 1 < len(parts) and parts[i + 1].startswith("level_"):
+                try:
+                    level = number(Path(parts[i + 1]))
+                except UserError:
+                    pass
+            return Path(*parts[:i]), replicate, level
+    return None
 
 
 def replicate_lock(exp_dir: Path, replicate: int) -> Path:
@@ -88,6 +232,11 @@ def replicate_lock(exp_dir: Path, replicate: int) -> Path:
 def step_lock(level: Path, step: str) -> Path:
     """Held while one evaluation of a level runs, e.g. step 'retrain_reinit'."""
     return Path(level) / f".{step}.lock"
+
+
+def sweep_label(kind: str, index: int) -> str:
+    """A sweep's name for its index-th probe or fine-tune table in a level (lock and ledger): probe_1."""
+    return f"{kind}_{index}"
 
 
 def sweep_lock(folder: Path, step: str) -> Path:

@@ -130,7 +130,7 @@ def pretrained_file(exp: Experiment, replicate: int) -> Path:
     src = source_run(exp)
     if src is None:
         return Path(exp.model.pretrained)
-    train_dir = layout.level_dir(src, replicate, 0) / "train"
+    train_dir = layout.run_dir(layout.level_dir(src, replicate, 0))
     if not layout.is_done(train_dir):
         raise UserError(f"--pretrained {src}: level 0 of replicate {replicate} is not trained there; run "
                         f"'sslprune lottery' on it with --replicates {replicate} --levels 0 first")
@@ -268,7 +268,8 @@ def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int
                    runtime: Runtime, progress: bool) -> None:
     data = task_data(exp, exp_dir, data)
     rdir = layout.replicate_dir(exp_dir, replicate)
-    for folder in [rdir, *rdir.glob("level_*")]:  # left by a killed run of this chain (its lock is ours now)
+    for folder in [rdir, *(d for r, _, d in layout.levels(exp_dir) if r == replicate)]:  # left by a killed
+        # run of this chain (its lock is ours now)
         layout.clean_temporaries(folder)
     backbone, task = build(exp, data, seed=derive_seed("init", replicate))
     init_path = rdir / layout.INIT
@@ -292,7 +293,7 @@ def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int
     k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
 
     for level in range(levels + 1):
-        out = layout.level_dir(exp_dir, replicate, level) / "train"
+        out = layout.run_dir(layout.level_dir(exp_dir, replicate, level))
         mask = level_mask(exp, exp_dir, replicate, level, backbone)
         if layout.is_done(out):
             continue

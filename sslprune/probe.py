@@ -91,21 +91,20 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
             "C": best, "val_acc": scores[best]}
 
 
-def probe_name(data: Dataset, stage: str | None = None) -> str:
-    """Names a probe by the data it reads (wherever that lives) and the features it reads:
-    probe_<dataset>[@<stage>]_<fingerprint>."""
-    return f"probe_{data.name.split('.')[0]}{'@' + stage if stage else ''}_{data.fingerprint()[:8]}"
+def probe_out(level: Path, data: Dataset, stage: str | None = None) -> Path:
+    """The folder of a level's probe on `data` (named by layout.probe_dir)."""
+    return layout.probe_dir(level, data.name, data.fingerprint(), stage)
 
 
 def probe_level(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: Normalize,
                 device: str = "cpu", stage: str | None = None) -> dict:
     """Probe the backbone that level `level` of a lottery run trained, on `data`'s labels (all of
     them: the probe is an evaluation, whatever labels the objective saw). Idempotent: the result
-    is level_<L>/<probe_name>/done.json, next to the features it was fitted on."""
+    is level_<L>/probe_<data>.../done.json, next to the features it was fitted on."""
     if not isinstance(data.train, Split):
         raise UserError("a linear probe fits on features of training images held in memory, and this run's "
                         "data is streamed from disk: probe on another dataset (--dataset, --data-root)")
-    out = layout.level_dir(exp_dir, replicate, level) / probe_name(data, stage)
+    out = probe_out(layout.level_dir(exp_dir, replicate, level), data, stage)
     with layout.file_lock(layout.step_lock(out.parent, out.name)):  # one writer; a second one waits
         return _probe(exp_dir, replicate, level, data, normalize, device, stage, out)
 
@@ -114,7 +113,7 @@ def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: 
            stage: str | None, out: Path) -> dict:
     if layout.is_done(out):
         return layout.load_json(out / layout.DONE)
-    run = layout.level_dir(exp_dir, replicate, level) / "train"
+    run = layout.run_dir(layout.level_dir(exp_dir, replicate, level))
     if not layout.is_done(run):
         raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
     cache = out / "features.safetensors"

@@ -76,6 +76,9 @@ def labels(exp_dirs: list[Path], ignore: tuple[str, ...] = ()) -> dict[Path, str
     return out
 
 
+KINDS = ("train", "retrain", "probe", "finetune")   # the order of a level's rows in results.csv
+
+
 def collect(exp_dirs: list[Path]) -> list[dict]:
     rows = []
     names = labels(exp_dirs)
@@ -89,35 +92,31 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
         train_row = (objective, "task", exp.prune.reset)
         if str(saved.get("pretrained_id") or "").startswith("run "):
             train_row = (_source_label(Path(exp.model.pretrained)), f"transfer {_data_label(saved)}", TRANSFER_PRUNED)
-        for rdir in sorted(Path(exp_dir).glob("replicate_*"), key=_number):
-            replicate = _number(rdir)
-            for ldir in sorted(rdir.glob("level_*"), key=_number):
-                level = _number(ldir)
-                runs = [(train_row[1], train_row[2], ldir / "train", ldir / layout.MASK, train_row[0])]
-                for sub in sorted(ldir.glob("retrain_*")):
-                    reset = sub.name.removeprefix("retrain_")
-                    mask = sub / layout.MASK if reset.startswith("random") else ldir / layout.MASK
-                    runs.append(("retrain", reset, sub, mask, objective))
-                for sub in sorted(ldir.glob("probe_*")):
-                    runs.append((_eval_name(sub.name), exp.prune.reset, sub, ldir / layout.MASK, objective))
-                for sub in sorted(ldir.glob("finetune_*")):  # 'finetune_<data>_<hash>'
-                    data, digest = sub.name.removeprefix("finetune_").rsplit("_", 1)
-                    runs.append((f"transfer {data}", f"finetune [{digest}]", sub, ldir / layout.MASK, objective))
-                for eval_name, reset, run, mask_path, curve in runs:
-                    if not layout.is_done(run):
-                        continue
-                    done = layout.load_json(run / layout.DONE)
-                    mask = layout.load_mask(mask_path)
-                    remaining, remaining_network = density(mask, layers), density(mask)
-                    cost = _cost(mask_path.parent / layout.COST, exp.prune.granularity)
-                    # every run but the lottery's own trains on labels (re-training, probes, fine-tuning)
-                    measures = {**MEASURES, "test_acc": own_metric if run == ldir / "train" else "class accuracy"}
-                    for metric in (m for m in METRICS if done.get(m) is not None):
-                        rows.append(dict(experiment=Path(exp_dir).name, objective=curve, reset=reset, replicate=replicate,
-                                         level=level, remaining=remaining, remaining_network=remaining_network,
-                                         eval=eval_name,
-                                         metric=metric, measure=measures.get(metric, metric),
-                                         value=done[metric], **cost))
+        for replicate, level, ldir in layout.levels(exp_dir):
+            for e in sorted(layout.evaluations(ldir), key=lambda e: KINDS.index(e.kind) if e.kind in KINDS else 9):
+                if e.kind == "train":
+                    eval_name, reset, curve = train_row[1], train_row[2], train_row[0]
+                elif e.kind == "retrain":
+                    eval_name, reset, curve = "retrain", e.reset, objective
+                elif e.kind == "probe":  # the hash stays: two configurations on one dataset are never averaged
+                    eval_name, reset, curve = f"probe {e.data}{' @' + e.stage if e.stage else ''} [{e.digest}]", exp.prune.reset, objective
+                elif e.kind == "finetune":
+                    eval_name, reset, curve = f"transfer {e.data}", f"finetune [{e.digest}]", objective
+                else:
+                    continue  # stability: its own table (collect_stability)
+                if not layout.is_done(e.path):
+                    continue
+                done = layout.load_json(e.path / layout.DONE)
+                mask = layout.load_mask(e.mask)
+                remaining, remaining_network = density(mask, layers), density(mask)
+                cost = _cost(e.mask.parent / layout.COST, exp.prune.granularity)
+                # every run but the lottery's own trains on labels (re-training, probes, fine-tuning)
+                measures = {**MEASURES, "test_acc": own_metric if e.kind == "train" else "class accuracy"}
+                for metric in (m for m in METRICS if done.get(m) is not None):
+                    rows.append(dict(experiment=Path(exp_dir).name, objective=curve, reset=reset, replicate=replicate,
+                                     level=level, remaining=remaining, remaining_network=remaining_network,
+                                     eval=eval_name, metric=metric, measure=measures.get(metric, metric),
+                                     value=done[metric], **cost))
     return rows
 
 
@@ -136,22 +135,12 @@ def unfinished(exp_dirs: list[Path]) -> list[str]:
     the report, and a reader should know it."""
     lines = []
     for exp_dir in exp_dirs:
-        missing = [f"{run.parents[1].name}/{run.parent.name}/{run.name}"
-                   for run in sorted(Path(exp_dir).glob("replicate_*/level_*/*"))
-                   if run.is_dir() and (run.name == "train" or run.name.startswith("retrain_"))
-                   and not layout.is_done(run)]
+        missing = [str(e.path.relative_to(exp_dir)) for _, _, ldir in layout.levels(exp_dir)
+                   for e in layout.evaluations(ldir) if e.kind in ("train", "retrain") and not layout.is_done(e.path)]
         if missing:
             lines.append(f"{Path(exp_dir).name}: {len(missing)} unfinished, left out of the report: "
                          f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
     return lines
-
-
-def _eval_name(folder: str) -> str:
-    """'probe_caltech101-subset@layer2_1a2b3c4d' -> 'probe caltech101-subset @layer2 [1a2b3c4d]': the
-    hash stays, so two configurations on one dataset are never averaged as if they were replicates."""
-    kind, rest = folder.split("_", 1)
-    what, digest = rest.rsplit("_", 1)
-    return f"{kind} {what.replace('@', ' @')} [{digest}]"
 
 
 TRANSFER_PRUNED = "pruned during transfer"
@@ -181,16 +170,12 @@ def objective_label(exp) -> str:
     if exp.prune.granularity == "channel":
         rounded = f", multiples of {exp.prune.channel_round}" if exp.prune.channel_round > 1 else ""
         label = f"{label}, channels ({exp.prune.channel_score}{rounded})"
-    if exp.model.pretrained:  # e.g. 'labels from resnet50.pth' or 'rotation from labels_..._<hash> level_0'
-        parts = Path(exp.model.pretrained).parts
-        source = next((f"{parts[i - 1]} {parts[i + 1]}" for i, p in enumerate(parts)
-                       if p.startswith("replicate_") and 0 < i < len(parts) - 1), Path(exp.model.pretrained).name)
+    if exp.model.pretrained:  # e.g. 'labels from resnet50.pth' or 'rotation from labels_..._<hash> level 0'
+        where = layout.locate(Path(exp.model.pretrained))
+        source = (f"{where[0].name} level {where[2]}" if where and where[2] is not None
+                  else Path(exp.model.pretrained).name)
         label = f"{label} from {source}"
     return label
-
-
-def _number(p: Path) -> int:
-    return int(re.search(r"_(\d+)$", p.name).group(1))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -510,13 +495,13 @@ def collect_stability(exp_dirs: list[Path]) -> list[dict]:
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
         layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
-        for ldir in sorted(Path(exp_dir).glob("replicate_*/level_*"), key=lambda p: (_number(p.parent), _number(p))):
+        for replicate, level, ldir in layout.levels(exp_dir):
             sdir, retrained = layout.stability_dir(ldir), layout.run_dir(ldir, "rewind")
             if not layout.is_done(sdir):
                 continue
             st = layout.load_json(sdir / layout.DONE)
-            rows.append(dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir)], replicate=_number(ldir.parent),
-                             level=_number(ldir), remaining=density(layout.load_mask(ldir / layout.MASK), layers),
+            rows.append(dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir)], replicate=replicate,
+                             level=level, remaining=density(layout.load_mask(ldir / layout.MASK), layers),
                              rewind=st["rewind"], rewind_epochs=st["rewind_epochs"], instability=st["instability"],
                              retrained_acc=layout.load_json(retrained / layout.DONE)["test_acc"]
                              if layout.is_done(retrained) else ""))

@@ -36,7 +36,7 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
     level keeps exactly as many weights as the lottery's (channels with --channel-round: about as
     many, in the same blocks). Computed once per level from the
     previous one, then read from disk."""
-    path = layout.level_dir(exp_dir, replicate, level) / f"retrain_{reset}" / layout.MASK
+    path = layout.random_mask(layout.level_dir(exp_dir, replicate, level), reset)
     if path.exists():
         return layout.load_mask(path)
     if level == 0:
@@ -61,7 +61,7 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
 
 def _dense_trained(exp_dir: Path, replicate: int, backbone) -> dict[str, torch.Tensor]:
     """The prunable weights of the replicate's trained dense network (level 0)."""
-    run = layout.level_dir(exp_dir, replicate, 0) / "train"
+    run = layout.run_dir(layout.level_dir(exp_dir, replicate, 0))
     if not layout.is_done(run):
         raise UserError(f"level 0 of replicate {replicate} is not trained yet; run 'sslprune lottery' first")
     trained = layout.load_model(run)

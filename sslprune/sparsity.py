@@ -66,14 +66,15 @@ def collect(exp_dirs, thresholds=(None,), levels=(0,), with_init: bool = False) 
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
         names = list(prunable(build_model(exp.model.model)))
-        for rdir in sorted(Path(exp_dir).glob("replicate_*")):
+        for replicate in layout.replicates(exp_dir):
+            rdir = layout.replicate_dir(exp_dir, replicate)
             for level in ([INIT] if with_init else []) + list(levels):
                 if level == INIT:
                     if not (rdir / layout.INIT).exists():
                         continue
                     trained, mask = layout.load_tensors(rdir / layout.INIT), None
                 else:
-                    run = layout.run_dir(rdir / f"level_{level}")
+                    run = layout.run_dir(layout.level_dir(exp_dir, replicate, level))
                     if not layout.is_done(run):
                         continue
                     trained = layout.load_model(run)
@@ -82,7 +83,7 @@ def collect(exp_dirs, thresholds=(None,), levels=(0,), with_init: bool = False) 
                 for t in thresholds:
                     s = natural_sparsity(weights, t, mask)
                     for r in [*s["layers"], s["total"]]:
-                        rows.append({"experiment": Path(exp_dir).name, "replicate": int(rdir.name.split("_")[1]),
+                        rows.append({"experiment": Path(exp_dir).name, "replicate": replicate,
                                      "level": "init" if level == INIT else level, "threshold": s["threshold"], **r})
     return rows
 

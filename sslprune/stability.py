@@ -144,8 +144,9 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
     k = rewind_step(exp.prune.rewind, per_epoch)
     own = layout.run_dir(layout.level_dir(exp_dir, replicate, level))
     # copy 1: the level's own run when it started from the same weights, with the same seed
-    copies = [(own if level > 0 or k == 0 else out / "copy_1", replicate),
-              (out / "copy_2", derive_seed("stability", replicate, level))]
+    ldir = layout.level_dir(exp_dir, replicate, level)
+    copies = [(own if level > 0 or k == 0 else layout.stability_copy(ldir, 1), replicate),
+              (layout.stability_copy(ldir, 2), derive_seed("stability", replicate, level))]
     ends, trained = [], []
     for run, seed in copies:
         net, head = _start(exp, exp_dir, data, replicate, level)

@@ -218,10 +218,10 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
     from .data import load_dataset
     from .data.augment import Normalize
     from .lottery import prepare, run_replicate
-    from .probe import probe_level, probe_name
+    from .probe import probe_level, probe_out
     from .retrain import retrain
     from .stability import level_stability
-    from .transfer import finetune, finetune_name
+    from .transfer import finetune, finetune_out
 
     cache: dict = {}
 
@@ -232,22 +232,21 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
         return cache[key]
 
     def downstream(exp, kind: str, table: dict) -> tuple:
-        """(data, the evaluation's folder name in a level) of a probe or fine-tune table, read once per worker."""
+        """(data, level folder -> the evaluation's folder) of a probe or fine-tune table, read once per worker."""
         key = (kind, exp.name(), repr(sorted(table.items())))
         if key not in cache:
             size = table.get("image_size") or data_for(exp).train.image_shape[-1]  # default: the run's
             data = load_dataset(Data(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table} | {"image_size": size}),
                                 table.get("data_root"))
             if kind == "probe":
-                cache[key] = data, probe_name(data, table.get("stage"))
+                cache[key] = data, lambda ldir: probe_out(ldir, data, table.get("stage"))
             else:
-                cache[key] = data, finetune_name(data, *_finetune_config(exp, table))
+                cache[key] = data, lambda ldir: finetune_out(ldir, data, *_finetune_config(exp, table))
         return cache[key]
 
-    def evaluation(name, r, level, rdir, label, out, run, trains):
-        ldir = rdir / f"level_{level}"
-        return Step(key=f"{name}/replicate_{r}/level_{level}/{label}", lock=layout.sweep_lock(ldir, label),
-                    ready=lambda: layout.is_done(ldir / "train"), done=lambda: layout.is_done(out()),
+    def evaluation(ldir, level, label, out, run, trains):
+        return Step(key=f"{ldir.relative_to(spec.root)}/{label}", lock=layout.sweep_lock(ldir, label),
+                    ready=lambda: layout.is_done(layout.run_dir(ldir)), done=lambda: layout.is_done(out()),
                     run=run, train_dirs=trains if callable(trains) else lambda: [out()] if trains else [], level=level)
 
     def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
@@ -262,40 +261,43 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
         for r in range(1, spec.replicates + 1):
             rdir = layout.replicate_dir(spec.root / name, r)
             levels = range(spec.levels + 1)
+            runs = [layout.run_dir(layout.level_dir(spec.root / name, r, L)) for L in levels]
             steps.append(Step(
-                key=f"{name}/replicate_{r}/lottery", lock=layout.sweep_lock(spec.root / name, rdir.name),
+                key=f"{rdir.relative_to(spec.root)}/lottery", lock=layout.sweep_lock(spec.root / name, rdir.name),
                 ready=lambda: True,
-                done=lambda rdir=rdir, levels=levels: all(layout.is_done(rdir / f"level_{L}" / "train") for L in levels),
+                done=lambda runs=runs: all(layout.is_done(run) for run in runs),
                 run=lambda exp=exp, r=r: run_replicate(exp, exp_dir(exp), data_for(exp), r, spec.levels, runtime, False),
-                train_dirs=lambda rdir=rdir, levels=levels: [rdir / f"level_{L}" / "train" for L in levels]))
+                train_dirs=lambda runs=runs: runs))
             for level in levels:
-                ldir = rdir / f"level_{level}"
+                ldir = layout.level_dir(spec.root / name, r, level)
                 for reset in spec.retrain:
+                    out = layout.run_dir(ldir, reset)
                     steps.append(evaluation(
-                        name, r, level, rdir, f"retrain_{reset}", lambda out=ldir / f"retrain_{reset}": out,
+                        ldir, level, out.name, lambda out=out: out,
                         lambda exp=exp, r=r, level=level, reset=reset: retrain(
                             exp, exp_dir(exp), data_for(exp), r, level, reset, runtime, False), trains=True))
                 for i, table in enumerate(spec.probe):
                     steps.append(evaluation(
-                        name, r, level, rdir, f"probe_{i + 1}",
-                        lambda exp=exp, t=table, ldir=ldir: ldir / downstream(exp, "probe", t)[1],
+                        ldir, level, layout.sweep_label("probe", i + 1),
+                        lambda exp=exp, t=table, ldir=ldir: downstream(exp, "probe", t)[1](ldir),
                         lambda exp=exp, t=table, r=r, level=level: probe_level(
                             exp_dir(exp), r, level, downstream(exp, "probe", t)[0], Normalize(*data_for(exp).channel_stats()),
                             runtime.device, t.get("stage")), trains=False))
                 for i, table in enumerate(spec.finetune):
                     steps.append(evaluation(
-                        name, r, level, rdir, f"finetune_{i + 1}",
-                        lambda exp=exp, t=table, ldir=ldir: ldir / downstream(exp, "finetune", t)[1],
+                        ldir, level, layout.sweep_label("finetune", i + 1),
+                        lambda exp=exp, t=table, ldir=ldir: downstream(exp, "finetune", t)[1](ldir),
                         lambda exp=exp, t=table, r=r, level=level: finetune(
                             exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *_finetune_config(exp, t), runtime, False),
                         trains=True))
                 if spec.stability is not None and level in spec.stability.get("levels", levels):
                     options = {k: v for k, v in spec.stability.items() if k != "levels"}
                     steps.append(evaluation(
-                        name, r, level, rdir, "stability", lambda ldir=ldir: layout.stability_dir(ldir),
+                        ldir, level, layout.STABILITY, lambda ldir=ldir: layout.stability_dir(ldir),
                         lambda exp=exp, r=r, level=level, o=options: level_stability(
                             exp, exp_dir(exp), data_for(exp), r, level, runtime, progress=False, **o),
-                        trains=lambda ldir=ldir: sorted(layout.stability_dir(ldir).glob("copy_*"))))
+                        trains=lambda ldir=ldir: [layout.stability_copy(ldir, i) for i in (1, 2)
+                                                  if layout.stability_copy(ldir, i).exists()]))
     return steps
 
 

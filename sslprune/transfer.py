@@ -27,9 +27,10 @@ from .lottery import build, derive_seed, load_experiment
 from .train import load_weights, train
 
 
-def finetune_name(data: Dataset, cfg: TrainConfig, aug: DataConfig) -> str:
+def finetune_out(level: Path, data: Dataset, cfg: TrainConfig, aug: DataConfig) -> Path:
+    """The folder of a level's fine-tuning on `data` with these settings (named by layout.finetune_dir)."""
     key = f"{data.fingerprint()}|{cfg!r}|{aug.crop_pad}|{aug.flip}"
-    return f"finetune_{data.name.split('.')[0]}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return layout.finetune_dir(level, data.name, hashlib.sha256(key.encode()).hexdigest())
 
 
 def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: TrainConfig, aug: DataConfig,
@@ -42,6 +43,6 @@ def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: Trai
     backbone, task = build(exp, data, seed=derive_seed("finetune", replicate, level), task_name="labels")
     load_weights(backbone, None, layout.load_model(layout.run_dir(ldir)))
     mask = layout.load_mask(ldir / layout.MASK)
-    out = ldir / finetune_name(data, cfg, aug)
+    out = finetune_out(ldir, data, cfg, aug)
     with layout.step_guard(layout.step_lock(ldir, out.name)):  # one writer; a second one waits
         return train(backbone, task, data, cfg, aug, mask, out, seed=replicate, runtime=runtime, progress=progress)

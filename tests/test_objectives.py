@@ -9,7 +9,8 @@ from sslprune.config import Task as TaskConfig
 from sslprune.data import Dataset, Split
 from sslprune.data.augment import Normalize, colour_jitter, random_affine
 from sslprune.errors import UserError
-from sslprune.labelled import LABELLED, labelled_subset, task_data
+from sslprune.labelled import labelled_subset, task_data
+from sslprune.layout import LABELLED
 from sslprune.lottery import build, prepare, run_replicate
 from sslprune.models import build_model
 from sslprune.report import collect

@@ -26,7 +26,7 @@ def test_level_0_starts_from_a_pretrained_backbone_with_a_fresh_head(tmp_path, d
     assert init["task.head.weight"].shape == (4, 128)                      # RotNet's own, fresh head
     assert layout.is_done(layout.level_dir(exp_dir, 1, 1) / "train")
     from sslprune.report import collect
-    assert {r["objective"] for r in collect([exp_dir])} == {f"rotation from {src_dir.name} level_0"}
+    assert {r["objective"] for r in collect([exp_dir])} == {f"rotation from {src_dir.name} level 0"}
     # The file it started from is part of the run: a changed file is refused on re-run.
     tensors = dict(src)
     tensors["backbone.features.0.weight"] = tensors["backbone.features.0.weight"] + 1
