@@ -51,9 +51,9 @@ def main() -> None:
               f"{info['cost']['params'] / info['dense_cost']['params']:.3f}x")
     cli = Path(sys.executable).parent / "sslprune"
     t = time.perf_counter()
-    subprocess.run([str(cli), "export", str(exp_dir), "--level", "1", "--format", "safetensors", "onnx",
+    subprocess.run([str(cli), "export", str(exp_dir), "--level", "1", "--format", "safetensors,onnx",
                     "--out", str(root / "export_cli")], check=True)
-    print(f"sslprune export --format safetensors onnx (CLI, start-up included): {time.perf_counter() - t:.2f} s")
+    print(f"sslprune export --format safetensors,onnx (CLI, start-up included): {time.perf_counter() - t:.2f} s")
     t = time.perf_counter()
     export.load_exported(root / "export_cli")
     print(f"load_exported: {time.perf_counter() - t:.2f} s")

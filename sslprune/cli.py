@@ -22,8 +22,8 @@ RUNTIME_DEFAULTS = {"levels": 3, "replicates": [1]}
 
 EVALUATIONS_GUIDE = """\
 what a pruned network is worth (Caron et al. 2020), and the command for each:
-  re-train the mask on labels    sslprune retrain RUN --reset rewind reinit
-  random pruning baselines       sslprune retrain RUN --reset random random_adjusted
+  re-train the mask on labels    sslprune retrain RUN --reset rewind,reinit
+  random pruning baselines       sslprune retrain RUN --reset random,random_adjusted
                                  (random_adjusted prunes the dense network's naturally-zero weights first)
   linear probe, frozen features  sslprune eval probe RUN [--dataset D --data-root P] [--stage M]
   transfer, arm 1: fine-tune     sslprune eval finetune RUN --dataset D --data-root P [training flags]
@@ -32,14 +32,14 @@ what a pruned network is worth (Caron et al. 2020), and the command for each:
     transfer                       --rewind 0it --levels N [training flags]
                                  (replicate r prunes RUN's replicate r's dense level 0 on D)
   natural sparsity               sslprune sparsity RUN [--threshold T ...]
-  stability to SGD noise         sslprune eval stability RUN [--levels L]   (linear-mode connectivity of two
+  stability to SGD noise         sslprune eval stability RUN [--level L]    (linear-mode connectivity of two
                                  copies from the rewind point; lotteries with other --rewind for the sweep)
   layerwise pruning              sslprune lottery ... --layers N   (only the first N convs; then any of the above)
   pre-trained, then pruned       sslprune lottery ... --pretrained FILE   (ours, torchvision, MoCo, DINO, SwAV,
                                  SimCLR, solo-learn, lightly, VISSL; --pretrained-prefix overrides the detection)
   channel pruning                sslprune lottery ... --granularity channel [--channel-score l1|l2|bn] [--channel-round 8]
   params, MACs, latency          sslprune eval cost RUN   (each mask's network against dense, measured)
-  a standalone network           sslprune export RUN --level L [--retrain rewind] --format safetensors onnx
+  a standalone network           sslprune export RUN --level L [--retrain rewind] --format safetensors,onnx
   everything, mean +- s.e.       sslprune report RUN... --out DIR   (arms 1 and 2 share one table per D)
 """
 
@@ -74,7 +74,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
     """The run, the levels and replicates to evaluate, and the data to evaluate on."""
     p.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    p.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
+    _level_arg(p, "every trained level")
     p.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
     p.add_argument("--dataset", required=required, default=None, help="digits | cifar10 | imagefolder"
                    + ("" if required else " [default: the run's own dataset]"))
@@ -135,6 +135,32 @@ def _numbers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected numbers like '3', '0-5' or '1,3', got '{text}'") from None
 
 
+def _words(*choices: str):
+    """A comma-separated list of choices: 'rewind,reinit' -> ['rewind', 'reinit'] (one list syntax everywhere)."""
+    def parse(text: str) -> list[str]:
+        words = [w for w in text.split(",") if w]
+        bad = [w for w in words if w not in choices]
+        if bad or not words:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}; got '{text}'")
+        return words
+    return parse
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like '1e-4,1e-3', got '{text}'") from None
+
+
+def _level_arg(p: argparse.ArgumentParser, default_text: str, default=None) -> None:
+    """--level picks existing levels ('3', '0-5', '1,3'); --levels N, which creates levels 0..N, is
+    lottery's. A --levels here is caught with the fix (cmd's check of args.levels_misused)."""
+    p.add_argument("--level", type=_numbers, default=default, metavar="L",
+                   help=f"levels: '3', '0-5' or '1,3' [default: {default_text}]")
+    p.add_argument("--levels", dest="levels_misused", default=None, help=argparse.SUPPRESS)
+
+
 def _replicates(text: str) -> list[int]:
     """'6' -> replicates 1..6 (a count); '3-4' or '2,5' -> exactly those (to split a study across machines)."""
     if text.isdigit():
@@ -155,6 +181,9 @@ def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
                    "with AVX512-BF16 units, ~50x slower without) [default: auto]")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone (compile time "
                    "counts against the run; pays off on long runs)")
+    g.add_argument("--track", default="", choices=["", "tensorboard", "wandb", "mlflow"], metavar="BACKEND",
+                   help="also send each run's per-epoch metrics to tensorboard (event files in the run's "
+                   "folder), wandb or mlflow; pip install 'sslprune[<backend>]' [default: off]")
     g.add_argument("--loader-workers", type=int, default=None, help="--stream: processes decoding images "
                    "(0 = in the training process) [default: the CPUs per training process - 1, at most 8]")
 
@@ -162,7 +191,7 @@ def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
 def _runtime(args) -> Runtime:
     """The runtime flags, checked (an unusable device or precision is a one-line error)."""
     _check_device(args.device)
-    rt = Runtime(args.device, args.channels_last, args.precision, args.compile, args.loader_workers)
+    rt = Runtime(args.device, args.channels_last, args.precision, args.compile, args.loader_workers, args.track)
     rt.resolved()
     return rt
 
@@ -170,6 +199,8 @@ def _runtime(args) -> Runtime:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslprune", description="Prune convnets trained with or without "
                                 "labels (Caron et al. 2020) and measure what the pruned networks are worth.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"sslprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the whole method in miniature (digits, no download, <10 min)",
@@ -204,11 +235,11 @@ def parser() -> argparse.ArgumentParser:
                        "the same density (random), or one that prunes the trained dense network's "
                        "naturally-zero weights first (random_adjusted). Results go next to each level.")
     r.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    r.add_argument("--reset", nargs="+", default=["rewind", "reinit", "random"],
-                   choices=["rewind", "reinit", "random", "random_adjusted"],
-                   help="which starts [default: rewind reinit random]")
-    r.add_argument("--levels", type=_numbers, default=None,
-                   help="levels to evaluate: '3', '0-5' or '1,3' [default: every trained level]")
+    r.add_argument("--reset", type=_words("rewind", "reinit", "random", "random_adjusted"),
+                   default=["rewind", "reinit", "random"], metavar="A,B",
+                   help="which starts, comma-separated: rewind, reinit, random, random_adjusted "
+                   "[default: rewind,reinit,random]")
+    _level_arg(r, "every trained level")
     r.add_argument("--replicates", type=_replicates, default=None,
                    help="N means 1..N; '3-4' or '2,5' exactly those [default: all found]")
     r.add_argument("--data-root", default=None, help="override the data root saved with the run")
@@ -254,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
                            "effect, run lotteries with different --rewind and measure each; 'sslprune report' "
                            "plots instability against the rewind point.")
     st.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    st.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every trained level]")
+    _level_arg(st, "every trained level")
     st.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
     st.add_argument("--points", type=int, default=11, help="evenly spaced points on the path, ends included [default: 11]")
     st.add_argument("--bn", default="recompute", choices=["recompute", "keep"], help="batch-norm statistics at each "
@@ -270,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
                            "there is one) and in onnxruntime, as speed-ups over the dense network measured in the "
                            "same call. Writes cost.json beside each mask; 'sslprune report' shows them.")
     co.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    co.add_argument("--levels", type=_numbers, default=None, help="'3', '0-5' or '1,3' [default: every level with a mask]")
+    _level_arg(co, "every level with a mask")
     co.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
     co.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median) [default: 10]")
     co.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
@@ -288,8 +319,8 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--retrain", default=None, choices=["rewind", "reinit", "random", "random_adjusted"],
                     help="export the level re-trained on labels from this start, with its label head (a "
                     "classifier) [default: the lottery's network, backbone only (features)]")
-    ex.add_argument("--format", nargs="+", default=["safetensors"], choices=["safetensors", "onnx"],
-                    help="files to write [default: safetensors]")
+    ex.add_argument("--format", type=_words("safetensors", "onnx"), default=["safetensors"], metavar="A,B",
+                    help="files to write, comma-separated: safetensors, onnx [default: safetensors]")
     ex.add_argument("--out", type=Path, default=None, help="output folder [default: export_<run>_r<R>_l<L>]")
 
     sp = sub.add_parser("sparsity", help="natural sparsity of trained networks, per layer and in total",
@@ -298,9 +329,9 @@ def parser() -> argparse.ArgumentParser:
                         "and .png. The adjusted random baseline that prunes these weights first is "
                         "'sslprune retrain RUN --reset random_adjusted'.")
     sp.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
-    sp.add_argument("--threshold", type=float, nargs="+", default=[None],
-                    help="one or more thresholds on |w| [default: machine epsilon of the dtype]")
-    sp.add_argument("--levels", type=_numbers, default=[0], help="levels to analyse: '0', '0-5' [default: 0, the dense network]")
+    sp.add_argument("--threshold", type=_floats, default=[None], metavar="T,T",
+                    help="thresholds on |w|, comma-separated [default: machine epsilon of the dtype]")
+    _level_arg(sp, "0, the dense network", default=[0])
     sp.add_argument("--with-init", action="store_true", help="also each replicate's initial weights: "
                     "the mass near zero training started from (compare before reading a loose threshold)")
     sp.add_argument("--out", type=Path, default=Path("report"), help="output folder [default: report]")
@@ -339,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"'{args.command}' runs on one process; launch it without torchrun "
                                 f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
             args.device = distributed.init(args.device)
+        if getattr(args, "levels_misused", None) is not None:
+            raise UserError(f"--levels N creates levels 0..N in 'lottery'; '{args.command}' picks existing levels "
+                            f"with --level, e.g. --level {args.levels_misused}")
         with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
             return COMMANDS[args.command](args, argv)
     except UserError as e:
@@ -390,7 +424,7 @@ def cmd_retrain(args, argv) -> int:
     record_command(args.run_dir, list(argv))
     trained = layout.trained_levels(args.run_dir)
     for r in reps:
-        levels = args.levels if args.levels is not None else [lv for rr, lv in trained if rr == r]
+        levels = args.level if args.level is not None else [lv for rr, lv in trained if rr == r]
         for level in levels:
             for reset in args.reset:
                 retrain(exp, args.run_dir, data, r, level, reset, runtime, not args.quiet)
@@ -447,7 +481,7 @@ def cmd_eval(args, argv) -> int:
         return cmd_cost(args, argv)
     _check_device(args.device)
     exp, saved = load_experiment(args.run_dir)
-    pairs = _trained_levels(args.run_dir, args.replicates, args.levels)
+    pairs = _trained_levels(args.run_dir, args.replicates, args.level)
     own = load_dataset(exp.data, saved.get("data_root"))
     if saved.get("data_fingerprint") not in (None, own.fingerprint()):
         raise UserError(f"the data found at {saved.get('data_root')} differs from the data {args.run_dir} "
@@ -502,7 +536,7 @@ def cmd_cost(args, argv) -> int:
         from .export import _need_onnx
         _need_onnx()
     pairs = [(r, lv) for r, lv, ldir in layout.levels(args.run_dir) if (ldir / layout.MASK).exists()
-             and (args.replicates is None or r in args.replicates) and (args.levels is None or lv in args.levels)]
+             and (args.replicates is None or r in args.replicates) and (args.level is None or lv in args.level)]
     if not pairs:
         raise UserError(f"no level with a mask matches in {args.run_dir}; run 'sslprune lottery' first")
     written = cost_run(args.run_dir, pairs, args.repeats, args.onnx)
@@ -553,7 +587,7 @@ def cmd_sparsity(args, argv) -> int:
 
     if any(t is not None and not (math.isfinite(t) and t >= 0) for t in args.threshold):
         raise UserError(f"--threshold must be >= 0 and finite, got {args.threshold}")
-    paths = write_report(_experiment_dirs(args.run_dirs), args.out, tuple(args.threshold), tuple(args.levels),
+    paths = write_report(_experiment_dirs(args.run_dirs), args.out, tuple(args.threshold), tuple(args.level),
                          args.with_init)
     print("\n".join(str(p) for p in paths.values()))
     return 0

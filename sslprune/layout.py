@@ -175,6 +175,7 @@ EXPERIMENT_FILES = {CONFIG, LABELLED, ".config.lock"}
 REPLICATE_FILES = {INIT, REWIND, PRETRAINED}
 LEVEL_FILES = {MASK, DENSITY, COST}
 RUN_FILES = {DONE, MODEL, CHECKPOINT, LOG, MASK, DENSITY, COST, "features.safetensors"}
+TRACKING_PREFIX = "events.out.tfevents."   # --track tensorboard: event files in the run's folder
 
 
 def describe(path: Path, exp_dir: Path) -> str:
@@ -197,7 +198,7 @@ def describe(path: Path, exp_dir: Path) -> str:
     inner = rel[3:]
     if found and found[0].kind == "stability" and inner and inner[0] in ("copy_1", "copy_2"):
         inner = inner[1:]  # a copy's training run
-    if not found or len(inner) > 1 or (inner and inner[0] not in RUN_FILES):
+    if not found or len(inner) > 1 or (inner and inner[0] not in RUN_FILES and not inner[0].startswith(TRACKING_PREFIX)):
         raise UserError(f"{path}: not a path sslprune's layout names")
     e = found[0]
     detail = e.reset or e.data or ""
@@ -222,6 +223,18 @@ def locate(path: Path) -> tuple[Path, int, int | None] | None:
                     pass
             return Path(*parts[:i]), replicate, level
     return None
+
+
+def experiment_of(path: Path) -> Path:
+    """The experiment folder a path lies in (its parent when it lies in none)."""
+    where = locate(path)
+    return where[0] if where else Path(path).parent
+
+
+def run_name(path: Path) -> str:
+    """A path's place in its experiment, e.g. 'replicate_1/level_2/train' (its name outside one)."""
+    where = locate(path)
+    return Path(path).relative_to(where[0]).as_posix() if where else Path(path).name
 
 
 def replicate_lock(exp_dir: Path, replicate: int) -> Path:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import channels, distributed, layout
+from . import channels, distributed, layout, tracking
 from .config import Experiment
 from .config import Task as TaskConfig
 from .data import Dataset
@@ -26,7 +27,7 @@ from .runtime import CPU, Runtime
 from .labelled import labelled_subset_checked, task_data
 from .models import build_model, load_pretrained
 from .models.checkpoints import describe
-from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
+from .pruning import SCORES, Mask, dense_mask, density, prunable, prune, pruned_layers
 from .pruning import report as density_report
 from .sampling import steps_per_epoch
 from .tasks import Task, build_task
@@ -303,8 +304,11 @@ def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int
             load_weights(backbone, task, layout.load_rewind(exp_dir, replicate))
         else:  # reinit: fresh weights from the init distribution, a new draw per level
             backbone, task = build(exp, data, seed=derive_seed("reinit", replicate, level))
-        train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
-              snapshot=(k, rdir / layout.REWIND) if level == 0 else None, progress=progress)
+        t0 = time.perf_counter()
+        final = train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
+                      snapshot=(k, rdir / layout.REWIND) if level == 0 else None, progress=progress)
+        if progress and distributed.is_main():  # one line per level, terminal or not
+            tracking.level_line(out, density(mask), final, task.metric, time.perf_counter() - t0)
 
 
 def _git_sha() -> str:

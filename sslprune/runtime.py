@@ -14,6 +14,7 @@ Defaults ("auto") follow benchmarks/train_speed.py on each device:
   (tests, demos, reproductions), and a default that depended on CPU flags would give the same
   command different numerics on different laptops;
 - compile: off (its compile time is paid by the run it serves; opt in for long runs);
+- track: where per-epoch metrics also go (sslprune/tracking.py); never part of the fingerprint;
 - loader_workers (--stream only): the CPUs of this process, shared between the local training
   processes, minus one for training, at most 8. It never changes results (sslprune/data/stream.py),
   so it is not part of the fingerprint.
@@ -37,6 +38,7 @@ class Runtime:
     precision: str = "auto"             # auto | fp32 | bf16 (autocast for forward and loss)
     compile: bool = False               # torch.compile the backbone's forward
     loader_workers: int | None = None   # --stream: decoding processes (None = see above; 0 = in this one)
+    track: str = ""                     # experiment tracking: tensorboard | wandb | mlflow ("" = off)
 
     def resolved(self) -> "Runtime":
         """Every 'auto' replaced by the device's default; errors for impossible asks."""
@@ -54,7 +56,9 @@ class Runtime:
             workers = default_workers()
         else:
             workers = self.loader_workers
-        return Runtime(self.device, channels_last, precision, self.compile, workers)
+        from .tracking import check
+        check(self.track)
+        return Runtime(self.device, channels_last, precision, self.compile, workers, self.track)
 
     @property
     def memory_format(self) -> torch.memory_format:

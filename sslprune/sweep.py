@@ -29,7 +29,7 @@ A spec is a TOML file:
     epochs = 30
 
     [evaluations.stability]       # instability of the tickets (eval stability): one more training each
-    levels = [0, 5, 10]           # default: every level; also points, bn, bn_batches
+    level = [0, 5, 10]            # the levels it measures (default: every one); also points, bn, bn_batches
 
 Steps are (experiment, replicate) lottery chains and (experiment, replicate, level, evaluation)
 re-trainings, probes and fine-tunings; an evaluation waits until its level is trained. Each step is guarded by an exclusive
@@ -59,7 +59,7 @@ from .runtime import Runtime
 
 SPEC_KEYS = {"root", "data_root", "levels", "replicates", "device", "base", "grid", "evaluations"}
 EVALUATIONS = {"retrain", "probe", "finetune", "stability"}
-STABILITY_KEYS = {"levels": list, "points": int, "bn": str, "bn_batches": int}
+STABILITY_KEYS = {"level": list, "points": int, "bn": str, "bn_batches": int}
 DATA_KEYS = {"dataset", "data_root", "image_size", "train_per_class", "test_per_class"}
 LEDGER = "sweep_ledger.jsonl"
 
@@ -290,8 +290,8 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
                         lambda exp=exp, t=table, r=r, level=level: finetune(
                             exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *_finetune_config(exp, t), runtime, False),
                         trains=True))
-                if spec.stability is not None and level in spec.stability.get("levels", levels):
-                    options = {k: v for k, v in spec.stability.items() if k != "levels"}
+                if spec.stability is not None and level in spec.stability.get("level", levels):
+                    options = {k: v for k, v in spec.stability.items() if k != "level"}
                     steps.append(evaluation(
                         ldir, level, layout.STABILITY, lambda ldir=ldir: layout.stability_dir(ldir),
                         lambda exp=exp, r=r, level=level, o=options: level_stability(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed, layout
+from . import distributed, layout, tracking
 from .config import Data as DataConfig
 from .config import Train as TrainConfig
 from .config import parse_rewind
@@ -166,10 +167,12 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     if snapshot and snapshot[0] == 0 and start_epoch == 0:
         layout.save_tensors(snapshot[1], weights(backbone, task))
 
-    # disable=None: no bar when stderr is not a terminal (CI logs, batch jobs); log.jsonl has it all.
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="/".join(out.parts[-3:]),
-               disable=None if progress and distributed.is_main() else True,
+    # A bar on a terminal; without one (batch jobs, `2> log.txt`) a line per epoch. log.jsonl has it all.
+    shown = progress and distributed.is_main()
+    lines = shown and not sys.stderr.isatty()
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=layout.run_name(out), disable=None if shown else True,
                leave=False, initial=start_epoch, total=cfg.epochs)
+    tracker = tracking.start(rt.track, out) if distributed.is_main() else None
     for epoch in bar:
         backbone.train(), task.train()
         t0 = time.perf_counter()
@@ -223,6 +226,10 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                         "train_acc": train_acc, **{f"test_{k}": v for k, v in test.items()},
                         "train_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1})
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{test['acc']:.3f}")
+        if lines:
+            tracking.epoch_line(out, history[-1], cfg.epochs, task.metric)
+        if tracker is not None:
+            tracker.log(tracking.metrics(history[-1]), step=epoch + 1)
         layout.save_text(out / layout.LOG, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
         layout.save_checkpoint(ckpt_path, {
             "fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
@@ -230,6 +237,8 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})})
 
+    if tracker is not None:
+        tracker.close()
     final = {**history[-1], "epochs": cfg.epochs, "seed": seed}
     layout.save_tensors(out / layout.MODEL, weights(backbone, task))
     final |= layout.seal(out / layout.MODEL, *([snapshot[1]] if snapshot else []))  # the rewind point too

@@ -123,7 +123,7 @@ def _compact(name):
 
 def test_eval_cost_writes_cost_beside_each_mask_and_the_report_reads_it(channel_run, tmp_path, capsys):
     exp_dir, _ = channel_run
-    assert main(["eval", "cost", str(exp_dir), "--repeats", "2", "--levels", "0,2"]) == 0
+    assert main(["eval", "cost", str(exp_dir), "--repeats", "2", "--level", "0,2"]) == 0
     c0 = layout.load_json(layout.level_dir(exp_dir, 1, 0) / layout.COST)
     c2 = layout.load_json(layout.level_dir(exp_dir, 1, 2) / layout.COST)
     assert c0["macs_ratio"] == 1.0 and c2["macs_ratio"] < 0.9

@@ -242,7 +242,7 @@ def test_damaged_finished_files_are_detected_and_recomputed_exactly(tmp_path, ca
     assert f"{model} is truncated or corrupt" in _one_line(capsys)
     rewind = layout.replicate_dir(exp_dir, 1) / layout.REWIND
     _flip(rewind)
-    assert main(["retrain", str(exp_dir), "--reset", "rewind", "--levels", "2", "--quiet"]) == 2
+    assert main(["retrain", str(exp_dir), "--reset", "rewind", "--level", "2", "--quiet"]) == 2
     assert f"{rewind} is truncated or corrupt" in _one_line(capsys)
 
 

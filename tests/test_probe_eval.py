@@ -64,7 +64,7 @@ def test_probe_every_level_on_own_and_downstream_data_then_report(tmp_path, run_
 
 
 def test_probe_of_an_intermediate_stage(tmp_path, run_dir, capsys):
-    assert main(["eval", "probe", str(run_dir), "--stage", "features.5", "--levels", "0"]) == 0
+    assert main(["eval", "probe", str(run_dir), "--stage", "features.5", "--level", "0"]) == 0
     assert "probe on digits @features.5" in capsys.readouterr().out
     ldir = layout.level_dir(run_dir, 1, 0)
     (probe,) = ldir.glob("probe_digits@features.5_*")
@@ -77,7 +77,7 @@ def test_probe_of_an_intermediate_stage(tmp_path, run_dir, capsys):
 
 
 def test_probe_errors_are_one_line(tmp_path, run_dir, capsys):
-    assert main(["eval", "probe", str(run_dir), "--levels", "7"]) == 2
+    assert main(["eval", "probe", str(run_dir), "--level", "7"]) == 2
     assert "no trained level matches" in capsys.readouterr().err
     assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -117,7 +117,7 @@ def test_finetune_starts_from_the_levels_trained_weights(tmp_path, run_dir, monk
     monkeypatch.setattr(transfer, "train", fake_train)
     folder = _imagefolder(tmp_path / "down")
     assert main(["eval", "finetune", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder),
-                 "--levels", "1", "--quiet"]) == 0
+                 "--level", "1", "--quiet"]) == 0
     trained = layout.load_tensors(layout.level_dir(run_dir, 1, 1) / "train" / layout.MODEL)
     assert seen and all(torch.equal(seen[k], trained[k]) for k in seen)
 

@@ -201,3 +201,22 @@ def test_replicate_ranges():
         return resolve(parser().parse_args(["lottery", "--preset", "demo", "--task", "labels", *flags]))[1]["replicates"]
     assert reps() == [1, 2] and reps("--replicates", "3") == [1, 2, 3]
     assert reps("--replicates", "3-4") == [3, 4] and reps("--replicates", "2,5") == [2, 5]
+
+
+def test_one_grammar_level_picks_levels_creates_and_lists_take_commas(tmp_path, capsys):
+    root = tmp_path / "runs"
+    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
+                 "--lr", "2e-3", "--batch-size", "64", "--epochs", "1", "--levels", "1", "--quiet",
+                 "--root", str(root)]) == 0
+    exp = next(root.iterdir())
+    capsys.readouterr()
+    assert main(["retrain", str(exp), "--levels", "1", "--quiet"]) == 2
+    assert "'retrain' picks existing levels with --level, e.g. --level 1" in capsys.readouterr().err
+    assert main(["retrain", str(exp), "--level", "1", "--reset", "rewind,random", "--quiet"]) == 0
+    assert {e.reset for e in layout.evaluations(layout.level_dir(exp, 1, 1)) if e.kind == "retrain"} == {"rewind", "random"}
+    with pytest.raises(SystemExit) as e:                                  # argparse: one line, exit 2
+        main(["retrain", str(exp), "--reset", "rewind,sometimes"])
+    assert e.value.code == 2 and "comma-separated list of rewind, reinit" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("sslprune ")

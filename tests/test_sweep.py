@@ -114,7 +114,7 @@ epochs = 1
 lr = 0.001
 
 [evaluations.stability]
-levels = [1]
+level = [1]
 points = 3
 """)
     assert main(["sweep", str(spec)]) == 0
@@ -143,7 +143,7 @@ points = 3
     ('[[evaluations.probe]]\ndata_root = "x"\n', "evaluations.probe needs a dataset"),
     ('[[evaluations.finetune]]\ndataset = "digits"\nepoch = 3\n', "unknown key(s) ['epoch']"),
     ('[[evaluations.finetune]]\ndataset = "digits"\nlr = -1.0\n', "--lr must be > 0"),
-    ('[evaluations.stability]\nlevel = [1]\n', "evaluations.stability: unknown key 'level'"),
+    ('[evaluations.stability]\nlevels = [1]\n', "evaluations.stability: unknown key 'levels'"),
     ('[evaluations.stability]\nbn = "running"\n', "evaluations.stability.bn must be one of recompute, keep"),
     ('[evaluations.stability]\npoints = "3"\n', "evaluations.stability.points must be int"),
 ])

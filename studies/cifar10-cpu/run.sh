@@ -13,4 +13,4 @@ for spec in labels rotation rewind; do
   echo "$spec sweep: $(( $(date +%s) - s )) s"
 done
 sslprune report "$here/runs" --out "$here/report"
-sslprune sparsity "$here/runs" --threshold 1.2e-7 1e-4 1e-3 --out "$here/report"
+sslprune sparsity "$here/runs" --threshold 1.2e-7,1e-4,1e-3 --out "$here/report"

@@ -14,7 +14,7 @@ declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=18)
 
 report() {
   sslprune report "$here/runs" --out "$here/report"
-  sslprune sparsity "$here/runs" --threshold 1.2e-7 1e-4 1e-3 --out "$here/report"
+  sslprune sparsity "$here/runs" --threshold 1.2e-7,1e-4,1e-3 --out "$here/report"
 }
 if [ -n "${REPORT:-}" ]; then report; exit; fi
 

@@ -21,4 +21,4 @@ for t in labels rotation; do
   echo "$t transfer arm 2, prune during transfer: $(( $(date +%s)-s ))s"
 done
 sslprune report runs/cifar10 runs/transfer --out report/cifar10-probe-transfer
-sslprune sparsity runs/cifar10 --threshold 1.2e-7 1e-4 1e-3 --out report/cifar10-probe-transfer
+sslprune sparsity runs/cifar10 --threshold 1.2e-7,1e-4,1e-3 --out report/cifar10-probe-transfer
