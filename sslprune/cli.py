@@ -8,17 +8,18 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import json
 import math
 import re
 import sys
 from pathlib import Path
 
 from . import config, distributed
-from .config import DEMO_TASKS, PRESETS, Experiment
+from .config import DEMO_TASKS, PRESETS, RUN_DEFAULTS, Experiment, field_names, read_config
+from .config import resolve as config_resolve
 from .errors import UserError
 from .runtime import PRECISIONS, Runtime
 
-RUNTIME_DEFAULTS = {"levels": 3, "replicates": [1]}
 
 EVALUATIONS_GUIDE = """\
 what a pruned network is worth (Caron et al. 2020), and the command for each:
@@ -109,18 +110,28 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Experiment, dict]:
-    """defaults < preset < flags. Returns the experiment and run-time settings (levels, replicates)."""
-    values = dict(RUNTIME_DEFAULTS)
+    """defaults < preset < --config file < flags (config.resolve, as a sweep's spec). Returns the
+    experiment and how much of it to run (levels, replicates as a list)."""
+    config = getattr(args, "config", None)
+    values = read_config(config) if config else {}
     if args.preset:
-        values.update(PRESETS[args.preset])
-    for name in [f.name for _, cls in _sections() for f in dataclasses.fields(cls)] + list(RUNTIME_DEFAULTS):
+        values["preset"] = args.preset
+    for name in sorted(field_names() | set(RUN_DEFAULTS)):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
-    if values.get("pretrained"):  # one file, one experiment name, whatever the working directory
-        values["pretrained"] = str(Path(values["pretrained"]).resolve())
-    if isinstance(values["replicates"], int):  # presets give a count
-        values["replicates"] = list(range(1, values["replicates"] + 1))
-    return Experiment.from_flat(values), {k: values[k] for k in RUNTIME_DEFAULTS}
+    if getattr(args, "pretrained", None):  # a flag's path is the working directory's
+        values["pretrained"] = str(Path(args.pretrained).resolve())
+    exp, run = config_resolve(values, str(config or "flags"), config.parent if config else None)
+    if isinstance(run["replicates"], int):  # a count: replicates 1..N
+        run["replicates"] = list(range(1, run["replicates"] + 1))
+    return exp, run
+
+
+def print_config(exp: Experiment, run: dict) -> str:
+    """The resolved configuration as a --config file (every field; lists of numbers as TOML arrays)."""
+    flat = {k: v for section in exp.to_dict().values() for k, v in section.items()}
+    flat |= {"levels": run["levels"], "replicates": run["replicates"]}
+    return "".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}\n" for k, v in flat.items())
 
 
 def _numbers(text: str) -> list[int]:
@@ -224,9 +235,13 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--data-root", default=None, help="dataset location (cifar10: folder holding "
                     "cifar-10-batches-py, downloaded there when absent; imagefolder: folder or .tar.gz)")
     lo.add_argument("--levels", type=int, default=None, help=f"prune this many levels after the dense "
-                    f"one [default: preset's, else {RUNTIME_DEFAULTS['levels']}]")
+                    f"one [default: preset's, else {RUN_DEFAULTS['levels']}]")
     lo.add_argument("--replicates", type=_replicates, default=None, help=f"N runs replicates 1..N; "
-                    f"'3-4' or '2,5' runs exactly those [default: preset's, else {RUNTIME_DEFAULTS['replicates']}]")
+                    f"'3-4' or '2,5' runs exactly those [default: preset's, else {RUN_DEFAULTS['replicates']}]")
+    lo.add_argument("--config", type=Path, default=None, help="a TOML file of settings (flag names without "
+                    "dashes, as a sweep's [base]; 'preset', 'levels', 'replicates'); flags override it")
+    lo.add_argument("--print-config", action="store_true", help="print the resolved configuration (a --config "
+                    "file) and the experiment's name, then stop: nothing runs")
     _common(lo)
 
     r = sub.add_parser("retrain", help="re-train masks of a lottery run on labels",
@@ -388,6 +403,10 @@ def cmd_lottery(args, argv) -> int:
     from .tasks import TASKS
 
     exp, run = resolve(args)
+    if args.print_config:
+        exp.validate()
+        print(print_config(exp, run) + f"# experiment: {exp.name()}")
+        return 0
     _check_counts(run["levels"], run["replicates"])
     runtime = _runtime(args)
     exp.validate()                         # before reading any data

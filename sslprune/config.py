@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
@@ -284,3 +285,48 @@ PRESETS: dict[str, dict] = {
                               "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "epochs": 200,
                               "milestones": (120, 160)},
 }
+
+
+RUN_DEFAULTS = {"levels": 3, "replicates": 1}   # how much of an experiment a command runs (not its name)
+
+
+def field_names() -> set[str]:
+    return {g.name for f in fields(Experiment) for g in fields(f.default_factory)}
+
+
+def resolve(values: dict, where: str = "flags", base_dir: Path | None = None) -> tuple[Experiment, dict]:
+    """defaults < preset < values: the one resolution of the CLI's flags, a --config file and a
+    sweep spec's [base] + grid point. values: configuration fields (flag names without dashes),
+    'preset', and 'levels' / 'replicates'. A relative 'pretrained' path is taken from base_dir (a
+    config file's folder) and made absolute: one file, one experiment name, wherever it runs from.
+    Returns the experiment and {levels, replicates}."""
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"{where}: unknown preset '{preset}'; choose one of: {', '.join(sorted(PRESETS))}")
+    unknown = sorted(set(values) - field_names() - set(RUN_DEFAULTS))
+    if unknown:
+        raise UserError(f"{where}: '{unknown[0]}' is no configuration field; use the flag names without dashes "
+                        f"(e.g. batch_size), 'preset', 'levels' or 'replicates'")
+    flat = {**RUN_DEFAULTS, **(PRESETS[preset] if preset else {}), **values}
+    flat = {k: tuple(v) if isinstance(v, list) and k != "replicates" else v for k, v in flat.items()}
+    if flat.get("pretrained"):
+        flat["pretrained"] = str((Path(base_dir or ".") / flat["pretrained"]).resolve())
+    return Experiment.from_flat(flat), {k: flat[k] for k in RUN_DEFAULTS}
+
+
+def read_config(path: Path) -> dict:
+    """A run's configuration file (--config): TOML with the keys of a sweep's [base] (fields,
+    'preset'), and 'levels' / 'replicates'."""
+    import tomllib
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no configuration file at {path}; pass a TOML file of flag names without dashes") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML ({e}); fix it") from None
+    nested = [k for k, v in raw.items() if isinstance(v, dict)]
+    if nested:
+        raise UserError(f"{path}: [{nested[0]}] tables are for sweep specs; a --config file holds plain "
+                        f"keys (e.g. lr = 0.001)")
+    return raw

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import layout
-from .config import PRESETS, Data, Experiment, Task, Train
+from .config import Data, Experiment, Task, Train, field_names, resolve
 from .errors import UserError
 from .runtime import Runtime
 
@@ -95,7 +95,7 @@ def load_spec(path: Path) -> Spec:
         value = raw.get(key, 3 if key == "levels" else 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise UserError(f"{path}: {key} must be a whole number >= {least}, got {value!r}")
-    fields = {f.name for section in dataclasses.fields(Experiment) for f in dataclasses.fields(section.default_factory)}
+    fields = field_names()   # levels and replicates are the spec's own keys, not [base]'s
     base, grid = dict(raw.get("base", {})), dict(raw.get("grid", {}))
     for key in [*base, *grid]:
         if key not in fields | {"preset"}:
@@ -106,15 +106,7 @@ def load_spec(path: Path) -> Spec:
             raise UserError(f"{path}: grid.{key} must be a non-empty list of values")
     experiments = []
     for point in itertools.product(*[[(k, v) for v in vs] for k, vs in grid.items()]):
-        values = dict(base) | dict(point)
-        preset = values.pop("preset", None)
-        if preset is not None and preset not in PRESETS:
-            raise UserError(f"{path}: unknown preset '{preset}'; choose one of: {', '.join(sorted(PRESETS))}")
-        flat = {**(PRESETS[preset] if preset else {}), **values}
-        flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
-        if flat.get("pretrained"):  # as the CLI does: one absolute path, one experiment name
-            flat["pretrained"] = str((path.resolve().parent / flat["pretrained"]).resolve())
-        exp = Experiment.from_flat(flat)
+        exp, _ = resolve(dict(base) | dict(point), str(path), path.resolve().parent)   # as the CLI's flags
         exp.validate()
         from .lottery import check_schedule
         check_schedule(exp, int(raw.get("levels", 3)))

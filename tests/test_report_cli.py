@@ -1,6 +1,7 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,20 @@ def test_one_grammar_level_picks_levels_creates_and_lists_take_commas(tmp_path, 
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("sslprune ")
+
+
+def test_a_run_from_a_config_file_is_the_run_from_its_flags(tmp_path, capsys):
+    flags = ["--preset", "demo", "--task", "rotation", "--epochs", "1", "--levels", "0", "--replicates", "1"]
+    assert main(["lottery", *flags, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    name = printed.strip().splitlines()[-1].removeprefix("# experiment: ")
+    config = tmp_path / "run.toml"
+    config.write_text(printed)
+    assert main(["lottery", "--config", str(config), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed                               # the same experiment, every field
+    assert not (tmp_path / "runs").exists() and not Path("runs").exists()   # printing runs nothing
+    assert main(["lottery", "--config", str(config), "--lr", "0.01", "--print-config"]) == 0
+    assert name not in capsys.readouterr().out                               # flags override the file
+    config.write_text('preset = "demo"\nbatchsize = 3\n')
+    assert main(["lottery", "--config", str(config)]) == 2
+    assert "'batchsize' is no configuration field" in capsys.readouterr().err
