@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import config, distributed
-from .config import DEMO_TASKS, PRESETS, RUN_DEFAULTS, Experiment, field_names, read_config
+from .config import DEMO_TASKS, PRESETS, REQUIRED, RUN_DEFAULTS, Experiment, field_names, read_config
 from .config import resolve as config_resolve
 from .errors import UserError
 from .runtime import PRECISIONS, Runtime
@@ -63,7 +63,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             default = f.default
-            h = f"{helps.get(f.name, '')} [default: {default!r}]"
+            unset = f.name in REQUIRED  # no default: a preset or this flag must give it
+            h = f"{helps.get(f.name, '')} [{'no default: set it or pick a --preset' if unset else f'default: {default!r}'}]"
             if isinstance(default, bool):
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
             elif isinstance(default, tuple):

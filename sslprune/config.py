@@ -164,10 +164,13 @@ class Experiment:
             raise UserError(f"--layers must be >= 0 (0 = every layer), got {self.prune.layers}")
         if not 0.0 < self.prune.fraction < 1.0:
             raise UserError(f"--fraction must be in (0, 1), got {self.prune.fraction}")
-        for name in ("lr", "batch_size", "epochs"):
-            if getattr(self.train, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got "
-                                f"{getattr(self.train, name)}); set it or pick a --preset")
+        unset = [n for n in REQUIRED if getattr(self.train, n) == 0]
+        if unset:  # no default fits every model and dataset: a preset or the user gives them
+            raise UserError(f"no {', '.join('--' + n.replace('_', '-') for n in unset)}: set "
+                            f"{'it' if len(unset) == 1 else 'them'} or pick a --preset ({', '.join(sorted(PRESETS))})")
+        for name in REQUIRED:
+            if getattr(self.train, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self.train, name)}")
         for name, value in (("weight_decay", self.train.weight_decay), ("momentum", self.train.momentum),
                             ("warmup_epochs", self.train.warmup_epochs), ("crop_pad", self.data.crop_pad),
                             ("image_size", self.data.image_size), ("train_per_class", self.data.train_per_class),
@@ -287,6 +290,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
+REQUIRED = ("lr", "batch_size", "epochs")       # Train fields without a default (0 = unset)
 RUN_DEFAULTS = {"levels": 3, "replicates": 1}   # how much of an experiment a command runs (not its name)
 
 
