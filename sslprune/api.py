@@ -27,6 +27,7 @@ from torch.nn.utils import prune as torch_prune
 from . import pruning
 from .errors import UserError
 from .pruning import Mask, MaskEnforcer, density, dense_mask
+from .tasks import TASKS
 
 __all__ = ["Mask", "MaskEnforcer", "UserError", "apply_mask", "dense_mask", "density", "enforce_mask", "fit",
            "from_torch_prune", "infer_feature_dim", "prune_global", "to_torch_prune"]
@@ -295,7 +296,6 @@ def _route(options: dict) -> tuple[dict, dict, dict]:
 def _configs(objective: str, epochs: int, batch_size: int, lr: float, optimizer: str, options: dict):
     """The config dataclasses the CLI would build, from fit's arguments, validated as the CLI does."""
     from .config import Data, Experiment, Model, Task, Train
-    from .tasks import TASKS
 
     if objective not in TASKS:
         raise UserError(f"unknown objective '{objective}'; choose one of: {', '.join(TASKS)}")
@@ -319,7 +319,7 @@ def _dataset(images, labels, test, objective_cfg):
     from .data import Dataset, Split
     from .labelled import labelled_subset_checked, restrict_labels
 
-    needs_labels = objective_cfg.task in ("labels", "s4l")
+    needs_labels = bool(TASKS[objective_cfg.task].unlabelled)   # it trains on labels
     if labels is None and needs_labels:
         raise UserError(f"objective '{objective_cfg.task}' trains on labels; pass labels (N,) or a "
                         f"DataLoader of (images, labels), or pick objective='rotation'")
@@ -338,23 +338,17 @@ def _dataset(images, labels, test, objective_cfg):
     if not objective_cfg.label_fraction or objective_cfg.label_fraction == 1.0:
         return data
     exp = Experiment(task=objective_cfg)
-    return restrict_labels(data, labelled_subset_checked(exp, data), drop_unlabelled=objective_cfg.task == "labels")
+    return restrict_labels(data, labelled_subset_checked(exp, data),
+                           drop_unlabelled=TASKS[objective_cfg.task].unlabelled == "drop")
 
 
 def _check_sizes(task_cfg, train_cfg, data) -> None:
     """What the objectives need of the data (the CLI's lottery.check_data, in fit's argument names)."""
-    n, (h, w) = len(data.train), data.train.image_shape[-2:]
+    n = len(data.train)
     if train_cfg.batch_size > n:
         raise UserError(f"batch_size={train_cfg.batch_size} exceeds the {n} training images; pass at most {n}")
-    if task_cfg.task in ("rotation", "s4l") and h != w:
-        raise UserError(f"objective '{task_cfg.task}' needs square images, these are {h}x{w}; crop them square")
-    if task_cfg.task == "npid" and task_cfg.knn > n:
-        raise UserError(f"knn={task_cfg.knn} exceeds the {n} rows of NPID's memory bank; pass knn <= {n}")
-    if task_cfg.task == "npid" and task_cfg.nce_negatives >= n:
-        raise UserError(f"nce_negatives={task_cfg.nce_negatives} is not below the {n} training images; "
-                        f"pass nce_negatives < {n}")
-    if task_cfg.task in ("s4l", "exemplar") and train_cfg.batch_size < 2:
-        raise UserError(f"objective '{task_cfg.task}' compares images within a batch; pass batch_size >= 2")
+    with _in_argument_names():   # the task's own checks, in fit's argument names
+        TASKS[task_cfg.task].check_data(task_cfg, train_cfg, data)
 
 
 def _objective(task_cfg, backbone: nn.Module, data, seed: int):

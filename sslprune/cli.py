@@ -412,8 +412,7 @@ def cmd_lottery(args, argv) -> int:
     runtime = _runtime(args)
     exp.validate()                         # before reading any data
     check_schedule(exp, run["levels"])
-    paired = TASKS[exp.task.task].sampler == "paired"     # half labelled, half unlabelled: an even batch
-    distributed.check_batch(exp.train.batch_size // 2 * 2 if paired else exp.train.batch_size)  # before anything is written
+    distributed.check_batch(TASKS[exp.task.task].sampler.width(exp.train.batch_size))  # before anything is written
     if source_run(exp) is not None:        # every replicate's start exists before anything is written
         for replicate in run["replicates"]:
             pretrained_file(exp, replicate)
@@ -429,15 +428,13 @@ def cmd_lottery(args, argv) -> int:
 def cmd_retrain(args, argv) -> int:
     from . import layout
     from .data import load_dataset
-    from .lottery import load_experiment, record_command
+    from .lottery import check_same_data, load_experiment, record_command
     from .retrain import retrain
 
     runtime = _runtime(args)
     exp, saved = load_experiment(args.run_dir)
     data = load_dataset(exp.data, args.data_root or saved.get("data_root"))
-    if saved.get("data_fingerprint") != data.fingerprint():
-        raise UserError(f"the data found differs from the data {args.run_dir} was trained on; pass "
-                        f"--data-root with the dataset it used")
+    check_same_data(args.run_dir, saved, data)
     reps = [r for r in layout.replicates(args.run_dir) if not args.replicates or r in args.replicates]
     if not reps:
         raise UserError(f"no matching replicates in {args.run_dir}; run 'sslprune lottery' first")
@@ -494,7 +491,7 @@ def cmd_eval(args, argv) -> int:
     from .config import Data
     from .data import load_dataset
     from .data.augment import Normalize
-    from .lottery import load_experiment, record_command
+    from .lottery import check_same_data, load_experiment, record_command
     from .probe import probe_level
 
     if args.evaluation == "cost":
@@ -503,9 +500,7 @@ def cmd_eval(args, argv) -> int:
     exp, saved = load_experiment(args.run_dir)
     pairs = _trained_levels(args.run_dir, args.replicates, args.level)
     own = load_dataset(exp.data, saved.get("data_root"))
-    if saved.get("data_fingerprint") not in (None, own.fingerprint()):
-        raise UserError(f"the data found at {saved.get('data_root')} differs from the data {args.run_dir} "
-                        f"was trained on; restore it there")
+    check_same_data(args.run_dir, saved, own)
     if args.evaluation == "finetune":
         return cmd_finetune(args, argv, exp, saved, pairs, own)
     if args.evaluation == "stability":
@@ -579,13 +574,10 @@ def cmd_export(args, argv) -> int:
 def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
     from .config import Data
     from .data import load_dataset
-    from .transfer import finetune
+    from .transfer import finetune, finetune_config
 
-    cfg = dataclasses.replace(exp.train, **{f.name: getattr(args, f.name) for f in dataclasses.fields(config.Train)
-                                            if getattr(args, f.name) is not None})
-    aug = dataclasses.replace(exp.data, stream=False,  # the target dataset is read into memory
-                              **{k: getattr(args, k) for k in ("crop_pad", "flip") if getattr(args, k) is not None})
-    Experiment(data=aug, model=exp.model, task=config.Task(task="labels"), train=cfg, prune=exp.prune).validate()
+    names = [f.name for f in dataclasses.fields(config.Train)] + ["crop_pad", "flip"]
+    cfg, aug = finetune_config(exp, {k: getattr(args, k) for k in names if getattr(args, k) is not None})
     size = args.image_size if args.image_size is not None else own.train.image_shape[-1]
     data = load_dataset(Data(dataset=args.dataset, image_size=size, train_per_class=args.train_per_class,
                              test_per_class=args.test_per_class), args.data_root)

@@ -51,11 +51,6 @@ class Task:
 
 
 # Which tasks read which task option: setting an option for a task that ignores it is an error.
-TASK_OPTIONS = {"label_fraction": ("labels", "s4l"), "label_split": ("labels", "s4l"),
-                "label_seed": ("labels", "s4l"), "embedding_dim": ("exemplar", "npid"),
-                "margin": ("exemplar",), "nce_negatives": ("npid",), "temperature": ("npid",),
-                "bank_momentum": ("npid",), "z_momentum": ("npid",), "knn": ("npid",), "rotation_weight": ("s4l",)}
-
 
 @dataclass(frozen=True)
 class Train:
@@ -120,15 +115,7 @@ class Experiment:
 
     def non_default(self) -> dict:
         """Only the fields that differ from their default: what names the run."""
-        out = {}
-        for f in fields(self):
-            section = getattr(self, f.name)
-            default = type(section)()
-            diff = {g.name: _jsonable(getattr(section, g.name)) for g in fields(section)
-                    if getattr(section, g.name) != getattr(default, g.name)}
-            if diff:
-                out[f.name] = diff
-        return out
+        return {f.name: diff for f in fields(self) if (diff := non_default(getattr(self, f.name)))}
 
     def hash(self) -> str:
         blob = json.dumps(self.non_default(), sort_keys=True, separators=(",", ":"))
@@ -216,17 +203,17 @@ class Experiment:
                     raise UserError(f"{flag} must be a finite number, got {value}")
 
     def _validate_task(self) -> None:
+        from .tasks import TASKS
         t, default = self.task, Task()
-        for name, tasks in TASK_OPTIONS.items():
-            if getattr(t, name) != getattr(default, name) and t.task not in tasks:
-                raise UserError(f"--{name.replace('_', '-')} applies to --task {' or '.join(tasks)} only, "
+        for g in fields(Task):
+            if g.name != "task" and getattr(t, g.name) != getattr(default, g.name) and g.name not in TASKS[t.task].options:
+                tasks = [name for name, cls in TASKS.items() if g.name in cls.options]
+                raise UserError(f"--{g.name.replace('_', '-')} applies to --task {' or '.join(tasks)} only, "
                                 f"not '{t.task}'; drop it")
         _choose("label-split", t.label_split, {"images", "classes"})
         if not 0.0 <= t.label_fraction <= 1.0:
             raise UserError(f"--label-fraction must be in [0, 1] (0 = all labels), got {t.label_fraction}")
-        if t.task == "s4l" and not 0.0 < t.label_fraction < 1.0:
-            raise UserError(f"--task s4l needs a labelled and an unlabelled part: set --label-fraction "
-                            f"in (0, 1), e.g. 0.1 (got {t.label_fraction})")
+        TASKS[t.task].check_config(t)
         for name in ("embedding_dim", "nce_negatives", "knn", "temperature", "margin"):
             if not getattr(t, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(t, name)}")
@@ -238,6 +225,14 @@ class Experiment:
             raise UserError(f"--z-momentum must be in [0, 1], got {t.z_momentum}")
         if t.rotation_weight < 0:
             raise UserError(f"--rotation-weight must be >= 0, got {t.rotation_weight}")
+
+
+def non_default(section) -> dict:
+    """The fields of one config section that differ from their defaults (JSON values): what defines
+    a computation, unchanged when a field is added whose default keeps the old behaviour."""
+    default = type(section)()
+    return {g.name: _jsonable(getattr(section, g.name)) for g in fields(section)
+            if getattr(section, g.name) != getattr(default, g.name)}
 
 
 def _jsonable(v):

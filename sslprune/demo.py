@@ -16,13 +16,9 @@ from .retrain import retrain
 from .runtime import CPU, Runtime
 from .tasks import TASKS
 
-# Options the demo's small dataset needs (1,437 training images): NPID's negatives must be fewer
-# than the bank's rows; S4L keeps 10% of the labels (the paper's setting).
-TASK_OPTIONS = {"npid": {"nce_negatives": 1024}, "s4l": {"label_fraction": 0.1}}
-
-
 def demo_experiment(task: str) -> Experiment:
-    return Experiment.from_flat({**PRESETS["demo"], "task": task, **TASK_OPTIONS.get(task, {})})
+    """The demo preset for one objective, with what the small dataset needs of it (Task.demo_options)."""
+    return Experiment.from_flat({**PRESETS["demo"], "task": task, **TASKS[task].demo_options})
 
 
 def run_demo(out: Path, replicates: int, levels: int, runtime: Runtime = CPU, progress: bool = True,

@@ -19,7 +19,7 @@ from . import layout
 from .config import Experiment
 from .data import Dataset
 from .errors import UserError
-from .tasks import UNLABELLED
+from .tasks import TASKS, UNLABELLED
 
 
 
@@ -46,9 +46,9 @@ def labelled_subset_checked(exp: Experiment, data: Dataset) -> torch.Tensor:
     if n_classes < 2:
         raise UserError(f"--label-fraction {t.label_fraction} with --label-split {t.label_split} keeps "
                         f"{n_classes} class; a label loss needs at least 2: raise --label-fraction")
-    if t.task == "s4l" and len(subset) == len(data.train):
+    if TASKS[t.task].unlabelled == "keep" and len(subset) == len(data.train):
         raise UserError(f"--label-fraction {t.label_fraction} labels every training image (rounded per "
-                        f"class); S4L needs unlabelled images too: lower --label-fraction")
+                        f"class); --task {t.task} needs unlabelled images too: lower --label-fraction")
     return subset
 
 
@@ -67,7 +67,7 @@ def task_data(exp: Experiment, exp_dir: Path, data: Dataset) -> Dataset:
                             f"this data; move {exp_dir} away or restore the code that made it")
     else:
         layout.save_tensors(path, {"index": subset})
-    return restrict_labels(data, subset, drop_unlabelled=t.task == "labels")
+    return restrict_labels(data, subset, drop_unlabelled=TASKS[t.task].unlabelled == "drop")
 
 
 def restrict_labels(data: Dataset, subset: torch.Tensor, drop_unlabelled: bool) -> Dataset:

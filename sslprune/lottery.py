@@ -29,8 +29,7 @@ from .models import build_model, load_pretrained
 from .models.checkpoints import describe
 from .pruning import SCORES, Mask, dense_mask, density, prunable, prune, pruned_layers
 from .pruning import report as density_report
-from .sampling import steps_per_epoch
-from .tasks import Task, build_task
+from .tasks import TASKS, Task, build_task
 from .train import load_weights, rewind_step, train, weights
 
 
@@ -78,16 +77,13 @@ def _prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, 
         if saved_exp != exp:
             raise UserError(f"{cfg_path} holds a different configuration than the one asked for "
                             f"(same name {exp.name()}); use another --root or move {exp_dir} away")
-        if saved.setdefault("data_fingerprint", fingerprint) != fingerprint:  # older runs: record it
-            raise UserError(f"{exp_dir} was trained on other data (fingerprint "
-                            f"{saved.get('data_fingerprint')}, now {fingerprint}); pass the data root "
-                            f"it used ({saved.get('data_root')}) or use another --root")
+        check_same_data(exp_dir, saved, data)
         started = saved.get("pretrained_id") or (  # runs saved before pretrained_id: a bare sha256
             f"sha256 {saved['pretrained_sha256']}" if saved.get("pretrained_sha256") else None)
         if started != pretrained:
             raise UserError(f"--pretrained {exp.model.pretrained} is not what {exp_dir} started from "
                             f"({started}, now {pretrained}); restore it or use another --root")
-        if ran is not None and saved.setdefault("runtime", ran) != ran:  # one experiment, one arithmetic
+        if ran is not None and saved.get("runtime", ran) != ran:  # one experiment, one arithmetic
             raise UserError(f"{exp_dir} trains under {_runtime_text(saved['runtime'])}, not "
                             f"{_runtime_text(ran)}: its levels would mix them; pass the same runtime flags "
                             f"(--device, --precision, --channels-last, --compile) or use another --root")
@@ -164,19 +160,7 @@ def check_data(exp: Experiment, data: Dataset) -> None:
     if exp.train.batch_size > len(data.train):
         raise UserError(f"--batch-size {exp.train.batch_size} exceeds the {len(data.train)} training images; "
                         f"pass at most {len(data.train)}")
-    if exp.task.task == "npid" and exp.task.knn > len(data.train):
-        raise UserError(f"--knn {exp.task.knn} exceeds the {len(data.train)} rows of the memory bank; pass a "
-                        f"smaller --knn")
-    if exp.task.task in ("rotation", "s4l") and h != w:
-        raise UserError(f"--task {exp.task.task} needs square images, these are {h}x{w}; pass --image-size N")
-    if exp.task.task == "npid" and exp.task.nce_negatives >= len(data.train):
-        raise UserError(f"--nce-negatives {exp.task.nce_negatives} is not below the {len(data.train)} "
-                        f"training images (the bank's rows); pass a smaller --nce-negatives")
-    if exp.task.task == "s4l" and exp.train.batch_size < 2:
-        raise UserError("--task s4l splits each batch into labelled and unlabelled halves: --batch-size must be >= 2")
-    if exp.task.task == "exemplar" and min(exp.train.batch_size, len(data.train)) < 2:
-        raise UserError("--task exemplar takes its negatives from the other images of the batch: "
-                        "--batch-size must be >= 2")
+    TASKS[exp.task.task].check_data(exp.task, exp.train, data)
     if exp.task.label_fraction:
         labelled_subset_checked(exp, data)
     if source_run(exp) is not None:  # a run: same architecture; its replicates are checked as they start
@@ -207,6 +191,15 @@ def record_command(exp_dir: Path, argv: list[str], saved: dict | None = None) ->
         return
     saved["commands"] = saved.get("commands", []) + [argv]
     layout.save_json(cfg_path, saved)
+
+
+def check_same_data(exp_dir: Path, saved: dict, data: Dataset) -> None:
+    """The one rule for every command that reads a run's data again: it is the data recorded when
+    the experiment was created (runs from before the record are taken as they are)."""
+    recorded, found = saved.get("data_fingerprint"), data.fingerprint()
+    if recorded not in (None, found):
+        raise UserError(f"{exp_dir} was trained on other data (fingerprint {recorded}, now {found}); pass the "
+                        f"data root it used ({saved.get('data_root')}) or use another --root")
 
 
 def load_experiment(exp_dir: Path) -> tuple[Experiment, dict]:
@@ -291,7 +284,7 @@ def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int
             layout.save_json(rdir / layout.PRETRAINED, {"file": str(start), "sha256": _sha256(start), "loaded": loaded})
         layout.save_tensors(init_path, weights(backbone, task))
     distributed.barrier()  # rank 0 has written init.safetensors before anyone reads it
-    k = rewind_step(exp.prune.rewind, steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size))
+    k = rewind_step(exp.prune.rewind, task.sampler.steps_per_epoch(data.train.labels, exp.train.batch_size))
 
     for level in range(levels + 1):
         out = layout.run_dir(layout.level_dir(exp_dir, replicate, level))

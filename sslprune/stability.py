@@ -32,7 +32,6 @@ from .errors import UserError
 from .labelled import task_data
 from .lottery import build, derive_seed, level_mask
 from .runtime import CPU, Runtime
-from .sampling import steps_per_epoch
 from .tasks import Batch, Task
 from .train import evaluate, load_weights, rewind_step, train, weights
 
@@ -140,7 +139,7 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
     data = task_data(exp, exp_dir, data)
     backbone, task = build(exp, data, seed=0)
     mask = level_mask(exp, exp_dir, replicate, level, backbone)
-    per_epoch = steps_per_epoch(task.sampler, data.train.labels, exp.train.batch_size)
+    per_epoch = task.sampler.steps_per_epoch(data.train.labels, exp.train.batch_size)
     k = rewind_step(exp.prune.rewind, per_epoch)
     own = layout.run_dir(layout.level_dir(exp_dir, replicate, level))
     # copy 1: the level's own run when it started from the same weights, with the same seed

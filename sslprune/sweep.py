@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import layout
-from .config import Data, Experiment, Task, Train, field_names, resolve
+from .config import Data, Experiment, Train, field_names, resolve
 from .errors import UserError
 from .runtime import Runtime
 
@@ -126,9 +126,10 @@ def load_spec(path: Path) -> Spec:
     here = path.resolve().parent
     probe = tuple(_downstream(path, here, "probe", t, {"stage"}) for t in evaluations.get("probe", ()))
     finetune = tuple(_downstream(path, here, "finetune", t, _FINETUNE_KEYS) for t in evaluations.get("finetune", ()))
+    from .transfer import finetune_config
     for t in finetune:  # the overrides make a valid training configuration for every experiment
         for exp in experiments:
-            _finetune_config(exp, t)
+            finetune_config(exp, t)
     stability = _stability(path, evaluations.get("stability"))
     data_root = raw.get("data_root")
     return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
@@ -176,15 +177,6 @@ def _downstream(path: Path, here: Path, kind: str, table, extra: set[str]) -> di
     return out
 
 
-def _finetune_config(exp: Experiment, table: dict) -> tuple[Train, Data]:
-    """The run's training and augmentation settings with the table's overrides (as `eval finetune`)."""
-    cfg = dataclasses.replace(exp.train, **{k: v for k, v in table.items() if k in {f.name for f in dataclasses.fields(Train)}})
-    aug = dataclasses.replace(exp.data, stream=False,  # the target dataset is read into memory
-                              **{k: table[k] for k in ("crop_pad", "flip") if k in table})
-    Experiment(data=aug, model=exp.model, task=Task(task="labels"), train=cfg, prune=exp.prune).validate()
-    return cfg, aug
-
-
 @dataclasses.dataclass
 class Step:
     key: str                           # e.g. 'labels_convnet_digits_<hash>/replicate_1/level_2/retrain_reinit'
@@ -213,7 +205,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
     from .probe import probe_level, probe_out
     from .retrain import retrain
     from .stability import level_stability
-    from .transfer import finetune, finetune_out
+    from .transfer import finetune, finetune_config, finetune_out
 
     cache: dict = {}
 
@@ -233,7 +225,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
             if kind == "probe":
                 cache[key] = data, lambda ldir: probe_out(ldir, data, table.get("stage"))
             else:
-                cache[key] = data, lambda ldir: finetune_out(ldir, data, *_finetune_config(exp, table))
+                cache[key] = data, lambda ldir: finetune_out(ldir, data, *finetune_config(exp, table))
         return cache[key]
 
     def evaluation(ldir, level, label, out, run, trains):
@@ -280,7 +272,7 @@ def plan(spec: Spec, runtime: Runtime) -> list[Step]:
                         ldir, level, layout.sweep_label("finetune", i + 1),
                         lambda exp=exp, t=table, ldir=ldir: downstream(exp, "finetune", t)[1](ldir),
                         lambda exp=exp, t=table, r=r, level=level: finetune(
-                            exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *_finetune_config(exp, t), runtime, False),
+                            exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *finetune_config(exp, t), runtime, False),
                         trains=True))
                 if spec.stability is not None and level in spec.stability.get("level", levels):
                     options = {k: v for k, v in spec.stability.items() if k != "level"}

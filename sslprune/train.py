@@ -20,24 +20,14 @@ from tqdm import tqdm
 from . import distributed, layout, tracking
 from .config import Data as DataConfig
 from .config import Train as TrainConfig
-from .config import parse_rewind
+from .config import non_default, parse_rewind
 from .data import Dataset, Split
 from .data.augment import Normalize, batch_crop, batch_flip_lr
 from .data.stream import Stream
 from .errors import UserError
 from .pruning import Mask, MaskEnforcer, apply_mask
 from .runtime import CPU, Runtime
-from .sampling import batch_width, epoch_batches, steps_per_epoch
 from .tasks import Batch, Task
-
-
-# Checkpoints written before the runtime flags existed ran with these.
-LEGACY_RUNTIME = {"channels_last": False, "precision": "fp32", "compile": False}
-
-
-def _aug_repr(aug: DataConfig) -> str:
-    """repr(aug) as checkpoints from before Data.stream existed wrote it, while stream is off."""
-    return repr(aug) if aug.stream else repr(aug).replace(", stream=False)", ")")
 
 
 def rewind_step(rewind: str, per_epoch: int) -> int:
@@ -130,13 +120,13 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     train_y = data.train.labels.to(device)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     normalize = Normalize(*data.channel_stats(), memory_format=rt.memory_format).to(device)
-    per_epoch = steps_per_epoch(task.sampler, train_y, cfg.batch_size)
+    per_epoch = task.sampler.steps_per_epoch(train_y, cfg.batch_size)
 
     if snapshot and snapshot[0] > cfg.epochs * per_epoch:
         raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
     if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
-        distributed.check_batch(batch_width(task.sampler, train_y, cfg.batch_size))  # what epoch_batches draws
+        distributed.check_batch(task.sampler.batch_width(train_y, cfg.batch_size))  # what epoch_batches draws
         distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
@@ -146,15 +136,21 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
 
-    fingerprint = {"seed": seed, "cfg": repr(cfg), "aug": _aug_repr(aug), "n_train": len(train_y), "task": task.name,
-                   **rt.fingerprint()}  # RNG streams and rounding differ between devices and runtimes
+    # what defines the computation: a resumed run must match it (RNG streams and rounding differ
+    # between devices and runtimes)
+    fingerprint = {"seed": seed, "train": non_default(cfg), "data": non_default(aug), "n_train": len(train_y),
+                   "task": task.name, **rt.fingerprint()}
     cuda = torch.device(device).type == "cuda"
     if rt.compile:  # compiles the backbone's forward in place: state_dict keys stay the same
         backbone.compile()
     ckpt_path = out / layout.CHECKPOINT
     if ckpt_path.exists():
         ckpt = layout.load_checkpoint(ckpt_path)
-        if {**LEGACY_RUNTIME, **ckpt["fingerprint"]} != fingerprint:
+        if "cfg" in ckpt["fingerprint"]:
+            raise UserError(f"{ckpt_path} was written by an older sslprune, which this one does not resume; "
+                            f"finish it with that version, or move it away (its epochs are trained again; "
+                            f"finished levels are kept)")
+        if ckpt["fingerprint"] != fingerprint:
             raise UserError(f"{ckpt_path} belongs to a different configuration or runtime (device, "
                             f"precision, memory format, compile); move {out} away or resume with the ones that wrote it")
         load_weights(backbone, task, ckpt["weights"])
@@ -176,7 +172,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     for epoch in bar:
         backbone.train(), task.train()
         t0 = time.perf_counter()
-        order = epoch_batches(task.sampler, train_y, cfg.batch_size, generator)  # (per_epoch, B)
+        order = task.sampler.epoch_batches(train_y, cfg.batch_size, generator)  # (per_epoch, B)
         rows = distributed.rows(order.shape[1])                     # N processes: this one's B/N
         loaded = stream.epoch(order, epoch, rows) if stream else None
         loss_sum = torch.zeros((), device=device)

@@ -14,17 +14,31 @@ the target data and the fine-tuning configuration), as a training run: resumable
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 from . import layout
 from .config import Data as DataConfig
+from .config import Experiment
+from .config import Task as TaskConfig
 from .config import Train as TrainConfig
 from .data import Dataset
 from .errors import UserError
 from .runtime import CPU, Runtime
 from .lottery import build, derive_seed, load_experiment
 from .train import load_weights, train
+
+
+def finetune_config(exp: Experiment, overrides: dict) -> tuple[TrainConfig, DataConfig]:
+    """The run's training and augmentation settings with `overrides` (Train fields, crop_pad, flip;
+    from `eval finetune`'s flags or a sweep's [[evaluations.finetune]]), checked as a run on labels."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = dataclasses.replace(exp.train, **{k: v for k, v in overrides.items() if k in train_fields})
+    aug = dataclasses.replace(exp.data, stream=False,  # the target dataset is read into memory
+                              **{k: overrides[k] for k in ("crop_pad", "flip") if k in overrides})
+    dataclasses.replace(exp, data=aug, task=TaskConfig(task="labels"), train=cfg).validate()
+    return cfg, aug
 
 
 def finetune_out(level: Path, data: Dataset, cfg: TrainConfig, aug: DataConfig) -> Path:

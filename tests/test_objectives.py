@@ -15,7 +15,7 @@ from sslprune.lottery import build, prepare, run_replicate
 from sslprune.models import build_model
 from sslprune.report import collect
 from sslprune.retrain import retrain
-from sslprune.sampling import epoch_batches, steps_per_epoch
+from sslprune.tasks.sampling import PAIRED, UNIFORM
 from sslprune.tasks import UNLABELLED, Batch, build_task
 
 from .conftest import killed_at_evaluation, tiny_dataset, tiny_experiment
@@ -283,11 +283,11 @@ def test_paired_sampler_splits_every_batch_into_labelled_and_unlabelled_halves()
     labels = torch.full((100,), UNLABELLED)
     labels[torch.arange(0, 100, 10)] = torch.arange(10) % 3      # 10 labelled, 90 unlabelled
     g = torch.Generator().manual_seed(0)
-    batches = epoch_batches("paired", labels, 16, g)
-    assert batches.shape == (steps_per_epoch("paired", labels, 16), 16) == (11, 16)
+    batches = PAIRED.epoch_batches(labels, 16, g)
+    assert batches.shape == (PAIRED.steps_per_epoch(labels, 16), 16) == (11, 16)
     assert (labels[batches[:, :8]] != UNLABELLED).all() and (labels[batches[:, 8:]] == UNLABELLED).all()
     assert len(batches[:, 8:].flatten().unique()) == 88           # an epoch: each unlabelled image at most once
-    uniform = epoch_batches("uniform", labels, 16, torch.Generator().manual_seed(0))
+    uniform = UNIFORM.epoch_batches(labels, 16, torch.Generator().manual_seed(0))
     assert uniform.shape == (6, 16) and len(uniform.flatten().unique()) == 96
 
 

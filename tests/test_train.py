@@ -5,6 +5,7 @@ from sslprune import layout
 from sslprune import train as train_mod
 from sslprune.lottery import build
 from sslprune.pruning import dense_mask, prunable, prune_iteratively
+from sslprune.errors import UserError
 from sslprune.train import learning_rate, train
 
 from .conftest import killed_at_evaluation, tiny_experiment
@@ -69,21 +70,24 @@ def test_schedules():
     assert learning_rate(cos.train, 0, 10) == 1.0 and learning_rate(cos.train, 99, 10) < 0.01
 
 
-def test_checkpoints_from_before_the_stream_option_still_resume():
-    """The resume fingerprint holds repr(Data); a field added since (stream) must not change it
-    while it is off, or every older checkpoint would be refused."""
-    from sslprune.config import Data
-    from sslprune.train import _aug_repr
-    assert _aug_repr(Data(dataset="digits", crop_pad=1, flip=True)) == \
-        "Data(dataset='digits', image_size=0, train_per_class=0, test_per_class=0, crop_pad=1, flip=True)"
-    assert "stream=True" in _aug_repr(Data(dataset="imagefolder", stream=True))
-
-
 def test_batch_width_is_what_the_sampler_draws():
-    from sslprune.sampling import batch_width, epoch_batches
+    from sslprune.tasks.sampling import PAIRED, UNIFORM
+    samplers = {"paired": PAIRED, "uniform": UNIFORM}
     from sslprune.tasks import UNLABELLED
     labels = torch.tensor([0, 1, 2] * 4 + [UNLABELLED] * 3)           # 12 labelled, 3 unlabelled
     g = torch.Generator().manual_seed(0)
     for sampler, b in (("paired", 9), ("paired", 4), ("uniform", 9), ("uniform", 40)):
-        assert epoch_batches(sampler, labels, b, g).shape[1] == batch_width(sampler, labels, b), (sampler, b)
-    assert batch_width("paired", labels, 9) == 6 and batch_width("uniform", labels, 40) == 15
+        s = samplers[sampler]
+        assert s.epoch_batches(labels, b, g).shape[1] == s.batch_width(labels, b), (sampler, b)
+    assert PAIRED.batch_width(labels, 9) == 6 and UNIFORM.batch_width(labels, 40) == 15
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(tmp_path, data):
+    """Checkpoints fingerprinted repr(cfg) before; their run is refused with the fix, not resumed wrongly."""
+    exp = tiny_experiment()
+    backbone, task = build(exp, data, seed=0)
+    out = tmp_path / "run"
+    out.mkdir()
+    layout.save_checkpoint(out / layout.CHECKPOINT, {"fingerprint": {"seed": 1, "cfg": repr(exp.train)}, "epoch": 1})
+    with pytest.raises(UserError, match="written by an older sslprune"):
+        train(backbone, task, data, exp.train, exp.data, dense_mask(backbone), out, seed=1)

@@ -4,7 +4,7 @@ workers, with `--stream` (an ImageFolder *folder*; a .tar.gz cannot be read at r
 What changes, and what does not:
 - the training split is a list of files (`ImageFiles`); the test split is still decoded once and
   kept in memory (bound it with --test-per-class), so evaluations are unchanged;
-- the order of the images is the in-memory one: `sampling.epoch_batches` draws it from the run's
+- the order of the images is the in-memory one: `Task.sampler.epoch_batches` draws it from the run's
   generator, so resuming, S4L's paired batches and NPID's bank rows work as before;
 - augmentation is ImageNet's: torchvision's RandomResizedCrop (a crop of 8-100% of the area with
   aspect ratio 3/4-4/3, 10 tries, else the largest central crop within those ratios) resized to

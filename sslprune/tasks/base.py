@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .. import distributed
-
-UNLABELLED = -1  # the label of an image whose label the objective may not see
+from ..errors import UserError
+from .sampling import UNIFORM, UNLABELLED  # noqa: F401 (UNLABELLED: tasks.UNLABELLED)
 
 
 @dataclass
@@ -47,8 +47,24 @@ class Task(nn.Module):
 
     name = "base"
     metric = "accuracy"      # what `acc` measures for this objective (reports say it)
-    sampler = "uniform"      # uniform: random batches | paired: half labelled, half unlabelled
+    sampler = UNIFORM        # UNIFORM: random batches | PAIRED: half labelled, half unlabelled (tasks/sampling.py)
     batch_metric = False     # True: the metric depends on the batch, evaluate at the training batch size
+    options: tuple[str, ...] = ()   # the config.Task fields it reads; the others must keep their defaults
+    unlabelled = ""          # with --label-fraction: "drop" unlabelled images (labels) | "keep" them as UNLABELLED (s4l)
+    square = False           # True: its views need square images (rotations)
+    demo_options: dict = {}  # what the demo's 1,437 digits need (sslprune/demo.py)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse, before any data is read, settings of config.Task `cfg` this objective cannot use."""
+
+    @classmethod
+    def check_data(cls, cfg, train, data) -> None:
+        """Refuse, before anything is written, data (a Dataset) or training settings (config.Train)
+        this objective cannot train on. One line each, naming the fix."""
+        h, w = data.train.image_shape[-2:]
+        if cls.square and h != w:
+            raise UserError(f"--task {cls.name} needs square images, these are {h}x{w}; pass --image-size N")
 
     def views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The network inputs (B', C, H, W; uint8 or 0-1 floats) and the loss targets (B',)."""

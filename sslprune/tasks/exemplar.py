@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..data.augment import colour_jitter, random_affine
+from ..errors import UserError
 from .base import Batch, Task
 
 
@@ -54,6 +55,14 @@ class Exemplar(Task):
     name = "exemplar"
     metric = "positive retrieval accuracy in the batch"
     batch_metric = True  # evaluate at the training batch size
+    options = ("embedding_dim", "margin")
+
+    @classmethod
+    def check_data(cls, cfg, train, data) -> None:
+        super().check_data(cfg, train, data)
+        if min(train.batch_size, len(data.train)) < 2:
+            raise UserError("--task exemplar takes its negatives from the other images of the batch: "
+                            "--batch-size must be >= 2")
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()

@@ -11,6 +11,8 @@ from .base import Task
 class Labels(Task):
     name = "labels"
     metric = "class accuracy"
+    options = ("label_fraction", "label_split", "label_seed")
+    unlabelled = "drop"       # a fraction of the labels: train on those images only
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()

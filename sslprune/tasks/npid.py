@@ -28,12 +28,25 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..errors import UserError
 from .base import Batch, Task
 
 
 class NPID(Task):
     name = "npid"
     metric = "weighted kNN accuracy (test vs. bank)"
+    options = ("embedding_dim", "nce_negatives", "temperature", "bank_momentum", "z_momentum", "knn")
+    demo_options = {"nce_negatives": 1024}   # fewer than the bank's rows
+
+    @classmethod
+    def check_data(cls, cfg, train, data) -> None:
+        super().check_data(cfg, train, data)
+        n = len(data.train)
+        if cfg.knn > n:
+            raise UserError(f"--knn {cfg.knn} exceeds the {n} rows of the memory bank; pass a smaller --knn")
+        if cfg.nce_negatives >= n:
+            raise UserError(f"--nce-negatives {cfg.nce_negatives} is not below the {n} training images (the "
+                            f"bank's rows); pass a smaller --nce-negatives")
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()

@@ -24,6 +24,7 @@ def rotate4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Rotation(Task):
     name = "rotation"
     metric = "rotation accuracy"
+    square = True
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()

@@ -13,14 +13,32 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..errors import UserError
 from .base import UNLABELLED, Batch, Task
 from .rotation import rotate4
+from .sampling import PAIRED
 
 
 class S4LRotation(Task):
     name = "s4l"
     metric = "class accuracy"
-    sampler = "paired"
+    sampler = PAIRED
+    options = ("label_fraction", "label_split", "label_seed", "rotation_weight")
+    unlabelled = "keep"       # RotNet on every image, labels on the labelled part
+    square = True
+    demo_options = {"label_fraction": 0.1}   # the paper's setting
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not 0.0 < cfg.label_fraction < 1.0:
+            raise UserError(f"--task s4l needs a labelled and an unlabelled part: set --label-fraction "
+                            f"in (0, 1), e.g. 0.1 (got {cfg.label_fraction})")
+
+    @classmethod
+    def check_data(cls, cfg, train, data) -> None:
+        super().check_data(cfg, train, data)
+        if train.batch_size < 2:
+            raise UserError("--task s4l splits each batch into labelled and unlabelled halves: --batch-size must be >= 2")
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()
