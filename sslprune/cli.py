@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import io
 import json
 import math
@@ -46,9 +45,8 @@ what a pruned network is worth (Caron et al. 2020), and the command for each:
 
 
 def _field_help() -> dict[str, str]:
-    """Trailing comments of config.py's fields: one place documents each option."""
-    src = inspect.getsource(config)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]+#(.*)$", src, re.M)}
+    """Each option's help, declared beside its field in config.py (one place documents it)."""
+    return {k: v for _, cls in _sections() for k, v in config.field_help(cls).items()}
 
 
 def _sections():
@@ -615,9 +613,8 @@ def cmd_demo(args, argv) -> int:
 
 
 def _sweep_doc() -> str:
-    from . import sweep
-    doc = sweep.__doc__
-    return "spec format:\n" + doc[doc.index("    root ="):doc.index("Steps are")].rstrip() + "\n"
+    from .sweep import SPEC_FORMAT
+    return "spec format:\n" + SPEC_FORMAT
 
 
 def cmd_sweep(args, argv) -> int:

@@ -12,69 +12,68 @@ import json
 import math
 from pathlib import Path
 from dataclasses import dataclass, field, fields
+from typing import Annotated, get_type_hints
 
 from .errors import UserError
 
 
 @dataclass(frozen=True)
 class Data:
-    dataset: str = ""            # DATASETS key: digits | cifar10 | imagefolder
-    image_size: int = 0          # resize + centre-crop to this side (0 = keep native size)
-    train_per_class: int = 0     # keep the first N training images of each class (0 = all)
-    test_per_class: int = 0      # keep the first N test images of each class (0 = all)
-    crop_pad: int = 0            # random crop of an image zero-padded by this many pixels (0 = off)
-    flip: bool = False           # random horizontal flip
-    stream: bool = False         # imagefolder: read the training images from disk every epoch (DataLoader workers), as random-resized crops to --image-size: for data that does not fit in memory
+    dataset: Annotated[str, "DATASETS key: digits | cifar10 | imagefolder"] = ""
+    image_size: Annotated[int, "resize + centre-crop to this side (0 = keep native size)"] = 0
+    train_per_class: Annotated[int, "keep the first N training images of each class (0 = all)"] = 0
+    test_per_class: Annotated[int, "keep the first N test images of each class (0 = all)"] = 0
+    crop_pad: Annotated[int, "random crop of an image zero-padded by this many pixels (0 = off)"] = 0
+    flip: Annotated[bool, "random horizontal flip"] = False
+    stream: Annotated[bool, "imagefolder: read the training images from disk every epoch (DataLoader workers), as random-resized crops to --image-size: for data that does not fit in memory"] = False
 
 
 @dataclass(frozen=True)
 class Model:
-    model: str = ""              # MODELS key
-    pretrained: str = ""         # start level 0 from these backbone weights: a model.safetensors of ours, a torchvision-layout state dict (.pth/.safetensors), a public self-supervised checkpoint (MoCo v1-v3, DINO, SwAV, SimCLR, solo-learn, lightly, VISSL; layout detected), or a lottery run directory (replicate r starts from its replicate r's trained level 0) (empty = from scratch)
-    pretrained_prefix: str = ""  # key prefix of the backbone in a --pretrained checkpoint, e.g. module.encoder_q. ('' = detect it; 'none' = keys as they are)
+    model: Annotated[str, "MODELS key"] = ""
+    pretrained: Annotated[str, "start level 0 from these backbone weights: a model.safetensors of ours, a torchvision-layout state dict (.pth/.safetensors), a public self-supervised checkpoint (MoCo v1-v3, DINO, SwAV, SimCLR, solo-learn, lightly, VISSL; layout detected), or a lottery run directory (replicate r starts from its replicate r's trained level 0) (empty = from scratch)"] = ""
+    pretrained_prefix: Annotated[str, "key prefix of the backbone in a --pretrained checkpoint, e.g. module.encoder_q. ('' = detect it; 'none' = keys as they are)"] = ""
 
 
 @dataclass(frozen=True)
 class Task:
-    task: str = ""               # TASKS key: labels | rotation | exemplar | npid | s4l
-    label_fraction: float = 0.0  # labels, s4l: keep the labels of this fraction of the training set (0 = all)
-    label_split: str = "images"  # images: that fraction of every class; classes: that fraction of the classes, all their images
-    label_seed: int = 0          # seed of the labelled subset (fixed per experiment, saved with it)
-    embedding_dim: int = 128     # exemplar, npid: size of the L2-normalised embedding head
-    margin: float = 0.5          # exemplar: triplet margin on the distance of unit embeddings (in [0, 2])
-    nce_negatives: int = 4096    # npid: K negatives per image drawn from the memory bank for NCE
-    temperature: float = 0.07    # npid: softmax temperature of the bank similarities
-    bank_momentum: float = 0.5   # npid: bank row <- normalise(m * row + (1 - m) * new embedding)
-    z_momentum: float = 0.9      # npid: moving average of the NCE normaliser Z (1.0 = fixed after the first batch, as Wu et al.)
-    knn: int = 200               # npid: neighbours of the weighted kNN monitor on the test set
-    rotation_weight: float = 1.0  # s4l: weight of the rotation loss next to the label loss
+    task: Annotated[str, "TASKS key: labels | rotation | exemplar | npid | s4l"] = ""
+    label_fraction: Annotated[float, "labels, s4l: keep the labels of this fraction of the training set (0 = all)"] = 0.0
+    label_split: Annotated[str, "images: that fraction of every class; classes: that fraction of the classes, all their images"] = "images"
+    label_seed: Annotated[int, "seed of the labelled subset (fixed per experiment, saved with it)"] = 0
+    embedding_dim: Annotated[int, "exemplar, npid: size of the L2-normalised embedding head"] = 128
+    margin: Annotated[float, "exemplar: triplet margin on the distance of unit embeddings (in [0, 2])"] = 0.5
+    nce_negatives: Annotated[int, "npid: K negatives per image drawn from the memory bank for NCE"] = 4096
+    temperature: Annotated[float, "npid: softmax temperature of the bank similarities"] = 0.07
+    bank_momentum: Annotated[float, "npid: bank row <- normalise(m * row + (1 - m) * new embedding)"] = 0.5
+    z_momentum: Annotated[float, "npid: moving average of the NCE normaliser Z (1.0 = fixed after the first batch, as Wu et al.)"] = 0.9
+    knn: Annotated[int, "npid: neighbours of the weighted kNN monitor on the test set"] = 200
+    rotation_weight: Annotated[float, "s4l: weight of the rotation loss next to the label loss"] = 1.0
 
-
-# Which tasks read which task option: setting an option for a task that ignores it is an error.
 
 @dataclass(frozen=True)
 class Train:
-    optimizer: str = "sgd"       # sgd | adam
-    lr: float = 0.0              # base learning rate (after warm-up, before decay)
-    momentum: float = 0.0        # SGD only
-    weight_decay: float = 0.0    # L2 added to the gradient (Adam + L2, as in the paper)
-    batch_size: int = 0          # images per step (RotNet shows each in 4 rotations: 4x inputs)
-    epochs: int = 0              # passes over the training set
-    schedule: str = "constant"   # constant | step | cosine
-    milestones: tuple[int, ...] = ()  # epochs at which the step schedule multiplies lr by gamma
-    gamma: float = 0.1           # lr factor at each milestone
-    warmup_epochs: int = 0       # linear warm-up from 0, in epochs (0 = off)
+    optimizer: Annotated[str, "sgd | adam"] = "sgd"
+    lr: Annotated[float, "base learning rate (after warm-up, before decay)"] = 0.0
+    momentum: Annotated[float, "SGD only"] = 0.0
+    weight_decay: Annotated[float, "L2 added to the gradient (Adam + L2, as in the paper)"] = 0.0
+    batch_size: Annotated[int, "images per step (RotNet shows each in 4 rotations: 4x inputs)"] = 0
+    epochs: Annotated[int, "passes over the training set"] = 0
+    schedule: Annotated[str, "constant | step | cosine"] = "constant"
+    milestones: Annotated[tuple[int, ...], "epochs at which the step schedule multiplies lr by gamma"] = ()
+    gamma: Annotated[float, "lr factor at each milestone"] = 0.1
+    warmup_epochs: Annotated[int, "linear warm-up from 0, in epochs (0 = off)"] = 0
 
 
 @dataclass(frozen=True)
 class Prune:
-    fraction: float = 0.2        # fraction of the *surviving* prunable weights removed per level
-    reset: str = "rewind"        # how each level starts: rewind (winning ticket) | reinit (random re-init)
-    rewind: str = "0it"          # rewind point: "<N>it" (updates) or "<N>ep" (epochs); 0 = the init
-    layers: int = 0              # layerwise pruning: prune only the first N conv layers, the rest stays dense (0 = all layers)
-    granularity: str = "weight"  # weight: single weights (unstructured) | channel: whole channels (structured: a compact network can be exported)
-    channel_score: str = "l1"    # channel granularity: rank channels by l1 | l2 (of their weights) | bn (batch-norm |gamma|)
-    channel_round: int = 1       # channel granularity: every layer keeps a multiple of N channels (8: faster kernels; 1 = off)
+    fraction: Annotated[float, "fraction of the *surviving* prunable weights removed per level"] = 0.2
+    reset: Annotated[str, "how each level starts: rewind (winning ticket) | reinit (random re-init)"] = "rewind"
+    rewind: Annotated[str, "rewind point: \"<N>it\" (updates) or \"<N>ep\" (epochs); 0 = the init"] = "0it"
+    layers: Annotated[int, "layerwise pruning: prune only the first N conv layers, the rest stays dense (0 = all layers)"] = 0
+    granularity: Annotated[str, "weight: single weights (unstructured) | channel: whole channels (structured: a compact network can be exported)"] = "weight"
+    channel_score: Annotated[str, "channel granularity: rank channels by l1 | l2 (of their weights) | bn (batch-norm |gamma|)"] = "l1"
+    channel_round: Annotated[int, "channel granularity: every layer keeps a multiple of N channels (8: faster kernels; 1 = off)"] = 1
 
 
 @dataclass(frozen=True)
@@ -287,6 +286,12 @@ PRESETS: dict[str, dict] = {
 
 REQUIRED = ("lr", "batch_size", "epochs")       # Train fields without a default (0 = unset)
 RUN_DEFAULTS = {"levels": 3, "replicates": 1}   # how much of an experiment a command runs (not its name)
+
+
+def field_help(section: type) -> dict[str, str]:
+    """Each field's help, as declared beside it (Annotated[type, help])."""
+    hints = get_type_hints(section, include_extras=True)
+    return {name: hint.__metadata__[0] for name, hint in hints.items() if hasattr(hint, "__metadata__")}
 
 
 def field_names() -> set[str]:

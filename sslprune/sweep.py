@@ -1,8 +1,42 @@
 """Sweeps: a declared grid of lottery runs and their evaluations, executed by independent workers
 that share one run root (processes on this machine, or SLURM jobs through submitit).
 
-A spec is a TOML file:
+A spec is a TOML file (SPEC_FORMAT below, also in `sslprune sweep --help`).
 
+Steps are (experiment, replicate) lottery chains and (experiment, replicate, level, evaluation)
+re-trainings, probes and fine-tunings; an evaluation waits until its level is trained. Each step is guarded by an exclusive
+`flock` on its own lock file: a worker that cannot take it moves on, and a worker that dies (kill -9
+included) loses its locks with its process, so another worker or the next run picks the step up
+and resumes it from its last checkpoint. No step is ever computed by two workers at once, and a
+finished step is never recomputed (its done.json is checked under the lock). Every worker appends
+what it started and finished to ROOT/sweep_ledger.jsonl, which is what `sslprune sweep --status`
+and the reuse report read. Locks need a file system with working flock (local disks, NFSv4,
+Lustre with flock enabled).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from . import layout
+from .config import Data, Experiment, Train, field_names, resolve
+from .data import load_dataset
+from .data.augment import Normalize
+from .errors import UserError
+from .lottery import check_schedule, prepare, run_replicate
+from .probe import probe_level, probe_out
+from .retrain import RESETS, retrain
+from .runtime import Runtime
+from .stability import level_stability
+from .transfer import finetune, finetune_config, finetune_out
+
+SPEC_FORMAT = """\
     root = "runs"                 # relative to the spec's folder
     data_root = "../data/cifar"   # optional, relative to the spec's folder
     levels = 3
@@ -30,32 +64,7 @@ A spec is a TOML file:
 
     [evaluations.stability]       # instability of the tickets (eval stability): one more training each
     level = [0, 5, 10]            # the levels it measures (default: every one); also points, bn, bn_batches
-
-Steps are (experiment, replicate) lottery chains and (experiment, replicate, level, evaluation)
-re-trainings, probes and fine-tunings; an evaluation waits until its level is trained. Each step is guarded by an exclusive
-`flock` on its own lock file: a worker that cannot take it moves on, and a worker that dies (kill -9
-included) loses its locks with its process, so another worker or the next run picks the step up
-and resumes it from its last checkpoint. No step is ever computed by two workers at once, and a
-finished step is never recomputed (its done.json is checked under the lock). Every worker appends
-what it started and finished to ROOT/sweep_ledger.jsonl, which is what `sslprune sweep --status`
-and the reuse report read. Locks need a file system with working flock (local disks, NFSv4,
-Lustre with flock enabled).
 """
-from __future__ import annotations
-
-import dataclasses
-import itertools
-import json
-import os
-import time
-import tomllib
-from pathlib import Path
-from typing import Callable
-
-from . import layout
-from .config import Data, Experiment, Train, field_names, resolve
-from .errors import UserError
-from .runtime import Runtime
 
 SPEC_KEYS = {"root", "data_root", "levels", "replicates", "device", "base", "grid", "evaluations"}
 EVALUATIONS = {"retrain", "probe", "finetune", "stability"}
@@ -108,7 +117,6 @@ def load_spec(path: Path) -> Spec:
     for point in itertools.product(*[[(k, v) for v in vs] for k, vs in grid.items()]):
         exp, _ = resolve(dict(base) | dict(point), str(path), path.resolve().parent)   # as the CLI's flags
         exp.validate()
-        from .lottery import check_schedule
         check_schedule(exp, int(raw.get("levels", 3)))
         experiments.append(exp)
     evaluations = raw.get("evaluations", {})
@@ -116,7 +124,6 @@ def load_spec(path: Path) -> Spec:
     if unknown:
         raise UserError(f"{path}: unknown evaluation(s) {sorted(unknown)}; known: {sorted(EVALUATIONS)}")
     retrain = tuple(evaluations.get("retrain", ()))
-    from .retrain import RESETS
     bad = [r for r in retrain if r not in RESETS]
     if bad:
         raise UserError(f"{path}: unknown retrain reset(s) {bad}; choose from {', '.join(RESETS)}")
@@ -126,7 +133,6 @@ def load_spec(path: Path) -> Spec:
     here = path.resolve().parent
     probe = tuple(_downstream(path, here, "probe", t, {"stage"}) for t in evaluations.get("probe", ()))
     finetune = tuple(_downstream(path, here, "finetune", t, _FINETUNE_KEYS) for t in evaluations.get("finetune", ()))
-    from .transfer import finetune_config
     for t in finetune:  # the overrides make a valid training configuration for every experiment
         for exp in experiments:
             finetune_config(exp, t)
@@ -177,15 +183,14 @@ def _downstream(path: Path, here: Path, kind: str, table, extra: set[str]) -> di
     return out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Step:
-    key: str                           # e.g. 'labels_convnet_digits_<hash>/replicate_1/level_2/retrain_reinit'
-    lock: Path
-    ready: Callable[[], bool]          # its inputs exist
-    done: Callable[[], bool]
-    run: Callable[[], None]
-    train_dirs: Callable[[], list[Path]]  # the training runs it makes (epochs are counted there)
-    level: int = -1                    # re-training: the level whose lottery it depends on
+    """One unit of a sweep, plain data; Sweep.run(step) runs it."""
+    kind: str                      # lottery | retrain | probe | finetune | stability
+    experiment: Experiment
+    replicate: int
+    level: int = -1                # -1: the replicate's lottery chain (levels 0..spec.levels)
+    evaluation: str | int = ""     # retrain: the reset; probe, finetune: the table's index in the spec
 
 
 def _progress(train_dir: Path) -> int:
@@ -197,92 +202,125 @@ def _progress(train_dir: Path) -> int:
     return 0
 
 
-def plan(spec: Spec, runtime: Runtime) -> list[Step]:
-    """Every step of the sweep, lottery chains first."""
-    from .data import load_dataset
-    from .data.augment import Normalize
-    from .lottery import prepare, run_replicate
-    from .probe import probe_level, probe_out
-    from .retrain import retrain
-    from .stability import level_stability
-    from .transfer import finetune, finetune_config, finetune_out
+class Sweep:
+    """A spec's steps, where each one's results live, and the one function that runs a step. The
+    datasets the steps read are loaded once per worker."""
 
-    cache: dict = {}
+    def __init__(self, spec: Spec, runtime: Runtime | None = None):
+        self.spec, self.runtime, self._data = spec, runtime or Runtime(spec.device), {}
 
-    def data_for(exp):
+    def steps(self) -> list[Step]:
+        """Every step, lottery chains first within each replicate."""
+        out = []
+        for exp in self.spec.experiments:
+            for r in range(1, self.spec.replicates + 1):
+                out.append(Step("lottery", exp, r))
+                for level in range(self.spec.levels + 1):
+                    out += [Step("retrain", exp, r, level, reset) for reset in self.spec.retrain]
+                    out += [Step("probe", exp, r, level, i) for i in range(len(self.spec.probe))]
+                    out += [Step("finetune", exp, r, level, i) for i in range(len(self.spec.finetune))]
+                    if self.spec.stability is not None and level in self.spec.stability.get("level", [level]):
+                        out.append(Step("stability", exp, r, level))
+        return out
+
+    # where a step's results live
+    def _level(self, step: Step) -> Path:
+        return layout.level_dir(self.spec.root / step.experiment.name(), step.replicate, step.level)
+
+    def _label(self, step: Step) -> str:
+        """The step's name in its level (ledger key and claim lock)."""
+        if step.kind == "retrain":
+            return layout.run_dir(self._level(step), step.evaluation).name
+        if step.kind in ("probe", "finetune"):
+            return layout.sweep_label(step.kind, step.evaluation + 1)
+        return layout.STABILITY
+
+    def key(self, step: Step) -> str:
+        """e.g. 'labels_convnet_digits_<hash>/replicate_1/level_2/retrain_reinit' (the ledger's)."""
+        if step.kind == "lottery":
+            return f"{layout.replicate_dir(self.spec.root / step.experiment.name(), step.replicate).relative_to(self.spec.root)}/lottery"
+        return f"{self._level(step).relative_to(self.spec.root)}/{self._label(step)}"
+
+    def lock(self, step: Step) -> Path:
+        if step.kind == "lottery":
+            exp_dir = self.spec.root / step.experiment.name()
+            return layout.sweep_lock(exp_dir, layout.replicate_dir(exp_dir, step.replicate).name)
+        return layout.sweep_lock(self._level(step), self._label(step))
+
+    def out(self, step: Step) -> Path:
+        """The folder whose done.json marks an evaluation done."""
+        ldir = self._level(step)
+        if step.kind == "retrain":
+            return layout.run_dir(ldir, step.evaluation)
+        if step.kind == "probe":
+            data, table = self._downstream(step)
+            return probe_out(ldir, data, table.get("stage"))
+        if step.kind == "finetune":
+            data, table = self._downstream(step)
+            return finetune_out(ldir, data, *finetune_config(step.experiment, table))
+        return layout.stability_dir(ldir)
+
+    def train_dirs(self, step: Step) -> list[Path]:
+        """The training runs a step makes (its epochs are counted there)."""
+        if step.kind == "lottery":
+            return [layout.run_dir(layout.level_dir(self.spec.root / step.experiment.name(), step.replicate, L))
+                    for L in range(self.spec.levels + 1)]
+        if step.kind in ("retrain", "finetune"):
+            return [self.out(step)]
+        if step.kind == "stability":
+            return [c for c in (layout.stability_copy(self._level(step), i) for i in (1, 2)) if c.exists()]
+        return []
+
+    def ready(self, step: Step) -> bool:
+        """Its inputs exist: an evaluation waits until its level is trained."""
+        return step.kind == "lottery" or layout.is_done(layout.run_dir(self._level(step)))
+
+    def done(self, step: Step) -> bool:
+        return all(layout.is_done(d) for d in self.train_dirs(step)) if step.kind == "lottery" else \
+            layout.is_done(self.out(step))
+
+    def run(self, step: Step) -> None:
+        """Run one step, as the CLI's command for it would."""
+        exp, r, level, rt = step.experiment, step.replicate, step.level, self.runtime
+        exp_dir, data = self._exp_dir(exp), self._dataset(exp)
+        if step.kind == "lottery":
+            run_replicate(exp, exp_dir, data, r, self.spec.levels, rt, False)
+        elif step.kind == "retrain":
+            retrain(exp, exp_dir, data, r, level, step.evaluation, rt, False)
+        elif step.kind == "probe":
+            target, table = self._downstream(step)
+            probe_level(exp_dir, r, level, target, Normalize(*data.channel_stats()), rt.device, table.get("stage"))
+        elif step.kind == "finetune":
+            target, table = self._downstream(step)
+            finetune(exp_dir, r, level, target, *finetune_config(exp, table), rt, False)
+        else:
+            options = {k: v for k, v in self.spec.stability.items() if k != "level"}
+            level_stability(exp, exp_dir, data, r, level, rt, progress=False, **options)
+
+    # the data steps read, once per worker
+    def _dataset(self, exp: Experiment):
         key = repr(exp.data)
-        if key not in cache:
-            cache[key] = load_dataset(exp.data, spec.data_root)
-        return cache[key]
+        if key not in self._data:
+            self._data[key] = load_dataset(exp.data, self.spec.data_root)
+        return self._data[key]
 
-    def downstream(exp, kind: str, table: dict) -> tuple:
-        """(data, level folder -> the evaluation's folder) of a probe or fine-tune table, read once per worker."""
-        key = (kind, exp.name(), repr(sorted(table.items())))
-        if key not in cache:
-            size = table.get("image_size") or data_for(exp).train.image_shape[-1]  # default: the run's
-            data = load_dataset(Data(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table} | {"image_size": size}),
-                                table.get("data_root"))
-            if kind == "probe":
-                cache[key] = data, lambda ldir: probe_out(ldir, data, table.get("stage"))
-            else:
-                cache[key] = data, lambda ldir: finetune_out(ldir, data, *finetune_config(exp, table))
-        return cache[key]
+    def _downstream(self, step: Step) -> tuple:
+        """(data, table) of a probe or fine-tune step's [[evaluations.*]] table."""
+        table = (self.spec.probe if step.kind == "probe" else self.spec.finetune)[step.evaluation]
+        key = (step.kind, step.experiment.name(), step.evaluation)
+        if key not in self._data:
+            size = table.get("image_size") or self._dataset(step.experiment).train.image_shape[-1]  # default: the run's
+            self._data[key] = load_dataset(Data(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table}
+                                                | {"image_size": size}), table.get("data_root"))
+        return self._data[key], table
 
-    def evaluation(ldir, level, label, out, run, trains):
-        return Step(key=f"{ldir.relative_to(spec.root)}/{label}", lock=layout.sweep_lock(ldir, label),
-                    ready=lambda: layout.is_done(layout.run_dir(ldir)), done=lambda: layout.is_done(out()),
-                    run=run, train_dirs=trains if callable(trains) else lambda: [out()] if trains else [], level=level)
-
-    def exp_dir(exp) -> Path:  # created once, under a lock: config.json is written by one worker
-        d = spec.root / exp.name()
-        if not (d / layout.CONFIG).exists():  # prepare takes the experiment's lock; config.json is written once
-            prepare(exp, spec.root, data_for(exp), spec.data_root, ["sweep", str(spec.path)], Runtime(spec.device))
+    def _exp_dir(self, exp: Experiment) -> Path:
+        """Created once (prepare takes the experiment's lock: config.json has one writer)."""
+        d = self.spec.root / exp.name()
+        if not (d / layout.CONFIG).exists():
+            prepare(exp, self.spec.root, self._dataset(exp), self.spec.data_root, ["sweep", str(self.spec.path)],
+                    Runtime(self.spec.device))
         return d
-
-    steps = []
-    for exp in spec.experiments:
-        name = exp.name()
-        for r in range(1, spec.replicates + 1):
-            rdir = layout.replicate_dir(spec.root / name, r)
-            levels = range(spec.levels + 1)
-            runs = [layout.run_dir(layout.level_dir(spec.root / name, r, L)) for L in levels]
-            steps.append(Step(
-                key=f"{rdir.relative_to(spec.root)}/lottery", lock=layout.sweep_lock(spec.root / name, rdir.name),
-                ready=lambda: True,
-                done=lambda runs=runs: all(layout.is_done(run) for run in runs),
-                run=lambda exp=exp, r=r: run_replicate(exp, exp_dir(exp), data_for(exp), r, spec.levels, runtime, False),
-                train_dirs=lambda runs=runs: runs))
-            for level in levels:
-                ldir = layout.level_dir(spec.root / name, r, level)
-                for reset in spec.retrain:
-                    out = layout.run_dir(ldir, reset)
-                    steps.append(evaluation(
-                        ldir, level, out.name, lambda out=out: out,
-                        lambda exp=exp, r=r, level=level, reset=reset: retrain(
-                            exp, exp_dir(exp), data_for(exp), r, level, reset, runtime, False), trains=True))
-                for i, table in enumerate(spec.probe):
-                    steps.append(evaluation(
-                        ldir, level, layout.sweep_label("probe", i + 1),
-                        lambda exp=exp, t=table, ldir=ldir: downstream(exp, "probe", t)[1](ldir),
-                        lambda exp=exp, t=table, r=r, level=level: probe_level(
-                            exp_dir(exp), r, level, downstream(exp, "probe", t)[0], Normalize(*data_for(exp).channel_stats()),
-                            runtime.device, t.get("stage")), trains=False))
-                for i, table in enumerate(spec.finetune):
-                    steps.append(evaluation(
-                        ldir, level, layout.sweep_label("finetune", i + 1),
-                        lambda exp=exp, t=table, ldir=ldir: downstream(exp, "finetune", t)[1](ldir),
-                        lambda exp=exp, t=table, r=r, level=level: finetune(
-                            exp_dir(exp), r, level, downstream(exp, "finetune", t)[0], *finetune_config(exp, t), runtime, False),
-                        trains=True))
-                if spec.stability is not None and level in spec.stability.get("level", levels):
-                    options = {k: v for k, v in spec.stability.items() if k != "level"}
-                    steps.append(evaluation(
-                        ldir, level, layout.STABILITY, lambda ldir=ldir: layout.stability_dir(ldir),
-                        lambda exp=exp, r=r, level=level, o=options: level_stability(
-                            exp, exp_dir(exp), data_for(exp), r, level, runtime, progress=False, **o),
-                        trains=lambda ldir=ldir: [layout.stability_copy(ldir, i) for i in (1, 2)
-                                                  if layout.stability_copy(ldir, i).exists()]))
-    return steps
 
 
 def _ledger(root: Path, **entry) -> None:
@@ -299,24 +337,25 @@ def _ledger(root: Path, **entry) -> None:
 def work(spec_path: str | Path, worker: str, poll: float = 0.5) -> int:
     """Run steps until none is left; returns the number of steps this worker finished."""
     spec = load_spec(Path(spec_path))
-    steps = plan(spec, Runtime(spec.device))
+    sweep = Sweep(spec)
+    steps = sweep.steps()
     finished = 0
     while True:
-        pending = [s for s in steps if not s.done()]
+        pending = [s for s in steps if not sweep.done(s)]
         if not pending:
             return finished
         progressed = False
         for step in pending:
-            if not step.ready():
+            if not sweep.ready(step):
                 continue
-            with layout.file_lock(step.lock, wait=False) as mine:
-                if not mine or step.done():    # someone runs it, or finished it meanwhile
+            with layout.file_lock(sweep.lock(step), wait=False) as mine:
+                if not mine or sweep.done(step):    # someone runs it, or finished it meanwhile
                     continue
-                before = sum(_progress(d) for d in step.train_dirs())
-                _ledger(spec.root, event="start", step=step.key, worker=worker, epochs_before=before)
-                step.run()
-                epochs = sum(_progress(d) for d in step.train_dirs()) - before
-                _ledger(spec.root, event="done", step=step.key, worker=worker, epochs=epochs)
+                key, before = sweep.key(step), sum(_progress(d) for d in sweep.train_dirs(step))
+                _ledger(spec.root, event="start", step=key, worker=worker, epochs_before=before)
+                sweep.run(step)
+                epochs = sum(_progress(d) for d in sweep.train_dirs(step)) - before
+                _ledger(spec.root, event="done", step=key, worker=worker, epochs=epochs)
                 finished += 1
                 progressed = True
         if not progressed:
@@ -369,8 +408,9 @@ def status(spec: Spec) -> dict:
     """Steps done and pending, and the epochs the sweep trained against what it would have
     trained without reuse: each re-training of level L would re-run its own lottery levels 0..L
     (the dense training and rewind point included), as separate experiments do."""
-    steps = plan(spec, Runtime(spec.device))
-    done = [s for s in steps if s.done()]
+    sweep = Sweep(spec)
+    steps = sweep.steps()
+    done = [s for s in steps if sweep.done(s)]
     ledger = _read_ledger(spec.root)
     # epochs trained by the sweep: each finished step's epochs, less those it had when first started
     # (a worker killed mid-step is credited through the checkpoint its successor resumed from)
@@ -378,13 +418,11 @@ def status(spec: Spec) -> dict:
     for e in ledger:
         if e["event"] == "start":
             first.setdefault(e["step"], e["epochs_before"])
-    ran = sum(sum(_progress(d) for d in s.train_dirs()) - first[s.key] for s in done if s.key in first)
-    per_level = {exp.name(): exp.train.epochs for exp in spec.experiments}
-    without = ran + sum(per_level[s.key.split("/")[0]] * (s.level + 1)
-                        for s in steps if s.level >= 0 and s.done())
+    ran = sum(sum(_progress(d) for d in sweep.train_dirs(s)) - first[sweep.key(s)] for s in done if sweep.key(s) in first)
+    without = ran + sum(s.experiment.train.epochs * (s.level + 1) for s in done if s.level >= 0)
     twice = sorted({e["step"] for e in ledger if e["event"] == "done"
                     and sum(f["event"] == "done" and f["step"] == e["step"] for f in ledger) > 1})
-    return {"steps": len(steps), "done": len(done), "pending": [s.key for s in steps if not s.done()],
+    return {"steps": len(steps), "done": len(done), "pending": [sweep.key(s) for s in steps if not sweep.done(s)],
             "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice}
 
 

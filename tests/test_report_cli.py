@@ -155,7 +155,7 @@ GOLDEN = "dc100d129ad6"
     (["lottery", "--preset", "demo", "--task", "jigsaw"], "unknown task 'jigsaw'"),
     (["lottery", "--preset", "demo"], "--task is required; choose one of: exemplar, labels, npid, rotation, s4l"),
     (["lottery", "--preset", "demo", "--task", "labels", "--fraction", "1.5"], "--fraction must be in (0, 1)"),
-    (["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels"], "--lr must be > 0"),
+    (["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels"], "no --lr, --batch-size, --epochs: set them"),
     (["lottery", "--preset", "demo", "--task", "labels", "--dataset", "imagefolder"], "--data-root is required"),
     (["lottery", "--preset", "demo", "--task", "labels", "--rewind", "3x"], "--rewind must look like"),
     (["lottery", "--preset", "demo", "--task", "labels", "--crop-pad", "-1"], "--crop-pad must be >= 0"),
