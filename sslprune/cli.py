@@ -53,22 +53,25 @@ def _sections():
     return [(f.name, f.default_factory) for f in dataclasses.fields(Experiment)]
 
 
+def _field_flag(g, f: dataclasses.Field, help_text: str) -> None:
+    """One config field as a flag, defaulting to None (= not given: the preset's, the run's, the default)."""
+    flag = "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool):
+        g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif isinstance(f.default, tuple):
+        g.add_argument(flag, type=_int_tuple, default=None, metavar="A,B,...", help=help_text)
+    else:
+        g.add_argument(flag, type=type(f.default), default=None, help=help_text)
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     helps = _field_help()
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset (flags override it)")
     for section, cls in _sections():
         g = p.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            default = f.default
             unset = f.name in REQUIRED  # no default: a preset or this flag must give it
-            h = f"{helps.get(f.name, '')} [{'no default: set it or pick a --preset' if unset else f'default: {default!r}'}]"
-            if isinstance(default, bool):
-                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
-            elif isinstance(default, tuple):
-                g.add_argument(flag, type=_int_tuple, default=None, metavar="A,B,...", help=h)
-            else:
-                g.add_argument(flag, type=type(default), default=None, help=h)
+            _field_flag(g, f, f"{helps.get(f.name, '')} [{'no default: set it or pick a --preset' if unset else f'default: {f.default!r}'}]")
 
 
 def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -89,16 +92,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     """The Train section's flags and the dataset-augmentation flags, all defaulting to None (= keep)."""
     helps = _field_help()
     g = p.add_argument_group("training options (default: the run's)")
-    fields = [*dataclasses.fields(config.Train), *[f for f in dataclasses.fields(config.Data)
-                                                   if f.name in ("crop_pad", "flip")]]
-    for f in fields:
-        flag, h = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif isinstance(f.default, tuple):
-            g.add_argument(flag, type=_int_tuple, default=None, metavar="A,B,...", help=h)
-        else:
-            g.add_argument(flag, type=type(f.default), default=None, help=h)
+    for f in [*dataclasses.fields(config.Train), *[f for f in dataclasses.fields(config.Data) if f.name in ("crop_pad", "flip")]]:
+        _field_flag(g, f, helps.get(f.name, ""))
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -424,25 +419,10 @@ def cmd_lottery(args, argv) -> int:
 
 
 def cmd_retrain(args, argv) -> int:
-    from . import layout
-    from .data import load_dataset
-    from .lottery import check_same_data, load_experiment, record_command
-    from .retrain import retrain
+    from .retrain import retrain_run
 
-    runtime = _runtime(args)
-    exp, saved = load_experiment(args.run_dir)
-    data = load_dataset(exp.data, args.data_root or saved.get("data_root"))
-    check_same_data(args.run_dir, saved, data)
-    reps = [r for r in layout.replicates(args.run_dir) if not args.replicates or r in args.replicates]
-    if not reps:
-        raise UserError(f"no matching replicates in {args.run_dir}; run 'sslprune lottery' first")
-    record_command(args.run_dir, list(argv))
-    trained = layout.trained_levels(args.run_dir)
-    for r in reps:
-        levels = args.level if args.level is not None else [lv for rr, lv in trained if rr == r]
-        for level in levels:
-            for reset in args.reset:
-                retrain(exp, args.run_dir, data, r, level, reset, runtime, not args.quiet)
+    retrain_run(args.run_dir, args.reset, args.replicates, args.level, args.data_root, _runtime(args),
+                not args.quiet, list(argv))
     print(args.run_dir)
     return 0
 
@@ -474,65 +454,35 @@ def cmd_report(args, argv) -> int:
     return 0
 
 
-def _trained_levels(run_dir: Path, replicates, levels) -> list[tuple[int, int]]:
-    """(replicate, level) pairs of trained levels, filtered by the given lists (None = all)."""
-    from . import layout
-
-    pairs = [(r, lv) for r, lv in layout.trained_levels(run_dir)
-             if (replicates is None or r in replicates) and (levels is None or lv in levels)]
-    if not pairs:
-        raise UserError(f"no trained level matches in {run_dir}; run 'sslprune lottery' first")
-    return sorted(pairs)
-
-
 def cmd_eval(args, argv) -> int:
     from .config import Data
-    from .data import load_dataset
-    from .data.augment import Normalize
-    from .lottery import check_same_data, load_experiment, record_command
-    from .probe import probe_level
 
     if args.evaluation == "cost":
         return cmd_cost(args, argv)
-    _check_device(args.device)
-    exp, saved = load_experiment(args.run_dir)
-    pairs = _trained_levels(args.run_dir, args.replicates, args.level)
-    own = load_dataset(exp.data, saved.get("data_root"))
-    check_same_data(args.run_dir, saved, own)
     if args.evaluation == "finetune":
-        return cmd_finetune(args, argv, exp, saved, pairs, own)
+        return cmd_finetune(args, argv)
     if args.evaluation == "stability":
-        return cmd_stability(args, argv, exp, pairs, own)
-    normalize = Normalize(*own.channel_stats())   # what the network was trained to see
-    if (args.dataset, args.data_root, args.image_size, args.train_per_class, args.test_per_class) == \
-            (None, None, None, 0, 0):
-        data = own
-    else:  # another dataset, or the run's own read differently
-        size = args.image_size if args.image_size is not None else own.train.image_shape[-1]
-        data = load_dataset(Data(dataset=args.dataset or exp.data.dataset, image_size=size,
-                                 train_per_class=args.train_per_class, test_per_class=args.test_per_class),
-                            args.data_root or saved.get("data_root"))
-    if args.stage:  # fail before any work
-        from .models import build_model
-        from .probe import stage_module
-        stage_module(build_model(exp.model.model), args.stage)
-    record_command(args.run_dir, list(argv))
-    for r, level in pairs:
-        res = probe_level(args.run_dir, r, level, data, normalize, args.device, args.stage)
-        print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: accuracy {res['test_acc']:.4f}, "
-              f"mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
+        return cmd_stability(args, argv)
+    from .probe import probe_run
+
+    _check_device(args.device)
+    other = (args.dataset, args.data_root, args.image_size, args.train_per_class, args.test_per_class) != \
+        (None, None, None, 0, 0)   # another dataset, or the run's own read differently
+    target = Data(dataset=args.dataset or "", image_size=args.image_size or 0, train_per_class=args.train_per_class,
+                  test_per_class=args.test_per_class) if other else None
+    data, results = probe_run(args.run_dir, target, args.data_root, args.stage, args.replicates, args.level,
+                              args.device, list(argv))
+    for r, level, res in results:
+        print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: "
+              f"accuracy {res['test_acc']:.4f}, mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
     return 0
 
 
-def cmd_stability(args, argv, exp, pairs, data) -> int:
-    from .lottery import record_command
-    from .stability import level_stability
+def cmd_stability(args, argv) -> int:
+    from .stability import stability_run
 
-    runtime = _runtime(args)
-    record_command(args.run_dir, list(argv))
-    for r, level in pairs:
-        res = level_stability(exp, args.run_dir, data, r, level, runtime, args.points, args.bn, args.bn_batches,
-                              not args.quiet)
+    for r, level, res in stability_run(args.run_dir, args.replicates, args.level, _runtime(args), args.points,
+                                       args.bn, args.bn_batches, not args.quiet, list(argv)):
         path = " ".join(f"{m:.3f}" for m in res["test_acc"])
         print(f"replicate {r} level {level}: instability {res['instability']:.4f} (rewind {res['rewind']}; "
               f"{res['metric']} along the path: {path})")
@@ -569,24 +519,17 @@ def cmd_export(args, argv) -> int:
     return 0
 
 
-def cmd_finetune(args, argv, exp, saved, pairs, own) -> int:
+def cmd_finetune(args, argv) -> int:
     from .config import Data
-    from .data import load_dataset
-    from .transfer import finetune, finetune_config
+    from .transfer import finetune_run
 
     names = [f.name for f in dataclasses.fields(config.Train)] + ["crop_pad", "flip"]
-    cfg, aug = finetune_config(exp, {k: getattr(args, k) for k in names if getattr(args, k) is not None})
-    size = args.image_size if args.image_size is not None else own.train.image_shape[-1]
-    data = load_dataset(Data(dataset=args.dataset, image_size=size, train_per_class=args.train_per_class,
-                             test_per_class=args.test_per_class), args.data_root)
-    if aug.crop_pad >= data.train.image_shape[-1]:
-        raise UserError(f"--crop-pad {aug.crop_pad} is not smaller than the {data.train.image_shape[-1]}-pixel "
-                        f"target images; pass a smaller --crop-pad")
-    from .lottery import record_command
-    record_command(args.run_dir, list(argv))
-    runtime = _runtime(args)
-    for r, level in pairs:
-        res = finetune(args.run_dir, r, level, data, cfg, aug, runtime, not args.quiet)
+    target = Data(dataset=args.dataset, image_size=args.image_size or 0, train_per_class=args.train_per_class,
+                  test_per_class=args.test_per_class)
+    data, results = finetune_run(args.run_dir, target, args.data_root,
+                                 {k: getattr(args, k) for k in names if getattr(args, k) is not None},
+                                 args.replicates, args.level, _runtime(args), not args.quiet, list(argv))
+    for r, level, res in results:
         print(f"replicate {r} level {level}: fine-tuned on {data.name}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f}")
     return 0

@@ -232,7 +232,7 @@ def experiment_of(path: Path) -> Path:
 
 
 def run_name(path: Path) -> str:
-    """A path's place in its experiment, e.g. 'replicate_1/level_2/train' (its name outside one)."""
+    """A path's place in its experiment, e.g. `replicate_1/level_2/train` (its name outside one)."""
     where = locate(path)
     return Path(path).relative_to(where[0]).as_posix() if where else Path(path).name
 

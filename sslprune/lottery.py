@@ -202,6 +202,25 @@ def check_same_data(exp_dir: Path, saved: dict, data: Dataset) -> None:
                         f"data root it used ({saved.get('data_root')}) or use another --root")
 
 
+def open_run(exp_dir: Path, data_root: str | None = None) -> tuple[Experiment, dict, Dataset]:
+    """An experiment, its config.json, and the data it trained on (read from `data_root` or where
+    it was; checked to be that data)."""
+    from .data import load_dataset
+    exp, saved = load_experiment(exp_dir)
+    data = load_dataset(exp.data, data_root or saved.get("data_root"))
+    check_same_data(exp_dir, saved, data)
+    return exp, saved, data
+
+
+def pick_levels(exp_dir: Path, replicates: list[int] | None, levels: list[int] | None) -> list[tuple[int, int]]:
+    """(replicate, level) of the trained levels an evaluation runs on (None = all of them)."""
+    pairs = [(r, lv) for r, lv in layout.trained_levels(exp_dir)
+             if (replicates is None or r in replicates) and (levels is None or lv in levels)]
+    if not pairs:
+        raise UserError(f"no trained level matches in {exp_dir}; run 'sslprune lottery' first")
+    return pairs
+
+
 def load_experiment(exp_dir: Path) -> tuple[Experiment, dict]:
     cfg_path = Path(exp_dir) / layout.CONFIG
     if not cfg_path.exists():

@@ -8,6 +8,7 @@ The test split is touched once, at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,11 @@ import torch
 from torch import nn
 
 from . import layout
-from .data import Dataset, Split
+from .config import Data
+from .data import Dataset, Split, load_dataset
 from .data.augment import Normalize
 from .errors import UserError
-from .lottery import load_experiment
+from .lottery import load_experiment, open_run, pick_levels, record_command
 from .models import build_model
 from .train import load_weights
 
@@ -133,3 +135,24 @@ def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: 
               "classes": data.num_classes}
     layout.save_json(out / layout.DONE, result)
     return result
+
+
+def probe_run(exp_dir: Path, target: Data | None = None, target_root: str | None = None, stage: str | None = None,
+              replicates: list[int] | None = None, levels: list[int] | None = None, device: str = "cpu",
+              command: list[str] | None = None) -> tuple[Dataset, list[tuple[int, int, dict]]]:
+    """`sslprune eval probe`: every trained level's probe on the run's own data, or on `target`
+    (a Data config: another dataset, or the run's own read differently; image size defaults to the
+    run's). Images are standardised with the run's own training statistics."""
+    exp, saved, own = open_run(exp_dir)
+    pairs = pick_levels(exp_dir, replicates, levels)
+    normalize = Normalize(*own.channel_stats())   # what the network was trained to see
+    data = own
+    if target is not None:
+        size = target.image_size or own.train.image_shape[-1]
+        data = load_dataset(dataclasses.replace(target, dataset=target.dataset or exp.data.dataset, image_size=size),
+                            target_root or saved.get("data_root"))
+    if stage:  # fail before any work
+        stage_module(build_model(exp.model.model), stage)
+    if command is not None:
+        record_command(exp_dir, command)
+    return data, [(r, level, probe_level(exp_dir, r, level, data, normalize, device, stage)) for r, level in pairs]

@@ -19,7 +19,7 @@ from . import channels, layout
 from .config import Experiment
 from .data import Dataset
 from .errors import UserError
-from .lottery import build, derive_seed, save_mask
+from .lottery import build, derive_seed, open_run, record_command, save_mask
 from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
 from .runtime import CPU, Runtime
 from .sparsity import adjusted_random_scores, natural_zeros
@@ -96,3 +96,20 @@ def _retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, leve
         load_weights(backbone, None, layout.load_rewind(exp_dir, replicate))  # backbone only: the head is fresh
     return train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
                  progress=progress)
+
+
+def retrain_run(exp_dir: Path, resets: list[str], replicates: list[int] | None = None, levels: list[int] | None = None,
+                data_root: str | None = None, runtime: Runtime = CPU, progress: bool = True,
+                command: list[str] | None = None) -> list[tuple[int, int, str, dict]]:
+    """`sslprune retrain`: every (replicate, level, reset), levels default to the trained ones.
+    `command` is recorded in config.json once the checks pass. Returns each one's final metrics."""
+    exp, _, data = open_run(exp_dir, data_root)
+    reps = [r for r in layout.replicates(exp_dir) if not replicates or r in replicates]
+    if not reps:
+        raise UserError(f"no matching replicates in {exp_dir}; run 'sslprune lottery' first")
+    if command is not None:
+        record_command(exp_dir, command)
+    trained = layout.trained_levels(exp_dir)
+    return [(r, level, reset, retrain(exp, exp_dir, data, r, level, reset, runtime, progress))
+            for r in reps for level in (levels if levels is not None else [lv for rr, lv in trained if rr == r])
+            for reset in resets]

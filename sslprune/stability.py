@@ -30,7 +30,7 @@ from .data import Dataset, Split
 from .data.augment import Normalize
 from .errors import UserError
 from .labelled import task_data
-from .lottery import build, derive_seed, level_mask
+from .lottery import build, derive_seed, level_mask, open_run, pick_levels, record_command
 from .runtime import CPU, Runtime
 from .tasks import Batch, Task
 from .train import evaluate, load_weights, rewind_step, train, weights
@@ -166,3 +166,15 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
               "seeds": [seed for _, seed in copies]}
     layout.save_json(out / layout.DONE, result)
     return result
+
+
+def stability_run(exp_dir: Path, replicates: list[int] | None = None, levels: list[int] | None = None,
+                  runtime: Runtime = CPU, points: int = 11, bn: str = "recompute", bn_batches: int = 20,
+                  progress: bool = True, command: list[str] | None = None) -> list[tuple[int, int, dict]]:
+    """`sslprune eval stability`: every trained level's instability."""
+    exp, _, data = open_run(exp_dir)
+    pairs = pick_levels(exp_dir, replicates, levels)
+    if command is not None:
+        record_command(exp_dir, command)
+    return [(r, level, level_stability(exp, exp_dir, data, r, level, runtime, points, bn, bn_batches, progress))
+            for r, level in pairs]

@@ -3,7 +3,7 @@ bars (batch jobs, SLURM logs, `2> log.txt`), and optional experiment tracking (`
 TensorBoard, Weights & Biases or MLflow, each an extra, off by default.
 
 A training run logs its per-epoch record (train/test loss and metric, lr, seconds) under its place
-in the experiment, e.g. 'replicate_1/level_2/train', so every level and re-training of a lottery is
+in the experiment, e.g. `replicate_1/level_2/train`, so every level and re-training of a lottery is
 one curve of one experiment.
 """
 from __future__ import annotations
@@ -92,13 +92,13 @@ def metrics(record: dict) -> dict[str, float]:
 
 
 def epoch_line(run: Path, record: dict, epochs: int, metric: str) -> None:
-    """'replicate_1/level_2/train epoch 3/15: loss 1.234, test rotation accuracy 0.456 (2.1 s)' on stderr."""
+    """`replicate_1/level_2/train epoch 3/15: loss 1.234, test rotation accuracy 0.456 (2.1 s)` on stderr."""
     print(f"{layout.run_name(run)} epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}, "
           f"test {metric} {record['test_acc']:.4f} ({record['train_seconds'] + record['eval_seconds']:.1f} s)",
           file=sys.stderr, flush=True)
 
 
 def level_line(run: Path, remaining: float, final: dict, metric: str, seconds: float) -> None:
-    """'replicate_1/level_2: 64.00% of the weights, test rotation accuracy 0.452, 15 epochs in 31 s' on stderr."""
+    """`replicate_1/level_2: 64.00% of the weights, test rotation accuracy 0.452, 15 epochs in 31 s` on stderr."""
     print(f"{layout.run_name(run.parent)}: {remaining:.2%} of the weights, test {metric} {final['test_acc']:.4f}, "
           f"{final['epochs']} epochs in {seconds:.0f} s", file=sys.stderr, flush=True)

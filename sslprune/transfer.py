@@ -23,10 +23,10 @@ from .config import Data as DataConfig
 from .config import Experiment
 from .config import Task as TaskConfig
 from .config import Train as TrainConfig
-from .data import Dataset
+from .data import Dataset, load_dataset
 from .errors import UserError
 from .runtime import CPU, Runtime
-from .lottery import build, derive_seed, load_experiment
+from .lottery import build, derive_seed, load_experiment, open_run, pick_levels, record_command
 from .train import load_weights, train
 
 
@@ -60,3 +60,21 @@ def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: Trai
     out = finetune_out(ldir, data, cfg, aug)
     with layout.step_guard(layout.step_lock(ldir, out.name)):  # one writer; a second one waits
         return train(backbone, task, data, cfg, aug, mask, out, seed=replicate, runtime=runtime, progress=progress)
+
+
+def finetune_run(exp_dir: Path, target: DataConfig, target_root: str | None, overrides: dict,
+                 replicates: list[int] | None = None, levels: list[int] | None = None, runtime: Runtime = CPU,
+                 progress: bool = True, command: list[str] | None = None) -> tuple[Dataset, list[tuple[int, int, dict]]]:
+    """`sslprune eval finetune`: every trained level fine-tuned on `target` (image size defaults to
+    the run's) with the run's training settings and `overrides` (finetune_config)."""
+    exp, _, own = open_run(exp_dir)
+    pairs = pick_levels(exp_dir, replicates, levels)
+    cfg, aug = finetune_config(exp, overrides)
+    data = load_dataset(dataclasses.replace(target, image_size=target.image_size or own.train.image_shape[-1]),
+                        target_root)
+    if aug.crop_pad >= data.train.image_shape[-1]:
+        raise UserError(f"--crop-pad {aug.crop_pad} is not smaller than the {data.train.image_shape[-1]}-pixel "
+                        f"target images; pass a smaller --crop-pad")
+    if command is not None:
+        record_command(exp_dir, command)
+    return data, [(r, level, finetune(exp_dir, r, level, data, cfg, aug, runtime, progress)) for r, level in pairs]

@@ -142,7 +142,7 @@ def test_pruning_during_transfer_reaches_the_requested_densities(tmp_path, run_d
     assert "level 0 of replicate 2 is not trained there" in capsys.readouterr().err
     assert not (tmp_path / "t2").exists()
     assert main(["eval", "finetune", str(run_dir), "--dataset", "imagefolder", "--data-root", str(folder),
-                 "--image-size", "8", "--epochs", "1", "--levels", "0-1", "--replicates", "1", "--quiet"]) == 0
+                 "--image-size", "8", "--epochs", "1", "--level", "0-1", "--replicates", "1", "--quiet"]) == 0
     assert main(["report", str(run_dir), str(target), "--out", str(tmp_path / "rep")]) == 0
     from sslprune.report import collect
     rows = [r for r in collect([run_dir, target]) if r["eval"] == "transfer down" and r["metric"] == "test_acc"]
