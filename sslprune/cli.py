@@ -392,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_lottery(args, argv) -> int:
-    from .data import load_dataset
-    from .lottery import check_schedule, prepare, pretrained_file, run_replicate, source_run
-    from .tasks import TASKS
+    from .lottery import lottery_run
 
     exp, run = resolve(args)
     if args.print_config:
@@ -402,18 +400,8 @@ def cmd_lottery(args, argv) -> int:
         print(print_config(exp, run) + f"# experiment: {exp.name()}")
         return 0
     _check_counts(run["levels"], run["replicates"])
-    runtime = _runtime(args)
-    exp.validate()                         # before reading any data
-    check_schedule(exp, run["levels"])
-    distributed.check_batch(TASKS[exp.task.task].sampler.width(exp.train.batch_size))  # before anything is written
-    if source_run(exp) is not None:        # every replicate's start exists before anything is written
-        for replicate in run["replicates"]:
-            pretrained_file(exp, replicate)
-    data = load_dataset(exp.data, args.data_root)
-    exp_dir = prepare(exp, args.root, data, args.data_root, list(argv), runtime)
-    distributed.barrier()                  # config.json is written before any rank goes on
-    for replicate in run["replicates"]:
-        run_replicate(exp, exp_dir, data, replicate, run["levels"], runtime, not args.quiet)
+    exp_dir = lottery_run(exp, args.root, args.data_root, run["levels"], run["replicates"], _runtime(args),
+                          not args.quiet, list(argv))
     print(exp_dir)
     return 0
 
@@ -490,20 +478,10 @@ def cmd_stability(args, argv) -> int:
 
 
 def cmd_cost(args, argv) -> int:
-    from . import layout
-    from .cost import cost_run
+    from .cost import cost_levels
 
-    if args.repeats < 1:
-        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.onnx:
-        from .export import _need_onnx
-        _need_onnx()
-    pairs = [(r, lv) for r, lv, ldir in layout.levels(args.run_dir) if (ldir / layout.MASK).exists()
-             and (args.replicates is None or r in args.replicates) and (args.level is None or lv in args.level)]
-    if not pairs:
-        raise UserError(f"no level with a mask matches in {args.run_dir}; run 'sslprune lottery' first")
-    written = cost_run(args.run_dir, pairs, args.repeats, args.onnx)
-    print(f"{written} cost.json written ({len(pairs)} levels)")
+    written, n = cost_levels(args.run_dir, args.replicates, args.level, args.repeats, args.onnx)
+    print(f"{written} cost.json written ({n} levels)")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import layout
+from .errors import UserError
 from .pruning import prunable
 
 BATCHES = (1, 64)
@@ -141,3 +142,18 @@ def _onnx_of(net: nn.Module, shape, path: Path) -> Path:
     from .export import onnx_bytes
     path.write_bytes(onnx_bytes(net, shape))
     return path
+
+
+def cost_levels(exp_dir: Path, replicates: list[int] | None = None, levels: list[int] | None = None,
+                repeats: int = 10, onnx: bool = True) -> tuple[int, int]:
+    """`sslprune eval cost`: every level with a mask (filtered); returns (files written, levels)."""
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
+    if onnx:
+        from .export import _need_onnx
+        _need_onnx()
+    pairs = [(r, lv) for r, lv, ldir in layout.levels(exp_dir) if (ldir / layout.MASK).exists()
+             and (replicates is None or r in replicates) and (levels is None or lv in levels)]
+    if not pairs:
+        raise UserError(f"no level with a mask matches in {exp_dir}; run 'sslprune lottery' first")
+    return cost_run(exp_dir, pairs, repeats, onnx), len(pairs)

@@ -323,6 +323,25 @@ def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int
             tracking.level_line(out, density(mask), final, task.metric, time.perf_counter() - t0)
 
 
+def lottery_run(exp: Experiment, root: Path, data_root: str | None, levels: int, replicates: list[int],
+                runtime: Runtime = CPU, progress: bool = True, command: list[str] = ("lottery",)) -> Path:
+    """`sslprune lottery`: levels 0..`levels` of each replicate, after every check that can fail
+    (nothing is written before). Returns the experiment directory."""
+    from .data import load_dataset
+    exp.validate()                         # before reading any data
+    check_schedule(exp, levels)
+    distributed.check_batch(TASKS[exp.task.task].sampler.width(exp.train.batch_size))
+    if source_run(exp) is not None:        # every replicate's start exists
+        for replicate in replicates:
+            pretrained_file(exp, replicate)
+    data = load_dataset(exp.data, data_root)
+    exp_dir = prepare(exp, root, data, data_root, list(command), runtime)
+    distributed.barrier()                  # config.json is written before any rank goes on
+    for replicate in replicates:
+        run_replicate(exp, exp_dir, data, replicate, levels, runtime, progress)
+    return exp_dir
+
+
 def _git_sha() -> str:
     """The revision of the code that ran, '+dirty' when it had uncommitted changes."""
     def git(*args):
