@@ -78,8 +78,7 @@ def _prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, 
             raise UserError(f"{cfg_path} holds a different configuration than the one asked for "
                             f"(same name {exp.name()}); use another --root or move {exp_dir} away")
         check_same_data(exp_dir, saved, data)
-        started = saved.get("pretrained_id") or (  # runs saved before pretrained_id: a bare sha256
-            f"sha256 {saved['pretrained_sha256']}" if saved.get("pretrained_sha256") else None)
+        started = saved.get("pretrained_id")
         if started != pretrained:
             raise UserError(f"--pretrained {exp.model.pretrained} is not what {exp_dir} started from "
                             f"({started}, now {pretrained}); restore it or use another --root")
