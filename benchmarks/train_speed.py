@@ -42,6 +42,12 @@ from sslprune.tasks.rotation import rotate4
 from sslprune.train import train
 
 
+def _sync(device) -> None:
+    """Wait for the device: CUDA runs asynchronously, so a timer read without this measures launches."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def fake_cifar(n: int, n_test: int) -> Dataset:
     g = torch.Generator().manual_seed(0)
 
@@ -55,29 +61,38 @@ def _model(model_name: str, data: Dataset, memory_format) -> nn.Module:
     return nn.Sequential(backbone, task.head).train().to(memory_format=memory_format)
 
 
+def _on(data: Dataset, device) -> Dataset:
+    """The dataset's tensors on `device`, as train() keeps an in-memory dataset."""
+    return Dataset(data.name, Split(data.train.images.to(device), data.train.labels.to(device)),
+                   Split(data.test.images.to(device), data.test.labels.to(device)), data.classes)
+
+
 def bare_loop(model_name: str, data: Dataset, batch: int, steps: int, windows: int, rt: Runtime,
               augment: bool = False) -> float:
     """The least a training step can be: forward, loss, backward, SGD step on a ready batch; with
     `augment`, each step first indexes a random batch of uint8 images, crops, flips and normalises it."""
-    model = _model(model_name, data, rt.memory_format)
+    model = _model(model_name, data, rt.memory_format).to(rt.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if rt.compile:
         model.compile()
-    norm = Normalize(*data.channel_stats(), memory_format=rt.memory_format)
-    g = torch.Generator().manual_seed(0)
+    norm = Normalize(*data.channel_stats(), memory_format=rt.memory_format).to(rt.device)
+    data = _on(data, rt.device)
+    g = torch.Generator(device=rt.device).manual_seed(0)
     x, y = norm(data.train.images[:batch]), data.train.labels[:batch]
     best = float("inf")
     for w in range(windows + 1):  # window 0 warms up (and compiles)
+        _sync(rt.device)
         t0 = time.perf_counter()
         for _ in range(steps):
             if augment:
-                idx = torch.randperm(len(data.train), generator=g)[:batch]
+                idx = torch.randperm(len(data.train), generator=g, device=rt.device)[:batch]
                 x, y = norm(batch_flip_lr(batch_crop(data.train.images[idx], 2, g), g)), data.train.labels[idx]
             with rt.autocast():
                 loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        _sync(rt.device)
         if w:
             best = min(best, time.perf_counter() - t0)
     return steps * batch / best
@@ -142,38 +157,46 @@ def step_flops(model_name: str, data: Dataset, batch: int) -> float:
     return counter.get_total_flops()
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(n: int = 2048, reps: int = 10, device="cpu") -> float:
     """Measured fp32 matrix-multiply FLOP/s (the best of `reps`): the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
 
-def mask_cost(model_name: str, data: Dataset, calls: int = 20) -> float:
+def mask_cost(model_name: str, data: Dataset, calls: int = 20, device="cpu") -> float:
     """Seconds per call of the mask enforcement at 0.8^5 density (every layer pruned)."""
     backbone, _ = build(Experiment.from_flat({"model": model_name, "task": "labels"}), data, seed=0)
-    backbone.to(memory_format=torch.channels_last)
-    enforce = MaskEnforcer(backbone, prune_iteratively(backbone, 5, 0.2))
+    mask = prune_iteratively(backbone, 5, 0.2)
+    backbone.to(device, memory_format=torch.channels_last)
+    enforce = MaskEnforcer(backbone, mask)
     enforce()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         enforce()
+    _sync(device)
     return (time.perf_counter() - t0) / calls
 
 
-def pipeline_rate(data: Dataset, batch: int, steps: int) -> float:
-    """uint8 batch -> crop -> flip -> normalise -> 4 rotations. Source images/s."""
-    g = torch.Generator().manual_seed(0)
-    norm = Normalize(*data.channel_stats(), memory_format=torch.channels_last)
+def pipeline_rate(data: Dataset, batch: int, steps: int, device="cpu") -> float:
+    """uint8 batch -> crop -> flip -> normalise -> 4 rotations, on the training device. Source images/s."""
+    g = torch.Generator(device=device).manual_seed(0)
+    norm = Normalize(*data.channel_stats(), memory_format=torch.channels_last).to(device)
+    images = data.train.images.to(device)
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        idx = torch.randperm(len(data.train), generator=g)[:batch]
-        rotate4(norm(batch_flip_lr(batch_crop(data.train.images[idx], 2, g), g)))
+        idx = torch.randperm(len(images), generator=g, device=device)[:batch]
+        rotate4(norm(batch_flip_lr(batch_crop(images[idx], 2, g), g)))
+    _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
 
@@ -273,7 +296,7 @@ def main():
     if args.ddp_child:
         return ddp_child(args.ddp_child[0], int(args.ddp_child[1]), int(args.ddp_child[2]), args.ddp_child[3] == "local")
     rt = Runtime(args.device).resolved()
-    peak = matmul_peak()
+    peak = matmul_peak(device=args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"runtime {rt.fingerprint()}, {args.rounds} rounds of {args.windows} window(s) of {args.steps} steps")
     print(f"fp32 matrix-multiply peak (2048^3, measured): {peak / 1e9:.1f} GFLOP/s")
@@ -296,9 +319,9 @@ def main():
             over_bare = statistics.median(r[0] / r[2] - 1 for r in rounds)
             over_dense = statistics.median(r[1] / r[2] - 1 for r in rounds)
             over_pruned = statistics.median(r[1] / r[3] - 1 for r in rounds)
-            enforce = mask_cost(name, data)
+            enforce = mask_cost(name, data, device=args.device)
             step = batch / dense
-            pipe = pipeline_rate(data, batch, 50)
+            pipe = pipeline_rate(data, batch, 50, args.device)
             gflops = step_flops(name, data, batch) / step
             print(f"\n{name}, batch {batch}")
             print(f"  bare loop, ready batch     {bare:9.1f} img/s   (rounds: {', '.join(f'{r[0]:.1f}' for r in rounds)})")
