@@ -9,7 +9,6 @@ import dataclasses
 import io
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -539,14 +538,15 @@ def _sweep_doc() -> str:
 
 
 def cmd_sweep(args, argv) -> int:
-    from . import sweep
+    from . import workers
+    from .sweep import load_spec
 
-    spec = sweep.load_spec(args.spec)
+    spec = load_spec(args.spec)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if not args.status:
         if args.submit:
-            jobs = sweep.submit(spec.path, args.workers, args.submit, spec.root / ".submitit",
+            jobs = workers.submit(spec.path, args.workers, args.submit, spec.root / ".submitit",
                                 {"partition": args.slurm_partition, "time": args.slurm_time,
                                  "gpus_per_node": args.slurm_gpus_per_node, "cpus_per_task": args.slurm_cpus_per_task})
             print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs)}")
@@ -556,10 +556,10 @@ def cmd_sweep(args, argv) -> int:
             for j in jobs:
                 j.result()
         else:
-            codes = sweep.run_local(spec.path, args.workers)
+            codes = workers.run_local(spec.path, args.workers)
             if any(codes):
                 print(f"worker exit codes {codes}", file=sys.stderr)
-    st = sweep.status(spec)
+    st = workers.status(spec)
     print(f"{st['done']}/{st['steps']} steps done; epochs trained {st['epochs_trained']}, "
           f"{st['epochs_without_reuse']} without reuse of level-0 training and masks")
     if st["finished_twice"]:

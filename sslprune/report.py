@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 import textwrap
 from collections import defaultdict
 from pathlib import Path

@@ -10,7 +10,8 @@ import pytest
 
 from sslprune import layout
 from sslprune.cli import main
-from sslprune.sweep import load_spec, status
+from sslprune.sweep import load_spec
+from sslprune.workers import status
 
 SPEC = """
 root = "runs"

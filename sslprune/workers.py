@@ -1,0 +1,143 @@
+"""Who runs a sweep's steps: independent workers that share one run root (processes on this
+machine, or SLURM jobs through submitit), and what they did (the ledger, `sslprune sweep --status`).
+
+An evaluation waits until its level is trained. Each step is guarded by an exclusive
+`flock` on its own lock file: a worker that cannot take it moves on, and a worker that dies (kill -9
+included) loses its locks with its process, so another worker or the next run picks the step up
+and resumes it from its last checkpoint. No step is ever computed by two workers at once, and a
+finished step is never recomputed (its done.json is checked under the lock). Every worker appends
+what it started and finished to ROOT/sweep_ledger.jsonl, which is what `sslprune sweep --status`
+and the reuse report read. Locks need a file system with working flock (local disks, NFSv4,
+Lustre with flock enabled).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import layout
+from .errors import UserError
+from .sweep import Spec, Sweep, load_spec
+
+LEDGER = "sweep_ledger.jsonl"
+
+
+def _progress(train_dir: Path) -> int:
+    """Epochs a training run has: all of them when done, else its checkpoint's, else 0."""
+    if layout.is_done(train_dir):
+        return layout.load_json(train_dir / layout.DONE)["epochs"]
+    if (train_dir / layout.CHECKPOINT).exists():  # the epochs a resumed run will not train again
+        return int(layout.load_checkpoint(train_dir / layout.CHECKPOINT)["epoch"])
+    return 0
+
+
+def _ledger(root: Path, **entry) -> None:
+    """One JSON line per event, appended in a single write (O_APPEND: lines never interleave)."""
+    root.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"time": round(time.time(), 3), "pid": os.getpid(), **entry}) + "\n"
+    fd = os.open(root / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def work(spec_path: str | Path, worker: str, poll: float = 0.5) -> int:
+    """Run steps until none is left; returns the number of steps this worker finished."""
+    spec = load_spec(Path(spec_path))
+    sweep = Sweep(spec)
+    steps = sweep.steps()
+    finished = 0
+    while True:
+        pending = [s for s in steps if not sweep.done(s)]
+        if not pending:
+            return finished
+        progressed = False
+        for step in pending:
+            if not sweep.ready(step):
+                continue
+            with layout.file_lock(sweep.lock(step), wait=False) as mine:
+                if not mine or sweep.done(step):    # someone runs it, or finished it meanwhile
+                    continue
+                key, before = sweep.key(step), sum(_progress(d) for d in sweep.train_dirs(step))
+                _ledger(spec.root, event="start", step=key, worker=worker, epochs_before=before)
+                sweep.run(step)
+                epochs = sum(_progress(d) for d in sweep.train_dirs(step)) - before
+                _ledger(spec.root, event="done", step=key, worker=worker, epochs=epochs)
+                finished += 1
+                progressed = True
+        if not progressed:
+            time.sleep(poll)  # what is left runs elsewhere, or waits for a level being trained
+
+
+def run_local(spec_path: Path, workers: int) -> list[int]:
+    """`workers` processes on this machine, each running `work`; returns their exit codes."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(str(spec_path), f"local-{i}"), name=f"sweep-{i}")
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return [p.exitcode for p in procs]
+
+
+def _worker_main(spec_path: str, worker: str) -> None:
+    import sys
+    try:
+        work(spec_path, worker)
+    except UserError as e:
+        print(f"sslprune sweep: worker {worker}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dict) -> list:
+    """`workers` jobs through submitit (cluster 'slurm', or 'local' to run them as local processes);
+    returns the jobs. Each job runs `work`; together they finish the sweep."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--submit needs submitit: pip install 'sslprune[cluster]'") from None
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {"timeout_min": slurm.get("time", 60)}
+    if cluster == "slurm":
+        params |= {k: v for k, v in {"slurm_partition": slurm.get("partition"),
+                                     "gpus_per_node": slurm.get("gpus_per_node"),
+                                     "cpus_per_task": slurm.get("cpus_per_task")}.items() if v is not None}
+    executor.update_parameters(**params)
+    with executor.batch():
+        jobs = [executor.submit(work, str(spec_path), f"{cluster}-{i}") for i in range(workers)]
+    return jobs
+
+
+def status(spec: Spec) -> dict:
+    """Steps done and pending, and the epochs the sweep trained against what it would have
+    trained without reuse: each re-training of level L would re-run its own lottery levels 0..L
+    (the dense training and rewind point included), as separate experiments do."""
+    sweep = Sweep(spec)
+    steps = sweep.steps()
+    done = [s for s in steps if sweep.done(s)]
+    ledger = _read_ledger(spec.root)
+    # epochs trained by the sweep: each finished step's epochs, less those it had when first started
+    # (a worker killed mid-step is credited through the checkpoint its successor resumed from)
+    first = {}
+    for e in ledger:
+        if e["event"] == "start":
+            first.setdefault(e["step"], e["epochs_before"])
+    ran = sum(sum(_progress(d) for d in sweep.train_dirs(s)) - first[sweep.key(s)] for s in done if sweep.key(s) in first)
+    without = ran + sum(s.experiment.train.epochs * (s.level + 1) for s in done if s.level >= 0)
+    twice = sorted({e["step"] for e in ledger if e["event"] == "done"
+                    and sum(f["event"] == "done" and f["step"] == e["step"] for f in ledger) > 1})
+    return {"steps": len(steps), "done": len(done), "pending": [sweep.key(s) for s in steps if not sweep.done(s)],
+            "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice}
+
+
+def _read_ledger(root: Path) -> list[dict]:
+    path = root / LEDGER
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
