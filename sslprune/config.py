@@ -37,7 +37,7 @@ class Model:
 
 @dataclass(frozen=True)
 class Task:
-    task: Annotated[str, "TASKS key: labels | rotation | exemplar | npid | s4l"] = ""
+    task: Annotated[str, "TASKS key: labels | rotation | exemplar | npid | s4l | vicreg"] = ""
     label_fraction: Annotated[float, "labels, s4l: keep the labels of this fraction of the training set (0 = all)"] = 0.0
     label_split: Annotated[str, "images: that fraction of every class; classes: that fraction of the classes, all their images"] = "images"
     label_seed: Annotated[int, "seed of the labelled subset (fixed per experiment, saved with it)"] = 0
@@ -48,6 +48,7 @@ class Task:
     bank_momentum: Annotated[float, "npid: bank row <- normalise(m * row + (1 - m) * new embedding)"] = 0.5
     z_momentum: Annotated[float, "npid: moving average of the NCE normaliser Z (1.0 = fixed after the first batch, as Wu et al.)"] = 0.9
     knn: Annotated[int, "npid: neighbours of the weighted kNN monitor on the test set"] = 200
+    projector_dim: Annotated[int, "vicreg: width of the projector's three layers (2048 in the paper)"] = 2048
     rotation_weight: Annotated[float, "s4l: weight of the rotation loss next to the label loss"] = 1.0
 
 
@@ -213,7 +214,7 @@ class Experiment:
         if not 0.0 <= t.label_fraction <= 1.0:
             raise UserError(f"--label-fraction must be in [0, 1] (0 = all labels), got {t.label_fraction}")
         TASKS[t.task].check_config(t)
-        for name in ("embedding_dim", "nce_negatives", "knn", "temperature", "margin"):
+        for name in ("embedding_dim", "nce_negatives", "knn", "temperature", "margin", "projector_dim"):
             if not getattr(t, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(t, name)}")
         if t.margin > 2.0:
@@ -281,6 +282,12 @@ PRESETS: dict[str, dict] = {
     "cifar10-resnet18-npid": {**_CIFAR_PAPER, "task": "npid", "optimizer": "sgd", "lr": 0.03,
                               "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "epochs": 200,
                               "milestones": (120, 160)},
+    # VICReg as Krishna et al. 2023 train it on CIFAR (solo-learn's scripts): batch 256, lr 0.3, wd 1e-4,
+    # warm-up then cosine, projector 2048. Their optimizer is LARS; this is SGD with momentum (no LARS
+    # here yet), so lr 0.3 is theirs, not one tuned for SGD. Views: the task's own (crops of 0.2-1).
+    "cifar10-resnet18-vicreg": {**_CIFAR_PAPER, "task": "vicreg", "optimizer": "sgd", "lr": 0.3, "momentum": 0.9,
+                                "weight_decay": 1e-4, "batch_size": 256, "epochs": 500, "schedule": "cosine",
+                                "milestones": (), "warmup_epochs": 10, "crop_pad": 0, "flip": False},
 }
 
 

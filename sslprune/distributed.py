@@ -153,7 +153,7 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        c, dt = x.shape[1], torch.float64                       # x: (B_local, C, H, W)
+        c, dt = x.shape[1], torch.float64                       # x: (B_local, C, H, W) or (B_local, C)
         scratch = torch.zeros(c, device=x.device, dtype=weight.dtype), torch.ones(c, device=x.device, dtype=weight.dtype)
         mean, var = torch.batch_norm_update_stats(x, *scratch, 0.0)   # local, biased; scratch untouched at momentum 0
         n = torch.full((1,), x.numel() / c, device=x.device, dtype=dt)
@@ -179,7 +179,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             [True, True, True])                                 # dy*w*invstd; local sums of dy*xhat, dy
         sums = torch.cat([grad_bias, grad_weight]).double()    # (2C,) over every rank's images
         dist.all_reduce(sums)
-        c, shape = weight.shape[0], (1, -1, 1, 1)
+        c, shape = weight.shape[0], (1, -1, *[1] * (x.dim() - 2))
         invstd = torch.rsqrt(var.double() + ctx.eps)
         k = invstd * weight.double()
         # dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd = grad_in - (offset + slope * x)
@@ -197,9 +197,9 @@ def _format(x: torch.Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training-mode statistics span every rank; the same parameters and
-    buffers (checkpoints are interchangeable), and plain BatchNorm2d on one process or in eval."""
+class _SyncForward:
+    """A batch-norm layer whose training-mode statistics span every rank; the same parameters and
+    buffers (checkpoints are interchangeable), and the plain layer on one process or in eval."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and world() > 1):
@@ -213,11 +213,22 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
+class SyncBatchNorm2d(_SyncForward, nn.BatchNorm2d):
+    """nn.BatchNorm2d over the global batch (convolutions)."""
+
+
+class SyncBatchNorm1d(_SyncForward, nn.BatchNorm1d):
+    """nn.BatchNorm1d over the global batch (projectors: VICReg's)."""
+
+
+SYNCED = {nn.BatchNorm2d: SyncBatchNorm2d, nn.BatchNorm1d: SyncBatchNorm1d}
+
+
 def sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Make every BatchNorm2d of `module` a SyncBatchNorm2d in place (same state, same keys)."""
+    """Make every BatchNorm2d / BatchNorm1d of `module` synchronised in place (same state, same keys)."""
     for m in module.modules():
-        if type(m) is nn.BatchNorm2d:
+        if type(m) in SYNCED:
             if not (m.affine and m.track_running_stats and m.momentum is not None):
                 raise ValueError(f"{m}: only affine batch-norm with running statistics is synchronised")
-            m.__class__ = SyncBatchNorm2d
+            m.__class__ = SYNCED[type(m)]
     return module

@@ -64,7 +64,7 @@ def test_a_distributed_run_resumes(runs):
 
 
 TASK_OPTIONS = {"labels": {}, "rotation": {}, "exemplar": {"embedding_dim": 8},
-                "npid": {"embedding_dim": 8, "nce_negatives": 16}, "s4l": {}}
+                "npid": {"embedding_dim": 8, "nce_negatives": 16}, "s4l": {}, "vicreg": {"projector_dim": 16}}
 
 
 def _one_step(name: str, rows_of=None) -> dict:
@@ -78,7 +78,7 @@ def _one_step(name: str, rows_of=None) -> dict:
     backbone = torch.nn.Sequential(build_model("convnet")).double().train()
     task = build_task(TaskConfig(task=name, **TASK_OPTIONS[name]), 128, 10, 64).double().train()
     if rows_of is not None:
-        distributed.sync_batchnorm(backbone)
+        distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (16,), generator=g)

@@ -58,14 +58,15 @@ def test_labels_task_head_matches_classes():
     assert t.head.out_features == 7 and t.head.in_features == b.feature_dim
 
 
-@pytest.mark.parametrize("name", ["labels", "rotation", "exemplar", "npid", "s4l"])
+@pytest.mark.parametrize("name", ["labels", "rotation", "exemplar", "npid", "s4l", "vicreg"])
 def test_losses_decrease_on_a_fixed_batch(name):
     """Same images, same random views (the generator is re-seeded every step), 40 Adam steps.
     NPID starts from a bank filled with the batch: from a random bank its loss first rises while
     the bank fills with the (initially similar) embeddings of a random network."""
     torch.manual_seed(0)
     b = build_model("convnet")
-    options = {"nce_negatives": 16} if name == "npid" else {"label_fraction": 0.5} if name == "s4l" else {}
+    options = {"nce_negatives": 16} if name == "npid" else {"label_fraction": 0.5} if name == "s4l" else \
+        {"projector_dim": 32} if name == "vicreg" else {}
     t = task(name, b.feature_dim, 3, num_train=64, **options)
     x, y = (torch.rand(16, 3, 8, 8) * 255).to(torch.uint8), torch.arange(16) % 3
     if name == "s4l":

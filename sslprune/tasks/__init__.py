@@ -8,6 +8,7 @@ from .labels import Labels
 from .npid import NPID
 from .rotation import Rotation
 from .s4l import S4LRotation
+from .vicreg import VICReg
 
 TASKS = {
     "labels": Labels,          # cross-entropy on classes (optionally on a labelled subset)
@@ -15,6 +16,7 @@ TASKS = {
     "exemplar": Exemplar,      # triplet loss between two random transformations of each image
     "npid": NPID,              # instance discrimination against a memory bank, NCE
     "s4l": S4LRotation,        # labels on the labelled subset + RotNet on every image
+    "vicreg": VICReg,          # variance-invariance-covariance between two views' projections
 }
 
 
