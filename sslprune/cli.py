@@ -73,11 +73,16 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             _field_flag(g, f, f"{helps.get(f.name, '')} [{'no default: set it or pick a --preset' if unset else f'default: {f.default!r}'}]")
 
 
+def _run_args(p: argparse.ArgumentParser, levels: str = "every trained level") -> None:
+    """The run, and the levels and replicates of it to work on."""
+    p.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
+    _level_arg(p, levels)
+    p.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+
+
 def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
     """The run, the levels and replicates to evaluate, and the data to evaluate on."""
-    p.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    _level_arg(p, "every trained level")
-    p.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    _run_args(p)
     p.add_argument("--dataset", required=required, default=None, help="digits | cifar10 | imagefolder"
                    + ("" if required else " [default: the run's own dataset]"))
     p.add_argument("--data-root", default=None, help="its location, e.g. "
@@ -292,9 +297,7 @@ def parser() -> argparse.ArgumentParser:
                            "error on the path - mean error of the ends; about 0: stable. For the rewind point's "
                            "effect, run lotteries with different --rewind and measure each; 'sslprune report' "
                            "plots instability against the rewind point.")
-    st.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    _level_arg(st, "every trained level")
-    st.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    _run_args(st)
     st.add_argument("--points", type=int, default=11, help="evenly spaced points on the path, ends included [default: 11]")
     st.add_argument("--bn", default="recompute", choices=["recompute", "keep"], help="batch-norm statistics at each "
                     "point: recomputed from training batches, or the copies' own interpolated [default: recompute]")
@@ -308,9 +311,7 @@ def parser() -> argparse.ArgumentParser:
                            "dense network, zeros and all) in PyTorch eager at batch 1 and 64 (CPU; CUDA too when "
                            "there is one) and in onnxruntime, as speed-ups over the dense network measured in the "
                            "same call. Writes cost.json beside each mask; 'sslprune report' shows them.")
-    co.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    _level_arg(co, "every level with a mask")
-    co.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
+    _run_args(co, "every level with a mask")
     co.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median) [default: 10]")
     co.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                     help="also time onnxruntime (needs sslprune[export]) [default: on]")
