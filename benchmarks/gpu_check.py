@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CIFAR = HERE.parents[1] / "shared/data/cifar10-images/cifar10-images.tar.gz"
 OBJECTIVES = {"labels": [], "rotation": [], "exemplar": [], "npid": ["--nce-negatives", "512", "--knn", "50"],
-              "s4l": ["--label-fraction", "0.1"]}
+              "s4l": ["--label-fraction", "0.1"], "vicreg": ["--projector-dim", "512"]}
 
 
 class Check:
@@ -113,7 +113,7 @@ def main() -> None:
              "--root", str(c.root / "resume")]
     rc1, _, s1 = c.sslprune(*flags, kill_after=20 if quick else 40)
     rc2, out, s2 = c.sslprune(*flags)
-    ok = rc2 == 0
+    ok = rc1 == -signal.SIGKILL and rc2 == 0   # killed mid-run (not finished early), then finished
     exp = _experiment(out) if ok else None
     c.row(f"{model} lottery: SIGKILL at {s1:.0f} s, then resumed", ok, s1 + s2,
           (f"killed: exit {rc1}; level 1 test rotation acc {_done(exp, 1)['test_acc']:.3f}" if ok
@@ -128,6 +128,12 @@ def main() -> None:
             speed = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in sorted(dense.items()))
         c.row("eval cost: dense latency per engine", rc == 0, s, speed[:300] if rc == 0
               else out.strip().splitlines()[-1][:120])
+
+    # 4b. linear-mode connectivity of level 1's ticket (a second copy trained, 11 points on the path)
+    if exp is not None:
+        rc, out, s = c.sslprune("eval", "stability", str(exp), "--level", "1", "--device", dev, "--precision",
+                                precision, "--quiet", "--points", "5" if quick else "11")
+        c.row("eval stability (level 1)", rc == 0, s, out.strip().splitlines()[-1][:200] if out.strip() else "")
 
     # 5. a streamed ImageFolder run: decoding workers, pinned memory
     tree = c.root / "tree"

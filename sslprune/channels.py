@@ -178,6 +178,10 @@ def prune_channels(groups: list[Group], alive: list[torch.Tensor], scores: list[
             continue
         out[gi][chans] = False
         removed += len(chans)
+    if k > 0 and removed == 0:  # every block overshoots: the level would repeat the last one's mask
+        raise UserError(f"pruning {fraction:.0%} of the {total} surviving channels removes no whole block of "
+                        f"{round_to}: the level would equal the one before; use a larger --fraction, a smaller "
+                        f"--channel-round or fewer --levels")
     return out
 
 
@@ -228,10 +232,19 @@ def check_levels(backbone: nn.Module, fraction: float, levels: int, round_to: in
     groups = channel_groups(backbone)
     alive = sum(g.size for g in groups)
     floor = sum(min(g.size, round_to) for g in groups)
+    state = [torch.ones(g.size, dtype=torch.bool) for g in groups]
+    flat = [torch.ones(g.size) for g in groups]   # equal scores: the counts, not which channels
     for level in range(1, levels + 1):
         k = int(round(fraction * alive))
         if k > alive - floor:
             raise UserError(f"--granularity channel: level {level} would remove {k} of the {alive} surviving "
                             f"channels, emptying a layer ({floor} must stay, one block per layer); pass "
                             f"--levels {level - 1} or a smaller --fraction")
-        alive -= k
+        if round_to > 1:  # whole blocks: what a level removes depends on the layers' widths, so run it
+            try:
+                state = prune_channels(groups, state, flat, fraction, round_to)
+            except UserError as e:
+                raise UserError(f"--granularity channel: level {level}: {e}") from None
+            alive = sum(int(a.sum()) for a in state)
+        else:
+            alive -= k

@@ -370,9 +370,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_abbreviations(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags are taken whole: '--level 3' on lottery must not silently mean '--levels 3'."""
+    p.allow_abbrev = False
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    args = _no_abbreviations(parser()).parse_args(argv)
     try:
         if distributed.launched():  # torchrun --nproc_per_node N -m sslprune ...
             if args.command not in DISTRIBUTED_COMMANDS:
@@ -456,10 +466,10 @@ def cmd_eval(args, argv) -> int:
     _check_device(args.device)
     other = (args.dataset, args.data_root, args.image_size, args.train_per_class, args.test_per_class) != \
         (None, None, None, 0, 0)   # another dataset, or the run's own read differently
-    target = Data(dataset=args.dataset or "", image_size=args.image_size or 0, train_per_class=args.train_per_class,
+    target = Data(dataset=args.dataset or "", train_per_class=args.train_per_class,
                   test_per_class=args.test_per_class) if other else None
     data, results = probe_run(args.run_dir, target, args.data_root, args.stage, args.replicates, args.level,
-                              args.device, list(argv))
+                              args.device, list(argv), args.image_size)
     for r, level, res in results:
         print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: "
               f"accuracy {res['test_acc']:.4f}, mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
@@ -502,11 +512,11 @@ def cmd_finetune(args, argv) -> int:
     from .transfer import finetune_run
 
     names = [f.name for f in dataclasses.fields(config.Train)] + ["crop_pad", "flip"]
-    target = Data(dataset=args.dataset, image_size=args.image_size or 0, train_per_class=args.train_per_class,
-                  test_per_class=args.test_per_class)
+    target = Data(dataset=args.dataset, train_per_class=args.train_per_class, test_per_class=args.test_per_class)
     data, results = finetune_run(args.run_dir, target, args.data_root,
                                  {k: getattr(args, k) for k in names if getattr(args, k) is not None},
-                                 args.replicates, args.level, _runtime(args), not args.quiet, list(argv))
+                                 args.replicates, args.level, _runtime(args), not args.quiet, list(argv),
+                                 args.image_size)
     for r, level, res in results:
         print(f"replicate {r} level {level}: fine-tuned on {data.name}: accuracy {res['test_acc']:.4f}, "
               f"mean per-class {res['test_mean_class_acc']:.4f}")

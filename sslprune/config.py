@@ -320,10 +320,21 @@ def resolve(values: dict, where: str = "flags", base_dir: Path | None = None) ->
         raise UserError(f"{where}: '{unknown[0]}' is no configuration field; use the flag names without dashes "
                         f"(e.g. batch_size), 'preset', 'levels' or 'replicates'")
     flat = {**RUN_DEFAULTS, **(PRESETS[preset] if preset else {}), **values}
+    levels, replicates = flat["levels"], flat["replicates"]
+    if not _whole(levels) or levels < 0:
+        raise UserError(f"{where}: levels must be a whole number >= 0, got {levels!r}")
+    if not (_whole(replicates) and replicates >= 1 or isinstance(replicates, (list, tuple)) and replicates
+            and all(_whole(r) and r >= 1 for r in replicates)):
+        raise UserError(f"{where}: replicates must be a count >= 1 or a list of replicate numbers >= 1, "
+                        f"got {replicates!r}")
     flat = {k: tuple(v) if isinstance(v, list) and k != "replicates" else v for k, v in flat.items()}
     if flat.get("pretrained"):
         flat["pretrained"] = str((Path(base_dir or ".") / flat["pretrained"]).resolve())
     return Experiment.from_flat(flat), {k: flat[k] for k in RUN_DEFAULTS}
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def read_config(path: Path) -> dict:

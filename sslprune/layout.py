@@ -115,14 +115,21 @@ def number(folder: Path) -> int:
     return int(n)
 
 
+def _numbered(folder: Path) -> bool:
+    """replicate_<n> or level_<n> exactly: a folder moved aside (level_2.diverged) is not one."""
+    prefix, _, n = folder.name.rpartition("_")
+    return folder.is_dir() and prefix in ("replicate", "level") and n.isdigit()
+
+
 def replicates(exp_dir: Path) -> list[int]:
     """The replicates an experiment has on disk, in order."""
-    return sorted(number(p) for p in Path(exp_dir).glob("replicate_*") if p.is_dir())
+    return sorted(number(p) for p in Path(exp_dir).glob("replicate_*") if _numbered(p))
 
 
 def levels(exp_dir: Path) -> list[tuple[int, int, Path]]:
     """(replicate, level, folder) of every level on disk, in order."""
-    return sorted((number(p.parent), number(p), p) for p in Path(exp_dir).glob("replicate_*/level_*") if p.is_dir())
+    return sorted((number(p.parent), number(p), p) for p in Path(exp_dir).glob("replicate_*/level_*")
+                  if _numbered(p) and _numbered(p.parent))
 
 
 def trained_levels(exp_dir: Path) -> list[tuple[int, int]]:

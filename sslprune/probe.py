@@ -139,16 +139,16 @@ def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: 
 
 def probe_run(exp_dir: Path, target: Data | None = None, target_root: str | None = None, stage: str | None = None,
               replicates: list[int] | None = None, levels: list[int] | None = None, device: str = "cpu",
-              command: list[str] | None = None) -> tuple[Dataset, list[tuple[int, int, dict]]]:
+              command: list[str] | None = None, image_size: int | None = None) -> tuple[Dataset, list[tuple[int, int, dict]]]:
     """`sslprune eval probe`: every trained level's probe on the run's own data, or on `target`
-    (a Data config: another dataset, or the run's own read differently; image size defaults to the
-    run's). Images are standardised with the run's own training statistics."""
+    (a Data config: another dataset, or the run's own read differently) at `image_size` (None: the
+    run's; 0: native). Images are standardised with the run's own training statistics."""
     exp, saved, own = open_run(exp_dir)
     pairs = pick_levels(exp_dir, replicates, levels)
     normalize = Normalize(*own.channel_stats())   # what the network was trained to see
     data = own
     if target is not None:
-        size = target.image_size or own.train.image_shape[-1]
+        size = own.train.image_shape[-1] if image_size is None else image_size
         data = load_dataset(dataclasses.replace(target, dataset=target.dataset or exp.data.dataset, image_size=size),
                             target_root or saved.get("data_root"))
     if stage:  # fail before any work

@@ -61,7 +61,7 @@ def labels(exp_dirs: list[Path], ignore: tuple[str, ...] = ()) -> dict[Path, str
     """Each experiment's curve name: its objective label, and where experiments share one, the
     settings that tell them apart, e.g. 'labels (rewind 3ep)' (never averaged as replicates).
     `ignore`: settings a figure puts on an axis instead (the rewind point)."""
-    exps = {Path(d): load_experiment(d)[0] for d in exp_dirs}
+    exps = {Path(d).resolve(): load_experiment(d)[0] for d in exp_dirs}
     groups = defaultdict(list)
     for d, exp in exps.items():
         groups[objective_label(exp)].append(d)
@@ -84,13 +84,14 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
     for exp_dir in exp_dirs:
         exp, saved = load_experiment(exp_dir)
         layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
-        objective = names[Path(exp_dir)]
+        objective = names[Path(exp_dir).resolve()]
         own_metric = TASKS.get(exp.task.task, Task).metric  # what test_acc means in the lottery's own runs
         # the lottery's own rows; a run started from another lottery run is pruning during transfer
         # (decided by what config.json recorded, so it holds wherever the source run lives now)
         train_row = (objective, "task", exp.prune.reset)
         if str(saved.get("pretrained_id") or "").startswith("run "):
-            train_row = (_source_label(Path(exp.model.pretrained)), f"transfer {_data_label(saved)}", TRANSFER_PRUNED)
+            source = Path(exp.model.pretrained)
+            train_row = (names.get(source.resolve()) or _source_label(source), f"transfer {_data_label(saved)}", TRANSFER_PRUNED)
         for replicate, level, ldir in layout.levels(exp_dir):
             for e in sorted(layout.evaluations(ldir), key=lambda e: KINDS.index(e.kind) if e.kind in KINDS else 9):
                 if e.kind == "train":
@@ -499,7 +500,7 @@ def collect_stability(exp_dirs: list[Path]) -> list[dict]:
             if not layout.is_done(sdir):
                 continue
             st = layout.load_json(sdir / layout.DONE)
-            rows.append(dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir)], replicate=replicate,
+            rows.append(dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir).resolve()], replicate=replicate,
                              level=level, remaining=density(layout.load_mask(ldir / layout.MASK), layers),
                              rewind=st["rewind"], rewind_epochs=st["rewind_epochs"], instability=st["instability"],
                              retrained_acc=layout.load_json(retrained / layout.DONE)["test_acc"]

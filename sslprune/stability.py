@@ -14,8 +14,9 @@ and level 0 when the rewind point is the init), so one extra training per level 
 Batch-norm. The running statistics of an interpolated network are not its statistics: at each
 point they are recomputed in train mode (momentum None: the exact average) over `bn_batches`
 training batches, without dataset augmentation, with the task's own views (RotNet's rotations);
-the task's other state (NPID's memory bank) is left as interpolated. bn="keep" interpolates the
-stored statistics instead (then the ends are exactly the two trained networks).
+state that stands for the network's own outputs (NPID's memory bank) is rebuilt from the training
+images (Task.rebuild_state). bn="keep" interpolates the stored statistics and the bank instead (then
+the ends are exactly the two trained networks).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def recompute_batchnorm(backbone: nn.Module, task: Task, images: torch.Tensor, l
     backbone.train(), task.train()
     generator = torch.Generator(device=images.device).manual_seed(0)   # the task's views, fixed
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(images.device)
-    for i in range(min(batches, -(-len(images) // batch_size))):
+    for i in range(min(batches, max(1, len(images) // batch_size))):  # full batches, as training sees them
         idx = order[i * batch_size:(i + 1) * batch_size]
         task.step(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
     for m, momentum in zip(norms, momenta):
@@ -87,6 +88,7 @@ def path_metrics(backbone: nn.Module, task: Task, a: dict[str, torch.Tensor], b:
         load_weights(backbone, task, interpolate(a, b, alpha))
         if bn == "recompute":
             recompute_batchnorm(backbone, task, train_x, train_y, normalize, batch_size, bn_batches)
+            task.rebuild_state(backbone, train_x, normalize)
         test = evaluate(backbone, task, test_x, test_y, normalize,
                         batch_size if task.batch_metric else max(batch_size, 256), train_labels=train_y)
         out.append(test["acc"])
@@ -99,11 +101,8 @@ def instability(metrics: list[float]) -> float:
     return max(errors) - (errors[0] + errors[-1]) / 2
 
 
-def level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int,
-                    runtime: Runtime = CPU, points: int = 11, bn: str = "recompute", bn_batches: int = 20,
-                    progress: bool = True) -> dict:
-    """Instability of level `level`'s ticket; idempotent: level_<L>/stability/done.json, beside the
-    second copy's training run. data: the full dataset (the objective's share is taken here)."""
+def check_options(points: int, bn: str, bn_batches: int, exp: Experiment | None = None) -> None:
+    """Refuse, before anything runs or is recorded, settings eval stability cannot use."""
     if points < 3:
         raise UserError(f"--points must be at least 3 (the two ends and one between), got {points}")
     if bn not in BN_MODES:
@@ -112,9 +111,17 @@ def level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: in
         raise UserError(f"--bn-batches must be at least 1, got {bn_batches}")
     if distributed.world() > 1:
         raise UserError("eval stability runs on one process; start it without torchrun")
-    if not isinstance(data.train, Split):
+    if exp is not None and exp.data.stream:
         raise UserError("eval stability recomputes batch-norm statistics from training images held in memory, "
                         "and this run's data is streamed from disk (--stream); it cannot run on it")
+
+
+def level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int,
+                    runtime: Runtime = CPU, points: int = 11, bn: str = "recompute", bn_batches: int = 20,
+                    progress: bool = True) -> dict:
+    """Instability of level `level`'s ticket; idempotent: level_<L>/stability/done.json, beside the
+    second copy's training run. data: the full dataset (the objective's share is taken here)."""
+    check_options(points, bn, bn_batches, exp)
     ldir = layout.level_dir(exp_dir, replicate, level)
     if not layout.is_done(layout.run_dir(ldir)):
         raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
@@ -173,6 +180,7 @@ def stability_run(exp_dir: Path, replicates: list[int] | None = None, levels: li
                   progress: bool = True, command: list[str] | None = None) -> list[tuple[int, int, dict]]:
     """`sslprune eval stability`: every trained level's instability."""
     exp, _, data = open_run(exp_dir)
+    check_options(points, bn, bn_batches, exp)
     pairs = pick_levels(exp_dir, replicates, levels)
     if command is not None:
         record_command(exp_dir, command)

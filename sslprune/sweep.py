@@ -124,7 +124,7 @@ def load_spec(path: Path) -> Spec:
     for t in finetune:  # the overrides make a valid training configuration for every experiment
         for exp in experiments:
             finetune_config(exp, t)
-    stability = _stability(path, evaluations.get("stability"))
+    stability = _stability(path, evaluations.get("stability"), experiments)
     data_root = raw.get("data_root")
     return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
                 data_root=str(here / data_root) if data_root else None, levels=int(raw.get("levels", 3)),
@@ -132,7 +132,7 @@ def load_spec(path: Path) -> Spec:
                 experiments=tuple(experiments), retrain=retrain, probe=probe, finetune=finetune, stability=stability)
 
 
-def _stability(path: Path, table) -> dict | None:
+def _stability(path: Path, table, experiments: list[Experiment]) -> dict | None:
     """[evaluations.stability], checked (its values as 'eval stability' checks them, at run time)."""
     if table is None:
         return None
@@ -146,9 +146,14 @@ def _stability(path: Path, table) -> dict | None:
                 kind is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             raise UserError(f"{path}: evaluations.stability.{key} must be {'a list of levels' if kind is list else kind.__name__}, "
                             f"got {value!r}")
-    from .stability import BN_MODES
+    from .stability import BN_MODES, check_options
     if table.get("bn", "recompute") not in BN_MODES:
         raise UserError(f"{path}: evaluations.stability.bn must be one of {', '.join(BN_MODES)}, got {table['bn']!r}")
+    try:
+        for exp in experiments:
+            check_options(table.get("points", 11), table.get("bn", "recompute"), table.get("bn_batches", 20), exp)
+    except UserError as e:
+        raise UserError(f"{path}: evaluations.stability: {e}") from None
     return dict(table)
 
 

@@ -64,14 +64,15 @@ def finetune(exp_dir: Path, replicate: int, level: int, data: Dataset, cfg: Trai
 
 def finetune_run(exp_dir: Path, target: DataConfig, target_root: str | None, overrides: dict,
                  replicates: list[int] | None = None, levels: list[int] | None = None, runtime: Runtime = CPU,
-                 progress: bool = True, command: list[str] | None = None) -> tuple[Dataset, list[tuple[int, int, dict]]]:
-    """`sslprune eval finetune`: every trained level fine-tuned on `target` (image size defaults to
-    the run's) with the run's training settings and `overrides` (finetune_config)."""
+                 progress: bool = True, command: list[str] | None = None,
+                 image_size: int | None = None) -> tuple[Dataset, list[tuple[int, int, dict]]]:
+    """`sslprune eval finetune`: every trained level fine-tuned on `target` at `image_size` (None:
+    the run's; 0: native) with the run's training settings and `overrides` (finetune_config)."""
     exp, _, own = open_run(exp_dir)
     pairs = pick_levels(exp_dir, replicates, levels)
     cfg, aug = finetune_config(exp, overrides)
-    data = load_dataset(dataclasses.replace(target, image_size=target.image_size or own.train.image_shape[-1]),
-                        target_root)
+    size = own.train.image_shape[-1] if image_size is None else image_size
+    data = load_dataset(dataclasses.replace(target, image_size=size), target_root)
     if aug.crop_pad >= data.train.image_shape[-1]:
         raise UserError(f"--crop-pad {aug.crop_pad} is not smaller than the {data.train.image_shape[-1]}-pixel "
                         f"target images; pass a smaller --crop-pad")

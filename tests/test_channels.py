@@ -101,6 +101,14 @@ def test_rounded_levels_keep_a_multiple_of_round_to_in_every_layer():
     assert all(w % 8 == 0 for w in widths), widths
 
 
+def test_a_rounded_level_that_removes_nothing_is_refused():
+    """16 channels in blocks of 8 at 20%: 3 should go, a block of 8 overshoots more than it helps;
+    the level would repeat the last mask, so it is refused, before the run (check_levels) too."""
+    groups = [channels.Group(members=(("a", 0),), norms=(), size=16)]
+    with pytest.raises(UserError, match="removes no whole block of 8"):
+        channels.prune_channels(groups, [torch.ones(16, dtype=torch.bool)], [torch.rand(16)], 0.2, round_to=8)
+
+
 def test_channel_lottery_retrain_and_random_baseline(tmp_path, data):
     exp = tiny_experiment(task="rotation", granularity="channel", channel_score="l2", epochs=1)
     assert exp.name() != tiny_experiment(task="rotation", epochs=1).name()

@@ -51,3 +51,12 @@ def test_no_module_but_layout_spells_a_run_folder_name():
             if pattern.search(code):
                 offenders.append(f"{path.name}:{i}: {line.strip()}")
     assert offenders == []
+
+
+def test_a_level_moved_aside_is_not_a_level(tmp_path):
+    """The fix the errors give ('move level_2 away'): level_2.diverged is left alone by every reader."""
+    exp = tmp_path / "exp"
+    for d in ("replicate_1/level_0/train", "replicate_1/level_1.diverged/train", "replicate_1.old/level_0"):
+        (exp / d).mkdir(parents=True)
+    assert layout.replicates(exp) == [1]
+    assert [(r, lv) for r, lv, _ in layout.levels(exp)] == [(1, 0)]

@@ -238,3 +238,7 @@ def test_a_run_from_a_config_file_is_the_run_from_its_flags(tmp_path, capsys):
     config.write_text('preset = "demo"\nbatchsize = 3\n')
     assert main(["lottery", "--config", str(config)]) == 2
     assert "'batchsize' is no configuration field" in capsys.readouterr().err
+    config.write_text('preset = "demo"\nlevels = 1.5\n')                    # refused before anything is written
+    assert main(["lottery", "--config", str(config), "--root", str(tmp_path / "r")]) == 2
+    assert "levels must be a whole number >= 0, got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -98,3 +98,26 @@ def test_report_plots_instability_against_the_rewind_point(tmp_path, data):
     assert "rewind (epochs)" in paths["md"].read_text()
     # elsewhere the two experiments are two curves, told apart by their rewind point, never averaged
     assert {r["objective"] for r in collect(dirs)} == {"rotation (rewind 0it)", "rotation (rewind 2it)"}
+
+
+def test_npid_bank_is_rebuilt_for_the_network_on_the_path(data):
+    exp = tiny_experiment(task="npid", knn=20)
+    backbone, task = build(exp, data, seed=0)
+    normalize = Normalize(*data.channel_stats())
+    task.rebuild_state(backbone.eval(), data.train.images, normalize)
+    with torch.no_grad():
+        want = task.embed(backbone, data.train.images, normalize)
+    torch.testing.assert_close(task.bank, want)
+
+
+def test_bad_stability_options_record_nothing(tmp_path, capsys):
+    from sslprune.cli import main
+    root = tmp_path / "runs"
+    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
+                 "--lr", "2e-3", "--batch-size", "64", "--epochs", "1", "--levels", "0", "--quiet",
+                 "--root", str(root)]) == 0
+    exp_dir = next(root.iterdir())
+    before = (exp_dir / layout.CONFIG).read_bytes()
+    assert main(["eval", "stability", str(exp_dir), "--bn-batches", "0", "--quiet"]) == 2
+    assert "--bn-batches must be at least 1" in capsys.readouterr().err
+    assert (exp_dir / layout.CONFIG).read_bytes() == before

@@ -66,6 +66,11 @@ class Task(nn.Module):
         if cls.square and h != w:
             raise UserError(f"--task {cls.name} needs square images, these are {h}x{w}; pass --image-size N")
 
+    @torch.no_grad()
+    def rebuild_state(self, backbone: nn.Module, images: torch.Tensor, normalize) -> None:
+        """Recompute state that stands for the network's own outputs (NPID's bank) from `images`
+        (the training split, uint8), for a network that was not trained into it (an interpolated one)."""
+
     def views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The network inputs (B', C, H, W; uint8 or 0-1 floats) and the loss targets (B',)."""
         raise NotImplementedError

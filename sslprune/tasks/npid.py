@@ -58,6 +58,14 @@ class NPID(Task):
         self.register_buffer("bank", nn.functional.normalize(torch.randn(num_train, cfg.embedding_dim), dim=1))
         self.register_buffer("z", torch.tensor(-1.0))  # NCE normaliser; < 0 until the first batch
 
+    @torch.no_grad()
+    def rebuild_state(self, backbone, images, normalize) -> None:
+        """The bank as the network embeds every training image now (eval mode)."""
+        was = backbone.training, self.training
+        backbone.eval(), self.eval()
+        self.bank.copy_(torch.cat([self.embed(backbone, images[i:i + 256], normalize) for i in range(0, len(images), 256)]))
+        backbone.train(was[0]), self.train(was[1])
+
     def embed(self, backbone, images, normalize) -> torch.Tensor:
         return nn.functional.normalize(self.head(backbone(normalize(images))), dim=1)  # (B, D)
 
