@@ -1,6 +1,8 @@
 """Tiny data and configs: every test runs on CPU in seconds."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,6 +33,15 @@ def tiny_experiment(task="labels", **overrides) -> Experiment:
         values["knn"] = 20  # the default 200 neighbours exceed the tiny data's bank of 96 rows
     values.update(overrides)
     return Experiment.from_flat(values)
+
+
+def digits_lottery(root, levels: int = 0, *extra: str):
+    """A one-epoch labels lottery on the embedded digits through the CLI; returns its experiment folder."""
+    from sslprune.cli import main
+    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
+                 "--lr", "2e-3", "--batch-size", "64", "--epochs", "1", "--levels", str(levels), "--quiet",
+                 "--root", str(root), *extra]) == 0
+    return next(iter(sorted(Path(root).iterdir())))
 
 
 def killed_at_evaluation(monkeypatch, n: int, run) -> None:

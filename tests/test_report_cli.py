@@ -12,7 +12,7 @@ from sslprune.lottery import prepare, run_replicate
 from sslprune.report import collect, cost_markdown, markdown, plot, plot_cost, summarise, write_report
 from sslprune.retrain import retrain
 
-from .conftest import tiny_experiment
+from .conftest import digits_lottery, tiny_experiment
 
 
 def test_report_columns_remaining_and_stats(tmp_path, data):
@@ -205,11 +205,7 @@ def test_replicate_ranges():
 
 
 def test_one_grammar_level_picks_levels_creates_and_lists_take_commas(tmp_path, capsys):
-    root = tmp_path / "runs"
-    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
-                 "--lr", "2e-3", "--batch-size", "64", "--epochs", "1", "--levels", "1", "--quiet",
-                 "--root", str(root)]) == 0
-    exp = next(root.iterdir())
+    exp = digits_lottery(tmp_path / "runs", 1)
     capsys.readouterr()
     assert main(["retrain", str(exp), "--levels", "1", "--quiet"]) == 2
     assert "'retrain' picks existing levels with --level, e.g. --level 1" in capsys.readouterr().err

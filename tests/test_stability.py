@@ -8,7 +8,7 @@ from sslprune.lottery import build, prepare, run_replicate
 from sslprune.stability import instability, interpolate, level_stability, path_metrics, recompute_batchnorm
 from sslprune.train import weights
 
-from .conftest import tiny_experiment
+from .conftest import digits_lottery, tiny_experiment
 
 
 def test_two_identical_copies_have_zero_instability(data):
@@ -68,11 +68,7 @@ def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path
 
 def test_eval_stability_cli_refuses_bad_options_before_training(tmp_path, capsys):
     from sslprune.cli import main
-    root = tmp_path / "runs"
-    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
-                 "--lr", "2e-3", "--batch-size", "64", "--epochs", "1", "--levels", "0", "--quiet",
-                 "--root", str(root)]) == 0
-    exp_dir = next(root.iterdir())
+    exp_dir = digits_lottery(tmp_path / "runs")
     capsys.readouterr()
     assert main(["eval", "stability", str(exp_dir), "--points", "2", "--quiet"]) == 2
     assert "--points must be at least 3" in capsys.readouterr().err
@@ -112,11 +108,7 @@ def test_npid_bank_is_rebuilt_for_the_network_on_the_path(data):
 
 def test_bad_stability_options_record_nothing(tmp_path, capsys):
     from sslprune.cli import main
-    root = tmp_path / "runs"
-    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
-                 "--lr", "2e-3", "--batch-size", "64", "--epochs", "1", "--levels", "0", "--quiet",
-                 "--root", str(root)]) == 0
-    exp_dir = next(root.iterdir())
+    exp_dir = digits_lottery(tmp_path / "runs")
     before = (exp_dir / layout.CONFIG).read_bytes()
     assert main(["eval", "stability", str(exp_dir), "--bn-batches", "0", "--quiet"]) == 2
     assert "--bn-batches must be at least 1" in capsys.readouterr().err
