@@ -49,6 +49,7 @@ class Task:
     z_momentum: Annotated[float, "npid: moving average of the NCE normaliser Z (1.0 = fixed after the first batch, as Wu et al.)"] = 0.9
     knn: Annotated[int, "npid: neighbours of the weighted kNN monitor on the test set"] = 200
     projector_dim: Annotated[int, "vicreg: width of the projector's three layers (2048 in the paper)"] = 2048
+    budget: Annotated[float, "vicreg: train a gated path beside the dense one, at this fraction of the dense MACs (Krishna et al. 2023; --model resnet20 or resnet18_cifar) (0 = off)"] = 0.0
     rotation_weight: Annotated[float, "s4l: weight of the rotation loss next to the label loss"] = 1.0
 
 
@@ -214,6 +215,10 @@ class Experiment:
         if not 0.0 <= t.label_fraction <= 1.0:
             raise UserError(f"--label-fraction must be in [0, 1] (0 = all labels), got {t.label_fraction}")
         TASKS[t.task].check_config(t)
+        from .models import GATED
+        if t.budget and self.model.model not in GATED:
+            raise UserError(f"--budget trains a gated path, which --model {self.model.model} does not have; "
+                            f"choose --model {' or '.join(GATED)}")
         for name in ("embedding_dim", "nce_negatives", "knn", "temperature", "margin", "projector_dim"):
             if not getattr(t, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(t, name)}")

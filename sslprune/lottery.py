@@ -25,7 +25,7 @@ from .data import Dataset
 from .errors import UserError
 from .runtime import CPU, Runtime
 from .labelled import labelled_subset_checked, task_data
-from .models import build_model, load_pretrained
+from .models import build_backbone, build_model, load_pretrained
 from .models.checkpoints import describe
 from .pruning import SCORES, Mask, dense_mask, density, prunable, prune, pruned_layers
 from .pruning import report as density_report
@@ -43,14 +43,18 @@ def build(exp: Experiment, data: Dataset, seed: int, task_name: str | None = Non
     task trains on); the same seed gives the same weights. task_name overrides the experiment's
     task, with that task's default options (re-training on labels)."""
     torch.manual_seed(seed)
-    backbone = build_model(exp.model.model)
+    backbone = build_backbone(exp)
     task_cfg = exp.task if task_name is None else TaskConfig(task=task_name)
     task = build_task(task_cfg, backbone.feature_dim, data.num_classes, len(data.train))
     return backbone, task
 
 
 def check_schedule(exp: Experiment, levels: int) -> None:
-    """A channel schedule that would empty a layer is refused before anything runs."""
+    """A channel schedule that would empty a layer is refused before anything runs, and so is pruning
+    a gated network (its gates already choose channels per image; pruning both is not a studied method)."""
+    if exp.task.budget and levels:
+        raise UserError("--budget trains one network with a dense and a gated path, not a pruning schedule: "
+                        "pass --levels 0")
     if exp.prune.granularity == "channel":
         channels.check_levels(build_model(exp.model.model), exp.prune.fraction, levels, exp.prune.channel_round)
 

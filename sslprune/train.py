@@ -49,7 +49,13 @@ def learning_rate(cfg: TrainConfig, step: int, per_epoch: int) -> float:
     return cfg.lr
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params, no_decay=()) -> torch.optim.Optimizer:
+    """no_decay: parameters trained without weight decay (a gated network's gates), in a second group."""
+    params = list(params)
+    if no_decay:
+        skip = {id(p) for p in no_decay}
+        params = [{"params": [p for p in params if id(p) not in skip]},
+                  {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
     if cfg.optimizer == "adam":  # weight_decay here is L2 added to the gradient (Adam + L2)
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -131,7 +137,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
     params = [*backbone.parameters(), *task.parameters()]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, getattr(backbone, "no_weight_decay", list)())
     generator = torch.Generator(device=device).manual_seed(seed)   # data order and augmentation
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
@@ -139,7 +145,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     # what defines the computation: a resumed run must match it (RNG streams and rounding differ
     # between devices and runtimes)
     fingerprint = {"seed": seed, "train": non_default(cfg), "data": non_default(aug), "n_train": len(train_y),
-                   "task": task.name, **rt.fingerprint()}
+                   "task": task.identity(), **rt.fingerprint()}
     cuda = torch.device(device).type == "cuda"
     if rt.compile:  # compiles the backbone's forward in place: state_dict keys stay the same
         backbone.compile()
@@ -194,7 +200,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
             with rt.autocast():
                 # N processes: the whole batch, and the rows (B/N) this one trains on
-                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator, rows), normalize)
+                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator, rows, epoch), normalize)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(params)                   # no-op on one process

@@ -64,7 +64,8 @@ def test_a_distributed_run_resumes(runs):
 
 
 TASK_OPTIONS = {"labels": {}, "rotation": {}, "exemplar": {"embedding_dim": 8},
-                "npid": {"embedding_dim": 8, "nce_negatives": 16}, "s4l": {}, "vicreg": {"projector_dim": 16}}
+                "npid": {"embedding_dim": 8, "nce_negatives": 16}, "s4l": {}, "vicreg": {"projector_dim": 16},
+                "vicreg-gated": {"projector_dim": 16, "budget": 0.5}}   # a gated ResNet-20, VICReg-Dual
 
 
 def _one_step(name: str, rows_of=None) -> dict:
@@ -75,8 +76,10 @@ def _one_step(name: str, rows_of=None) -> dict:
     from sslprune.models import build_model
     from sslprune.tasks import UNLABELLED, Batch, build_task
     torch.manual_seed(0)
-    backbone = torch.nn.Sequential(build_model("convnet")).double().train()
-    task = build_task(TaskConfig(task=name, **TASK_OPTIONS[name]), 128, 10, 64).double().train()
+    gated = name.endswith("-gated")
+    backbone = (build_model("resnet20", gated=True) if gated else torch.nn.Sequential(build_model("convnet"))).double().train()
+    task = build_task(TaskConfig(task=name.removesuffix("-gated"), **TASK_OPTIONS[name]), 64 if gated else 128, 10, 64)
+    task = task.double().train()
     if rows_of is not None:
         distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
     g = torch.Generator().manual_seed(1)

@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import UserError
 from .alexnet import alexnet
 from .convnet import ConvNet
+from .gated import resnet18_cifar_gated, resnet20_gated
 from .resnet import resnet18, resnet18_cifar, resnet20, resnet50
 from .vgg import vgg19
 
@@ -23,10 +24,25 @@ MODELS = {
 }
 
 
-def build_model(name: str) -> nn.Module:
+# Gated variants (models/gated.py): the same network plus a gated path, for --budget.
+GATED = {
+    "resnet20": resnet20_gated,
+    "resnet18_cifar": resnet18_cifar_gated,
+}
+
+
+def build_model(name: str, gated: bool = False) -> nn.Module:
     if name not in MODELS:
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
-    return MODELS[name]()
+    if gated and name not in GATED:
+        raise UserError(f"--budget trains a gated path, which --model {name} does not have; "
+                        f"choose --model {' or '.join(GATED)}")
+    return (GATED if gated else MODELS)[name]()
+
+
+def build_backbone(exp) -> nn.Module:
+    """The backbone of a config.Experiment: its model, gated when the experiment trains a gated path."""
+    return build_model(exp.model.model, gated=exp.task.budget > 0)
 
 
 def load_torchvision_state_dict(backbone: nn.Module, path: Path) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ class Batch:
     index: torch.Tensor             # (B,) rows of these images in the training split (NPID's bank)
     generator: torch.Generator      # randomness of the task's own views (resumable)
     rows: slice | None = None       # N processes: the rows of the (global) batch this one trains on
+    epoch: int = 0                  # 0-based epoch of this step (schedules inside a loss: VICReg's gate budget)
 
     @property
     def sharded(self) -> bool:
@@ -32,7 +33,8 @@ class Batch:
         """This process's rows (the whole batch on one process)."""
         if self.rows is None:
             return self
-        return Batch(self.images[self.rows], self.labels[self.rows], self.index[self.rows], self.generator)
+        return Batch(self.images[self.rows], self.labels[self.rows], self.index[self.rows], self.generator,
+                     epoch=self.epoch)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Values computed from local() rows, (b, ...) -> those of the whole batch in batch order,
@@ -53,6 +55,11 @@ class Task(nn.Module):
     unlabelled = ""          # with --label-fraction: "drop" unlabelled images (labels) | "keep" them as UNLABELLED (s4l)
     square = False           # True: its views need square images (rotations)
     demo_options: dict = {}  # what the demo's 1,437 digits need (sslprune/demo.py)
+
+    def identity(self) -> str:
+        """What a resumed training must match of this task (train.py's fingerprint): its name, and
+        options that change the computation without changing the state's shapes."""
+        return self.name
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -12,6 +12,14 @@ As the official implementation and Krishna et al. 2023 (its CIFAR scripts, throu
   their CIFAR scripts).
 The reported accuracy is a monitor, positive retrieval: the fraction of first views whose nearest
 second view in the batch (cosine) is their own image's (it depends on the batch size).
+
+With --budget t (Krishna et al. 2023, "VICReg-Dual"): the backbone is a gated ResNet
+(models/gated.py); the first view goes through the gated path, the second through the dense path,
+one projector, no stop-gradient. Two losses hold the gated path to t of the dense MACs (DGNet's, as
+their code): L_spar = 5 (mean_i F_gated(i) / F_dense - t)^2, F counted per image from its open
+channels (gate networks included), and L_bound = mean over blocks of relu(p sqrt(t) - rho_l)^2 +
+relu(rho_l - 1 + p - p sqrt(t))^2, rho_l the batch's open fraction of block l, p = exp(-0.02 epoch):
+every block starts near sqrt(t) open, and the band relaxes to [0, 1] as training goes on.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from ..errors import UserError
 from .base import Batch, Task
 
 WEIGHTS = (25.0, 25.0, 1.0)   # invariance, variance, covariance
+SPARSITY_WEIGHT, BOUND_WEIGHT, BOUND_DECAY = 5.0, 1.0, 0.02   # lambda, gamma, alpha of the budget losses
 
 
 def solarise(x: torch.Tensor, generator: torch.Generator, p: float = 0.1) -> torch.Tensor:
@@ -55,6 +64,16 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, dict[
     return sum(w * t for w, t in zip(WEIGHTS, terms.values())), terms
 
 
+def budget_losses(ratio: torch.Tensor, opened: torch.Tensor, budget: float, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ratio: (B,) each image's gated MACs / dense MACs; opened: (B, L) its open fraction per block.
+    Returns (L_spar, L_bound)."""
+    spar = SPARSITY_WEIGHT * (ratio.mean() - budget) ** 2
+    p, root = math.exp(-BOUND_DECAY * epoch), math.sqrt(budget)
+    rho = opened.mean(0)                                                  # (L,) the batch's open fraction per block
+    bound = BOUND_WEIGHT * (torch.relu(p * root - rho) ** 2 + torch.relu(rho - 1 + p - p * root) ** 2).mean()
+    return spar, bound
+
+
 def projector(feature_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(feature_dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
                          nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
@@ -64,7 +83,13 @@ class VICReg(Task):
     name = "vicreg"
     metric = "positive retrieval accuracy in the batch"
     batch_metric = True
-    options = ("projector_dim",)
+    options = ("projector_dim", "budget")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not 0 <= cfg.budget <= 1:
+            raise UserError(f"--budget is a fraction of the dense network's MACs, in (0, 1] (0 = no gated path), "
+                            f"got {cfg.budget}")
 
     @classmethod
     def check_data(cls, cfg, train, data) -> None:
@@ -75,15 +100,33 @@ class VICReg(Task):
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()
         self.head = projector(feature_dim, cfg.projector_dim)
+        self.budget = cfg.budget
+        self.epoch = 0   # the last training step's epoch: evaluate() measures L_bound at it
+
+    def identity(self) -> str:
+        return f"{self.name}, budget {self.budget}" if self.budget else self.name
 
     @torch.no_grad()
     def evaluate(self, backbone, images, labels, normalize, batch_size, train_labels=None):
         """Test images in a fixed random order (a sorted set would put one class per batch), full batches only."""
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(images.device)
         full = max(1, len(images) // batch_size) * batch_size
-        return super().evaluate(backbone, images[order[:full]], labels[order[:full]], normalize, batch_size)
+        images, labels = images[order[:full]], labels[order[:full]]
+        if not self.budget:
+            return super().evaluate(backbone, images, labels, normalize, batch_size)
+        backbone.eval(), self.eval()
+        generator = torch.Generator(device=images.device).manual_seed(0)
+        sums: dict[str, float] = {}
+        for i in range(0, len(images), batch_size):
+            idx = torch.arange(i, i + batch_size, device=images.device)
+            loss, hits, n, stats = self._dual(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
+            for k, v in {"loss": loss, "acc": hits / n, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * batch_size / len(images)
+        return sums
 
     def step(self, backbone, batch: Batch, normalize):
+        if self.budget:
+            return self._dual(backbone, batch, normalize)[:3]
         x = batch.images.float() / 255
         views = [vicreg_view(x, batch.generator), vicreg_view(x, batch.generator)]   # the same draws on every process
         mine = batch.rows or slice(None)
@@ -95,3 +138,32 @@ class VICReg(Task):
             sim = nn.functional.normalize(z1, dim=1) @ nn.functional.normalize(z2, dim=1).T
             hit = (sim.argmax(1) == torch.arange(len(z1), device=z1.device))[mine]
         return loss, hit.sum(), hit.numel()
+
+    def _dual(self, backbone, batch: Batch, normalize):
+        """VICReg between the gated path (first view) and the dense path (second view), plus the
+        budget losses. Returns (loss, hits, n, stats): stats are the batch's loss terms, realised
+        MACs fraction `macs` and open fraction per block `open_<l>` (floats' tensors, no grad)."""
+        x = batch.images.float() / 255
+        views = [vicreg_view(x, batch.generator), vicreg_view(x, batch.generator)]
+        g = batch.generator   # the gates' noise: drawn for the whole batch, the same on every process
+        uniform = torch.rand(len(x), backbone.gate_channels, generator=g, device=g.device).to(x.device)
+        mine = batch.rows or slice(None)
+        training = backbone.training
+        f1 = backbone(normalize(views[0][mine]), path="gated", uniform=uniform[mine] if training else None)
+        gates = backbone.gates                                                # per block (b, C_l)
+        z1 = batch.gather(self.head(f1))
+        z2 = batch.gather(self.head(backbone(normalize(views[1][mine]))))
+        vic, terms = vicreg_loss(z1, z2)
+        side = x.shape[-1]
+        ratio = backbone.macs(gates, side) / backbone.dense_macs(side)        # (b,)
+        per_image = batch.gather(torch.stack([ratio, *[g.mean(1) for g in gates]], 1))   # (B, 1 + L)
+        if training:
+            self.epoch = batch.epoch
+        spar, bound = budget_losses(per_image[:, 0], per_image[:, 1:], self.budget, self.epoch)
+        with torch.no_grad():
+            sim = nn.functional.normalize(z1, dim=1) @ nn.functional.normalize(z2, dim=1).T
+            hit = (sim.argmax(1) == torch.arange(len(z1), device=z1.device))[mine]
+            stats = {**terms, "spar": spar, "bound": bound, "macs": per_image[:, 0].mean(),
+                     **{f"open_{l + 1}": v for l, v in enumerate(per_image[:, 1:].mean(0))}}
+            stats = {k: v.detach() if torch.is_tensor(v) else torch.tensor(v) for k, v in stats.items()}
+        return vic + spar + bound, hit.sum(), hit.numel(), stats
