@@ -25,6 +25,7 @@ from .data import Dataset, Split
 from .data.augment import Normalize, batch_crop, batch_flip_lr
 from .data.stream import Stream
 from .errors import UserError
+from .lars import LARS
 from .pruning import Mask, MaskEnforcer, apply_mask
 from .runtime import CPU, Runtime
 from .tasks import Batch, Task
@@ -58,6 +59,8 @@ def make_optimizer(cfg: TrainConfig, params, no_decay=()) -> torch.optim.Optimiz
                   {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
     if cfg.optimizer == "adam":  # weight_decay here is L2 added to the gradient (Adam + L2)
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lars":
+        return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

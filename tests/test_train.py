@@ -91,3 +91,35 @@ def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(tmp_path, data)
     layout.save_checkpoint(out / layout.CHECKPOINT, {"fingerprint": {"seed": 1, "cfg": repr(exp.train)}, "epoch": 1})
     with pytest.raises(UserError, match="written by an older sslprune"):
         train(backbone, task, data, exp.train, exp.data, dense_mask(backbone), out, seed=1)
+
+
+def test_lars_is_solo_learns():
+    """Two steps of LARS against the update written out: trust ratio eta ||w|| / (||g|| + wd ||w||),
+    lr-relative and clipped at 1, weight decay inside it; 1-d tensors plain SGD with momentum, no decay."""
+    from sslprune.lars import LARS
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    grads = [(torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64))
+             for _ in range(2)]
+    pw, pb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    lr, wd, eta, m = 0.3, 1e-4, 0.02, 0.9
+    opt = LARS([pw, pb], lr=lr, momentum=m, weight_decay=wd, eta=eta)
+    bw = bb = None
+    for gw, gb in grads:
+        pw.grad, pb.grad = gw.clone(), gb.clone()
+        opt.step()
+        ratio = min(eta * w.norm() / (gw.norm() + wd * w.norm() + 1e-8) / lr, 1.0)
+        dw = (gw + wd * w) * ratio
+        bw = dw if bw is None else m * bw + dw
+        bb = gb if bb is None else m * bb + gb
+        w, b = w - lr * bw, b - lr * bb
+        torch.testing.assert_close(pw.detach(), w)
+        torch.testing.assert_close(pb.detach(), b)
+    assert ratio < 1   # the clip did not hide the trust ratio
+
+
+def test_the_gated_vicreg_preset_is_the_papers():
+    from sslprune.config import PRESETS, Experiment
+    p = PRESETS["cifar10-resnet18-vicreg-gated"]
+    assert (p["optimizer"], p["lr"], p["batch_size"], p["epochs"], p["budget"], p["levels"]) == ("lars", 0.3, 256, 500, 0.3, 0)
+    Experiment.from_flat(p).validate()

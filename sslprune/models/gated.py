@@ -202,3 +202,50 @@ def resnet20_gated() -> GatedResNet:
 
 def resnet18_cifar_gated() -> GatedResNet:
     return GatedResNet([2, 2, 2, 2], [64, 128, 256, 512], cifar_stem=True)
+
+
+@torch.no_grad()
+def opened_channels(model: GatedResNet, images: torch.Tensor, normalize, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per block, (C_l,) bool: the channels the gated path (evaluation gates) opens for at least one
+    of `images` (N, 3, H, W; uint8 or 0-1 floats)."""
+    model.eval()
+    opened = None
+    for i in range(0, len(images), batch_size):
+        model(normalize(images[i:i + batch_size]), path="gated")
+        counts = [g.sum(0) > 0 for g in model.gates]
+        opened = counts if opened is None else [a | b for a, b in zip(opened, counts)]
+    return opened
+
+
+def compact_gated(model: GatedResNet, keep: list[torch.Tensor]) -> GatedResNet:
+    """A copy of `model` without the gated channels `keep` (per block, (C_l,) bool) leaves out:
+    conv1's filters, both paths' bn1, the gate's logits and conv2's input slices. Its gated path
+    computes what the original's does on every image that opens no channel outside `keep` (every
+    image of the split `keep` was measured on, by construction); its dense path is no longer the
+    dense network (channels are missing), so only path="gated" or "skip" is meaningful."""
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    for block, k in zip(model.blocks(), keep):
+        k = k.nonzero().flatten()
+        block.conv1 = _conv_slice(block.conv1, out=k)
+        block.conv2 = _conv_slice(block.conv2, into=k)
+        block.gate.conv2 = _conv_slice(block.gate.conv2, out=k)
+        block.bn1, block.bn1_gated = _bn_slice(block.bn1, k), _bn_slice(block.bn1_gated, k)
+    return model
+
+
+def _conv_slice(conv: nn.Conv2d, out: torch.Tensor | None = None, into: torch.Tensor | None = None) -> nn.Conv2d:
+    w = conv.weight.detach()
+    w = w[out] if out is not None else w
+    w = w[:, into] if into is not None else w
+    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding, bias=False)
+    new.weight = nn.Parameter(w.clone())
+    return new
+
+
+def _bn_slice(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(keep), bn.eps, bn.momentum)
+    new.load_state_dict({"weight": bn.weight[keep], "bias": bn.bias[keep], "running_mean": bn.running_mean[keep],
+                         "running_var": bn.running_var[keep], "num_batches_tracked": bn.num_batches_tracked})
+    return new.eval()

@@ -117,11 +117,17 @@ class VICReg(Task):
         backbone.eval(), self.eval()
         generator = torch.Generator(device=images.device).manual_seed(0)
         sums: dict[str, float] = {}
+        opened = None                                    # per block (C_l,): test images that opened each channel
         for i in range(0, len(images), batch_size):
             idx = torch.arange(i, i + batch_size, device=images.device)
             loss, hits, n, stats = self._dual(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
             for k, v in {"loss": loss, "acc": hits / n, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * batch_size / len(images)
+            counts = [g.sum(0) for g in backbone.gates]
+            opened = counts if opened is None else [a + b for a, b in zip(opened, counts)]
+        for l, c in enumerate(opened):                   # the paper's "conditional" channels: the rest
+            sums[f"always_open_{l + 1}"] = float((c == len(images)).float().mean())
+            sums[f"never_open_{l + 1}"] = float((c == 0).float().mean())
         return sums
 
     def step(self, backbone, batch: Batch, normalize):
