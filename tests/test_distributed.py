@@ -162,3 +162,22 @@ def test_objectives_that_couple_the_batch_train_on_two_processes(tmp_path, task)
             ref = init[k] if k in init else wa[k]       # the NPID bank is not in the init file's backbone
             moved = float((wa[k] - ref).abs().max())
             assert float((wa[k] - wb[k]).abs().max()) <= 1e-5 + 1e-2 * max(moved, 1e-3), (task, k)
+
+
+def test_vicreg_dual_trains_under_torchrun(tmp_path):
+    """VICReg-Dual through torchrun: the first step's loss is the one-process loss (same gates, the
+    budget losses on the whole batch), and the run records its realised MACs. Weights are not
+    compared: with hard gates a float32 run is chaotic. One pre-activation within 1e-6 of zero
+    changes sides under another summation order (measured: one element of 8192 after one step),
+    and gradients through the gates follow; one process on 1 and on 2 threads differs as much as
+    1 and 2 processes. The float64 step-level test above is the equivalence test."""
+    extra = ("--task", "vicreg", "--budget", "0.4", "--model", "resnet20", "--projector-dim", "32",
+             "--levels", "0", "--epochs", "1", "--train-per-class", "4")   # 40 images: one step of 32
+    one, two = _sslprune(tmp_path / "one", 1, *extra), _sslprune(tmp_path / "two", 2, *extra)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    (a,), (b,) = list((tmp_path / "one").iterdir()), list((tmp_path / "two").iterdir())
+    da, db = (layout.load_json(layout.level_dir(d, 1, 0) / "train" / layout.DONE) for d in (a, b))
+    assert da["step"] == db["step"] == 1
+    assert abs(da["train_loss"] - db["train_loss"]) <= 1e-5 * abs(da["train_loss"])
+    assert 0 < db["test_macs"] < 1 and abs(da["test_macs"] - db["test_macs"]) < 0.05

@@ -249,3 +249,8 @@ def _bn_slice(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
     new.load_state_dict({"weight": bn.weight[keep], "bias": bn.bias[keep], "running_mean": bn.running_mean[keep],
                          "running_var": bn.running_var[keep], "num_batches_tracked": bn.num_batches_tracked})
     return new.eval()
+
+
+def dense_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gated ResNet's state dict -> its dense path's: an ordinary ResNet's (torchvision) keys."""
+    return {k: v for k, v in state.items() if ".gate." not in k and "_gated." not in k}
