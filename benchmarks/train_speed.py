@@ -220,7 +220,7 @@ def ddp_child(model_name: str, batch: int, steps: int, local_bn: bool) -> None:
     batch-norm statistics of each process's own images (not what sslprune runs: it attributes the
     cost of synchronising them)."""
     if local_bn:
-        distributed.sync_batchnorm = lambda module: module
+        distributed.sync_batchnorm = lambda module, device="cpu": module
     distributed.init("cpu")
     rate, _, _ = project_loop(model_name, fake_cifar(batch * steps, batch), batch, 2, 0, Runtime("cpu"))
     if distributed.is_main():

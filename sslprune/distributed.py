@@ -6,10 +6,13 @@ run on N processes matches a run on one with the same global batch, to floating-
   the rows are all-gathered) and draws the same global batch and the same augmentation (one seed);
   rank r trains on its contiguous 1/N of it (the global batch must divide by N). Random views
   (Exemplar's) are drawn for the whole batch too, so every rank draws what one process would;
-- gradients are averaged over ranks in one flat all-reduce after backward (the mean of equal
-  shards' mean losses is the global mean loss); every rank then takes the same optimizer step;
-- batch-norm statistics are reduced over ranks (SyncBatchNorm2d below, which also runs on CPU with
-  gloo, unlike torch.nn.SyncBatchNorm), so normalisation sees the global batch;
+- gradients are averaged over ranks by PyTorch's DistributedDataParallel (`data_parallel`): bucketed
+  all-reduces that overlap with backward (the mean of equal shards' mean losses is the global mean
+  loss); every rank then takes the same optimizer step;
+- batch-norm statistics are reduced over ranks, so normalisation sees the global batch: by
+  torch.nn.SyncBatchNorm on CUDA, and on CPU (gloo, which torch.nn.SyncBatchNorm refuses) by
+  SyncBatchNorm2d / 1d below, on a process group of their own so that their all-reduces, issued
+  inside backward, never interleave with DDP's;
 - masks are computed by every rank from the same files, hence identical; only rank 0 writes files
   (layout writes are rank-0 only) and the others wait at a barrier wherever they read them next.
 
@@ -59,7 +62,23 @@ def init(device: str) -> str:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
+    global _BN_GROUP
+    _BN_GROUP = None if cuda else dist.new_group()   # every rank creates groups in the same order
     return device
+
+
+_BN_GROUP = None   # the CPU batch-norm synchronisation's own process group (see the module's docstring)
+
+
+def data_parallel(module: nn.Module, device: str) -> nn.Module:
+    """`module` (one training step: backbone and task) under DistributedDataParallel: gradients
+    averaged over ranks in buckets, overlapped with backward. Buffers are not broadcast (batch-norm
+    statistics are synchronised, so they are equal on every rank); static_graph: every step uses the
+    same parameters, and a parameter that no step uses (a gated backbone's gates when re-trained on
+    labels) is found once, in the first step."""
+    cuda = torch.device(device).type == "cuda"
+    return nn.parallel.DistributedDataParallel(module, device_ids=[torch.device(device)] if cuda else None,
+                                               broadcast_buffers=False, static_graph=True)
 
 
 def close() -> None:
@@ -119,22 +138,6 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x / world()
 
 
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """grad <- mean over ranks, in one all-reduce of a flat buffer. Parameters without a gradient
-    are the same on every rank (same code path), so the buffers line up."""
-    n = world()
-    if n == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= n
-    start = 0
-    for g in grads:
-        g.copy_(flat[start:start + g.numel()].view_as(g))
-        start += g.numel()
-
-
 def sum_over_ranks(*values: torch.Tensor) -> list[torch.Tensor]:
     """Element-wise sums over ranks of scalar tensors (loss sums, counts) for logging."""
     if world() == 1:
@@ -158,7 +161,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         mean, var = torch.batch_norm_update_stats(x, *scratch, 0.0)   # local, biased; scratch untouched at momentum 0
         n = torch.full((1,), x.numel() / c, device=x.device, dtype=dt)
         stats = torch.cat([mean.to(dt) * n, (var.to(dt) + mean.to(dt) ** 2) * n, n])
-        dist.all_reduce(stats)                                  # (2C+1,): sums of x and x^2, count
+        dist.all_reduce(stats, group=_BN_GROUP)                 # (2C+1,): sums of x and x^2, count
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean ** 2).clamp_min(0)
@@ -178,7 +181,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             grad_out.contiguous(memory_format=_format(x)), x, weight, mean, var, unused, unused, False, ctx.eps,
             [True, True, True])                                 # dy*w*invstd; local sums of dy*xhat, dy
         sums = torch.cat([grad_bias, grad_weight]).double()    # (2C,) over every rank's images
-        dist.all_reduce(sums)
+        dist.all_reduce(sums, group=_BN_GROUP)
         c, shape = weight.shape[0], (1, -1, *[1] * (x.dim() - 2))
         invstd = torch.rsqrt(var.double() + ctx.eps)
         k = invstd * weight.double()
@@ -224,8 +227,11 @@ class SyncBatchNorm1d(_SyncForward, nn.BatchNorm1d):
 SYNCED = {nn.BatchNorm2d: SyncBatchNorm2d, nn.BatchNorm1d: SyncBatchNorm1d}
 
 
-def sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Make every BatchNorm2d / BatchNorm1d of `module` synchronised in place (same state, same keys)."""
+def sync_batchnorm(module: nn.Module, device: str = "cpu") -> nn.Module:
+    """Every BatchNorm2d / BatchNorm1d of `module` synchronised over ranks (same state, same keys):
+    torch.nn.SyncBatchNorm on CUDA (returns the converted module), ours in place elsewhere."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for m in module.modules():
         if type(m) in SYNCED:
             if not (m.affine and m.track_running_stats and m.momentum is not None):

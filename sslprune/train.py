@@ -104,6 +104,18 @@ def evaluate(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torc
     return task.evaluate(backbone, images, labels, normalize, batch_size, train_labels=train_labels)
 
 
+class TrainingStep(nn.Module):
+    """Backbone and task as one module whose forward is a training step (Task.step), so that
+    DistributedDataParallel sees every parameter a step uses."""
+
+    def __init__(self, backbone: nn.Module, task: Task):
+        super().__init__()
+        self.backbone, self.task = backbone, task
+
+    def forward(self, batch: Batch, normalize) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.task.step(self.backbone, batch, normalize)
+
+
 def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug: DataConfig,
           mask: Mask, out: Path, seed: int, runtime: Runtime = CPU, snapshot: tuple[int, Path] | None = None,
           progress: bool = True) -> dict:
@@ -136,7 +148,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
     if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
         distributed.check_batch(task.sampler.batch_width(train_y, cfg.batch_size))  # what epoch_batches draws
-        distributed.sync_batchnorm(backbone), distributed.sync_batchnorm(task)
+        distributed.sync_batchnorm(backbone, device), distributed.sync_batchnorm(task, device)
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
     params = [*backbone.parameters(), *task.parameters()]
@@ -152,6 +164,9 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     cuda = torch.device(device).type == "cuda"
     if rt.compile:  # compiles the backbone's forward in place: state_dict keys stay the same
         backbone.compile()
+    step_of = TrainingStep(backbone, task)
+    if distributed.world() > 1:  # gradients averaged over ranks, overlapped with backward
+        step_of = distributed.data_parallel(step_of, device)
     ckpt_path = out / layout.CHECKPOINT
     if ckpt_path.exists():
         ckpt = layout.load_checkpoint(ckpt_path)
@@ -203,10 +218,9 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
             with rt.autocast():
                 # N processes: the whole batch, and the rows (B/N) this one trains on
-                loss, c, n = task.step(backbone, Batch(x, train_y[idx], idx, generator, rows, epoch), normalize)
+                loss, c, n = step_of(Batch(x, train_y[idx], idx, generator, rows, epoch), normalize)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(params)                   # no-op on one process
+            loss.backward()                                         # N processes: DDP averages the gradients
             optimizer.step()
             enforce_mask()                                          # pruned weights stay exactly 0
             loss_sum += loss.detach() * n

@@ -75,6 +75,7 @@ def _one_step(name: str, rows_of=None) -> dict:
     from sslprune.data.augment import Normalize
     from sslprune.models import build_model
     from sslprune.tasks import UNLABELLED, Batch, build_task
+    from sslprune.train import TrainingStep
     torch.manual_seed(0)
     gated = name.endswith("-gated")
     backbone = (build_model("resnet20", gated=True) if gated else torch.nn.Sequential(build_model("convnet"))).double().train()
@@ -91,9 +92,10 @@ def _one_step(name: str, rows_of=None) -> dict:
     normalize = Normalize(torch.full((3,), 0.5), torch.full((3,), 0.25))
     params = [*backbone.parameters(), *task.parameters()]
     batch = Batch(images, labels, index, torch.Generator().manual_seed(2), rows_of and rows_of(16))
-    loss, correct, n = task.step(backbone, batch, lambda x: normalize(x).double())
+    step = TrainingStep(backbone, task)        # as train() runs it: under DDP on two processes
+    step = distributed.data_parallel(step, "cpu") if rows_of else step     # (kept alive until backward)
+    loss, correct, n = step(batch, lambda x: normalize(x).double())
     loss.backward()
-    distributed.average_gradients(params)
     correct, n = distributed.sum_over_ranks(correct, torch.tensor(n)) if rows_of else (correct, n)
     names = [f"backbone.{k}" for k, _ in backbone.named_parameters()] + [f"task.{k}" for k, _ in task.named_parameters()]
     return {"grads": {k: p.grad for k, p in zip(names, params)},
@@ -104,8 +106,8 @@ def _one_step(name: str, rows_of=None) -> dict:
 
 def _steps_on_two_ranks(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    distributed.init("cpu")
     got = {name: _one_step(name, distributed.rows) for name in TASK_OPTIONS}
     if rank == 0:
         torch.save(got, out)
