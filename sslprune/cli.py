@@ -1,6 +1,8 @@
-"""Command line: demo, lottery, retrain, report. Config flags mirror the config dataclass fields
-(their help is the field's trailing comment in config.py); a --preset sets many at once, and
-flags given on the command line override it."""
+"""Command line: demo, lottery, the evaluations, report, ... Config flags mirror the config dataclass
+fields (their help is the field's trailing comment in config.py); a --preset sets many at once, and
+flags given on the command line override it. Each evaluation (`sslprune retrain`, `sslprune eval
+probe`, ...) brings its own sub-command from the registry (sslprune/evaluations.py), with the flag
+helpers here."""
 from __future__ import annotations
 
 import argparse
@@ -21,8 +23,8 @@ from .runtime import PRECISIONS, Runtime
 
 EVALUATIONS_GUIDE = """\
 what a pruned network is worth (Caron et al. 2020), and the command for each:
-  re-train the mask on labels    sslprune retrain RUN --reset rewind,reinit
-  random pruning baselines       sslprune retrain RUN --reset random,random_adjusted
+  re-train the mask on labels    sslprune retrain RUN --variants rewind,reinit
+  random pruning baselines       sslprune retrain RUN --variants random,random_adjusted
                                  (random_adjusted prunes the dense network's naturally-zero weights first)
   linear probe, frozen features  sslprune eval probe RUN [--dataset D --data-root P] [--stage M]
   transfer, arm 1: fine-tune     sslprune eval finetune RUN --dataset D --data-root P [training flags]
@@ -73,16 +75,16 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             _field_flag(g, f, f"{helps.get(f.name, '')} [{'no default: set it or pick a --preset' if unset else f'default: {f.default!r}'}]")
 
 
-def _run_args(p: argparse.ArgumentParser, levels: str = "every trained level") -> None:
+def run_args(p: argparse.ArgumentParser, levels: str = "every trained level") -> None:
     """The run, and the levels and replicates of it to work on."""
     p.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
     _level_arg(p, levels)
     p.add_argument("--replicates", type=_replicates, default=None, help="N means 1..N; '3-4' exactly those [default: all]")
 
 
-def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
+def evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
     """The run, the levels and replicates to evaluate, and the data to evaluate on."""
-    _run_args(p)
+    run_args(p)
     p.add_argument("--dataset", required=required, default=None, help="digits | cifar10 | imagefolder"
                    + ("" if required else " [default: the run's own dataset]"))
     p.add_argument("--data-root", default=None, help="its location, e.g. "
@@ -92,7 +94,7 @@ def _evaluation_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--test-per-class", type=int, default=0, help="keep the first N test images of each class (0 = all)")
 
 
-def _train_flags(p: argparse.ArgumentParser) -> None:
+def train_flags(p: argparse.ArgumentParser) -> None:
     """The Train section's flags and the dataset-augmentation flags, all defaulting to None (= keep)."""
     helps = _field_help()
     g = p.add_argument_group("training options (default: the run's)")
@@ -144,14 +146,14 @@ def _numbers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected numbers like '3', '0-5' or '1,3', got '{text}'") from None
 
 
-def _words(*choices: str):
+def words(*choices: str):
     """A comma-separated list of choices: 'rewind,reinit' -> ['rewind', 'reinit'] (one list syntax everywhere)."""
     def parse(text: str) -> list[str]:
-        words = [w for w in text.split(",") if w]
-        bad = [w for w in words if w not in choices]
-        if bad or not words:
+        given = [w for w in text.split(",") if w]
+        bad = [w for w in given if w not in choices]
+        if bad or not given:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}; got '{text}'")
-        return words
+        return given
     return parse
 
 
@@ -177,7 +179,7 @@ def _replicates(text: str) -> list[int]:
     return _numbers(text)
 
 
-def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
+def common_flags(p: argparse.ArgumentParser, trains: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 [default: cpu]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if not trains:  # the runtime flags shape training steps only
@@ -197,9 +199,9 @@ def _common(p: argparse.ArgumentParser, trains: bool = True) -> None:
                    "(0 = in the training process) [default: the CPUs per training process - 1, at most 8]")
 
 
-def _runtime(args) -> Runtime:
+def runtime_of(args) -> Runtime:
     """The runtime flags, checked (an unusable device or precision is a one-line error)."""
-    _check_device(args.device)
+    check_device(args.device)
     rt = Runtime(args.device, args.channels_last, args.precision, args.compile, args.loader_workers, args.track)
     rt.resolved()
     return rt
@@ -209,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslprune", description="Prune convnets trained with or without "
                                 "labels (Caron et al. 2020) and measure what the pruned networks are worth.")
     from . import __version__
+    from .evaluations import EVALUATIONS
     p.add_argument("--version", action="version", version=f"sslprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -223,7 +226,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--replicates", type=int, default=PRESETS["demo"]["replicates"], help="replicates (seeds) [default: %(default)s]")
     d.add_argument("--levels", type=int, default=PRESETS["demo"]["levels"],
                    help="pruning levels after the dense one [default: %(default)s]")
-    _common(d)
+    common_flags(d)
 
     lo = sub.add_parser("lottery", help="iterative magnitude pruning: train, prune, reset, repeat",
                         description="Runs levels 0..LEVELS for replicates 1..REPLICATES under ROOT/<name>, "
@@ -240,23 +243,7 @@ def parser() -> argparse.ArgumentParser:
                     "dashes, as a sweep's [base]; 'preset', 'levels', 'replicates'); flags override it")
     lo.add_argument("--print-config", action="store_true", help="print the resolved configuration (a --config "
                     "file) and the experiment's name, then stop: nothing runs")
-    _common(lo)
-
-    r = sub.add_parser("retrain", help="re-train masks of a lottery run on labels",
-                       description="For each level: re-train the mask on labels with a fresh label head, "
-                       "from the winning ticket (rewind), a random re-init (reinit), a random mask at "
-                       "the same density (random), or one that prunes the trained dense network's "
-                       "naturally-zero weights first (random_adjusted). Results go next to each level.")
-    r.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
-    r.add_argument("--reset", type=_words("rewind", "reinit", "random", "random_adjusted"),
-                   default=["rewind", "reinit", "random"], metavar="A,B",
-                   help="which starts, comma-separated: rewind, reinit, random, random_adjusted "
-                   "[default: rewind,reinit,random]")
-    _level_arg(r, "every trained level")
-    r.add_argument("--replicates", type=_replicates, default=None,
-                   help="N means 1..N; '3-4' or '2,5' exactly those [default: all found]")
-    r.add_argument("--data-root", default=None, help="override the data root saved with the run")
-    _common(r)
+    common_flags(lo)
 
     ev = sub.add_parser("eval", help="evaluate every level of a lottery run (linear probe, transfer)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -265,56 +252,10 @@ def parser() -> argparse.ArgumentParser:
                         "and flows into 'sslprune report'.",
                         epilog=EVALUATIONS_GUIDE)
     ev_sub = ev.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    pr = ev_sub.add_parser("probe", help="linear probe on frozen features, on the run's data or another dataset",
-                           description="Multinomial logistic regression on the frozen backbone's final "
-                           "features (batch-norm in eval mode), regularisation chosen on a held-out fifth of "
-                           "the probe data's training split; reports test accuracy and mean per-class "
-                           "accuracy. Features are computed once per level and kept (features.safetensors). "
-                           "Images are standardised with the run's own training statistics.")
-    _evaluation_args(pr, required=False)
-    pr.add_argument("--stage", default=None, help="probe the output of this backbone module instead of the "
-                    "final features, global-average-pooled (e.g. layer1..layer4 of a ResNet, features.5 of "
-                    "the convnet) [default: final features]")
-    _common(pr, trains=False)
-
-    ft = ev_sub.add_parser("finetune", help="fine-tune each level's pruned network on a target dataset, mask fixed",
-                           description="Transfer, arm 1 (Caron et al. 2020, Fig. 2): each level's trained, pruned "
-                           "backbone gets a fresh label head for the target classes and every surviving weight is "
-                           "fine-tuned on the target labels, the mask held fixed. Arm 2, pruning during transfer, "
-                           "is a lottery run on the target data started from the run's dense level-0 weights, "
-                           "replicate by replicate: 'sslprune lottery --pretrained RUN --task labels --rewind 0it "
-                           "--dataset ...'. Training flags default to the run's own.")
-    _evaluation_args(ft, required=True)
-    _train_flags(ft)
-    _common(ft)
-
-    st = ev_sub.add_parser("stability", help="linear-mode-connectivity instability of each level's ticket",
-                           description="Frankle et al. 2020: two copies of a level's ticket, started from the "
-                           "weights its training starts from (the rewind point under its mask), trained with "
-                           "the run's objective under two data orders and augmentations (copy 1 is the level's "
-                           "own run where it started there); the task's test error along the straight line "
-                           "between them, batch-norm statistics recomputed at each point. instability = max "
-                           "error on the path - mean error of the ends; about 0: stable. For the rewind point's "
-                           "effect, run lotteries with different --rewind and measure each; 'sslprune report' "
-                           "plots instability against the rewind point.")
-    _run_args(st)
-    st.add_argument("--points", type=int, default=11, help="evenly spaced points on the path, ends included [default: 11]")
-    st.add_argument("--bn", default="recompute", choices=["recompute", "keep"], help="batch-norm statistics at each "
-                    "point: recomputed from training batches, or the copies' own interpolated [default: recompute]")
-    st.add_argument("--bn-batches", type=int, default=20, help="training batches that recompute them [default: 20]")
-    _common(st)
-
-    co = ev_sub.add_parser("cost", help="params, MACs and measured latency of every level's compact network",
-                           description="For every mask of the run (each level's, and the random baselines'): "
-                           "parameters, MACs per image (torch.utils.flop_counter) and the median latency of the "
-                           "network it gives (channel granularity: channels removed; weight granularity: the "
-                           "dense network, zeros and all) in PyTorch eager at batch 1 and 64 (CPU; CUDA too when "
-                           "there is one) and in onnxruntime, as speed-ups over the dense network measured in the "
-                           "same call. Writes cost.json beside each mask; 'sslprune report' shows them.")
-    _run_args(co, "every level with a mask")
-    co.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median) [default: 10]")
-    co.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time onnxruntime (needs sslprune[export]) [default: on]")
+    for e in EVALUATIONS.values():   # `sslprune retrain`, `sslprune eval probe`, ...: each one's own flags
+        ep = (sub if e.top_level else ev_sub).add_parser(e.name, help=e.help, description=e.description)
+        e.add_arguments(ep)
+        ep.set_defaults(evaluation=e.name)
 
     ex = sub.add_parser("export", help="a level as a standalone network file (compact for channel pruning)",
                         description="Writes one level's network as model.safetensors (torchvision-style keys), "
@@ -328,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--retrain", default=None, choices=["rewind", "reinit", "random", "random_adjusted"],
                     help="export the level re-trained on labels from this start, with its label head (a "
                     "classifier) [default: the lottery's network, backbone only (features)]")
-    ex.add_argument("--format", type=_words("safetensors", "onnx"), default=["safetensors"], metavar="A,B",
+    ex.add_argument("--format", type=words("safetensors", "onnx"), default=["safetensors"], metavar="A,B",
                     help="files to write, comma-separated: safetensors, onnx [default: safetensors]")
     ex.add_argument("--out", type=Path, default=None, help="output folder [default: export_<run>_r<R>_l<L>]")
 
@@ -336,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Fraction of each trained network's prunable weights with |w| <= "
                         "threshold (Caron et al. 2020, Fig. 6 and 10). Writes natural_sparsity.csv, .md "
                         "and .png. The adjusted random baseline that prunes these weights first is "
-                        "'sslprune retrain RUN --reset random_adjusted'.")
+                        "'sslprune retrain RUN --variants random_adjusted'.")
     sp.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
     sp.add_argument("--threshold", type=_floats, default=[None], metavar="T,T",
                     help="thresholds on |w|, comma-separated [default: machine epsilon of the dtype]")
@@ -393,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--levels N creates levels 0..N in 'lottery'; '{args.command}' picks existing levels "
                             f"with --level, e.g. --level {args.levels_misused}")
         with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+            if getattr(args, "evaluation", None):
+                from .evaluations import EVALUATIONS
+                return EVALUATIONS[args.evaluation].command(args, argv)
             return COMMANDS[args.command](args, argv)
     except UserError as e:
         print(f"sslprune: error: {e}", file=sys.stderr)
@@ -410,18 +354,9 @@ def cmd_lottery(args, argv) -> int:
         print(print_config(exp, run) + f"# experiment: {exp.name()}")
         return 0
     _check_counts(run["levels"], run["replicates"])
-    exp_dir = lottery_run(exp, args.root, args.data_root, run["levels"], run["replicates"], _runtime(args),
+    exp_dir = lottery_run(exp, args.root, args.data_root, run["levels"], run["replicates"], runtime_of(args),
                           not args.quiet, list(argv))
     print(exp_dir)
-    return 0
-
-
-def cmd_retrain(args, argv) -> int:
-    from .retrain import retrain_run
-
-    retrain_run(args.run_dir, args.reset, args.replicates, args.level, args.data_root, _runtime(args),
-                not args.quiet, list(argv))
-    print(args.run_dir)
     return 0
 
 
@@ -452,49 +387,6 @@ def cmd_report(args, argv) -> int:
     return 0
 
 
-def cmd_eval(args, argv) -> int:
-    from .config import Data
-
-    if args.evaluation == "cost":
-        return cmd_cost(args, argv)
-    if args.evaluation == "finetune":
-        return cmd_finetune(args, argv)
-    if args.evaluation == "stability":
-        return cmd_stability(args, argv)
-    from .probe import probe_run
-
-    _check_device(args.device)
-    other = (args.dataset, args.data_root, args.image_size, args.train_per_class, args.test_per_class) != \
-        (None, None, None, 0, 0)   # another dataset, or the run's own read differently
-    target = Data(dataset=args.dataset or "", train_per_class=args.train_per_class,
-                  test_per_class=args.test_per_class) if other else None
-    data, results = probe_run(args.run_dir, target, args.data_root, args.stage, args.replicates, args.level,
-                              args.device, list(argv), args.image_size)
-    for r, level, res in results:
-        print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: "
-              f"accuracy {res['test_acc']:.4f}, mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
-    return 0
-
-
-def cmd_stability(args, argv) -> int:
-    from .stability import stability_run
-
-    for r, level, res in stability_run(args.run_dir, args.replicates, args.level, _runtime(args), args.points,
-                                       args.bn, args.bn_batches, not args.quiet, list(argv)):
-        path = " ".join(f"{m:.3f}" for m in res["test_acc"])
-        print(f"replicate {r} level {level}: instability {res['instability']:.4f} (rewind {res['rewind']}; "
-              f"{res['metric']} along the path: {path})")
-    return 0
-
-
-def cmd_cost(args, argv) -> int:
-    from .cost import cost_levels
-
-    written, n = cost_levels(args.run_dir, args.replicates, args.level, args.repeats, args.onnx)
-    print(f"{written} cost.json written ({n} levels)")
-    return 0
-
-
 def cmd_export(args, argv) -> int:
     from .export import export
 
@@ -504,22 +396,6 @@ def cmd_export(args, argv) -> int:
     print(f"{out}: {info['granularity']} granularity, {info['remaining']:.2%} of the weights; params "
           f"{c['params']:,} ({c['params'] / d['params']:.1%} of dense), MACs {c['macs']:,} "
           f"({c['macs'] / d['macs']:.1%}); {info['note']}")
-    return 0
-
-
-def cmd_finetune(args, argv) -> int:
-    from .config import Data
-    from .transfer import finetune_run
-
-    names = [f.name for f in dataclasses.fields(config.Train)] + ["crop_pad", "flip"]
-    target = Data(dataset=args.dataset, train_per_class=args.train_per_class, test_per_class=args.test_per_class)
-    data, results = finetune_run(args.run_dir, target, args.data_root,
-                                 {k: getattr(args, k) for k in names if getattr(args, k) is not None},
-                                 args.replicates, args.level, _runtime(args), not args.quiet, list(argv),
-                                 args.image_size)
-    for r, level, res in results:
-        print(f"replicate {r} level {level}: fine-tuned on {data.name}: accuracy {res['test_acc']:.4f}, "
-              f"mean per-class {res['test_mean_class_acc']:.4f}")
     return 0
 
 
@@ -538,7 +414,7 @@ def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
     _check_counts(args.levels, list(range(1, args.replicates + 1)))
-    paths = run_demo(args.out, args.replicates, args.levels, _runtime(args), not args.quiet, list(argv), args.tasks)
+    paths = run_demo(args.out, args.replicates, args.levels, runtime_of(args), not args.quiet, list(argv), args.tasks)
     print("\n".join(str(p) for p in paths.values()))
     return 0
 
@@ -587,7 +463,7 @@ def _check_counts(levels: int, replicates: list[int]) -> None:
         raise UserError(f"--levels must be >= 0 and replicates >= 1 (got {levels}, {replicates})")
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     import torch
     try:
         dev = torch.device(device)
@@ -598,5 +474,5 @@ def _check_device(device: str) -> None:
 
 
 DISTRIBUTED_COMMANDS = ("lottery", "retrain", "eval")  # the ones that train: one run on N processes
-COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "retrain": cmd_retrain, "report": cmd_report,
-            "eval": cmd_eval, "sparsity": cmd_sparsity, "sweep": cmd_sweep, "export": cmd_export}
+COMMANDS = {"demo": cmd_demo, "lottery": cmd_lottery, "report": cmd_report, "sparsity": cmd_sparsity,
+            "sweep": cmd_sweep, "export": cmd_export}   # and the evaluations' (their registry entries')

@@ -12,6 +12,7 @@ the dense network timed in alternation on the same inputs.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import tempfile
@@ -157,3 +158,35 @@ def cost_levels(exp_dir: Path, replicates: list[int] | None = None, levels: list
     if not pairs:
         raise UserError(f"no level with a mask matches in {exp_dir}; run 'sslprune lottery' first")
     return cost_run(exp_dir, pairs, repeats, onnx), len(pairs)
+
+
+class Cost:
+    """The registry's entry (sslprune/evaluations.py): `sslprune eval cost RUN`. Not a sweep's: its
+    latencies need the machine to itself, and a sweep's workers share theirs."""
+    name, top_level = "cost", False
+    help = "params, MACs and measured latency of every level's compact network"
+    description = ("For every mask of the run (each level's, and the random baselines'): parameters, MACs "
+                   "per image (torch.utils.flop_counter) and the median latency of the network it gives "
+                   "(channel granularity: channels removed; weight granularity: the dense network, zeros and "
+                   "all) in PyTorch eager at batch 1 and 64 (CPU; CUDA too when there is one) and in "
+                   "onnxruntime, as speed-ups over the dense network measured in the same call. Writes "
+                   "cost.json beside each mask; 'sslprune report' shows them.")
+
+    def spec(self, value, where: str, here: Path, experiments) -> tuple:
+        raise UserError(f"{where}: cost times networks on an idle machine, which a sweep's workers are not; "
+                        f"drop it and run 'sslprune eval cost RUN' on each experiment after the sweep")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        from .cli import run_args
+        run_args(p, "every level with a mask")
+        p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median) [default: 10]")
+        p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time onnxruntime (needs sslprune[export]) [default: on]")
+
+    def command(self, args, argv: list[str]) -> int:
+        written, n = cost_levels(args.run_dir, args.replicates, args.level, args.repeats, args.onnx)
+        print(f"{written} cost.json written ({n} levels)")
+        return 0
+
+
+COST = Cost()

@@ -35,6 +35,6 @@ def run_demo(out: Path, replicates: int, levels: int, runtime: Runtime = CPU, pr
         exp = demo_experiment(task)
         run_replicate(exp, exp_dirs[task], data, r, level, runtime, progress=False)
         # The random baseline depends on no objective: run it once, beside the first run.
-        for reset in ("rewind", "reinit", "random") if task == tasks[0] else ("rewind", "reinit"):
-            retrain(exp, exp_dirs[task], data, r, level, reset, runtime, progress=False)
+        for variant in ("rewind", "reinit", "random") if task == tasks[0] else ("rewind", "reinit"):
+            retrain(exp, exp_dirs[task], data, r, level, variant, runtime, progress=False)
     return write_report(list(exp_dirs.values()), out / "report")

@@ -70,7 +70,7 @@ def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None =
     ldir = layout.level_dir(exp_dir, replicate, level)
     run = layout.run_dir(ldir, reset)
     if not layout.is_done(run):
-        what = "sslprune lottery" if reset is None else f"sslprune retrain {exp_dir} --reset {reset}"
+        what = "sslprune lottery" if reset is None else f"sslprune retrain {exp_dir} --variants {reset}"
         raise UserError(f"level {level} of replicate {replicate} is not trained ({run} has no "
                         f"{layout.DONE}); run '{what}' first, or pick a trained level")
     mask_path = run / layout.MASK if (run / layout.MASK).exists() else ldir / layout.MASK

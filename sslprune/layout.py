@@ -97,9 +97,15 @@ def finetune_dir(level: Path, data_name: str, digest: str) -> Path:
     return Path(level) / f"finetune_{data_name.split('.')[0]}_{digest[:8]}"
 
 
+def evaluation_dir(level: Path, name: str) -> Path:
+    """An evaluation with one result per level, in a folder of its name (sslprune/evaluations.py):
+    level_<L>/<name>/. One whose name says more (data, settings) gets a function of its own here."""
+    return Path(level) / name
+
+
 def stability_dir(level: Path) -> Path:
     """A level's instability measurement (eval stability): the second copy's run and the result."""
-    return Path(level) / STABILITY
+    return evaluation_dir(level, STABILITY)
 
 
 def stability_copy(level: Path, copy: int) -> Path:

@@ -8,6 +8,7 @@ The test split is touched once, at the end.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .errors import UserError
 from .lottery import load_experiment, open_run, pick_levels, record_command
 from .models import build_model
 from .train import load_weights
+from .transfer import sweep_target, target_tables
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -156,3 +158,60 @@ def probe_run(exp_dir: Path, target: Data | None = None, target_root: str | None
     if command is not None:
         record_command(exp_dir, command)
     return data, [(r, level, probe_level(exp_dir, r, level, data, normalize, device, stage)) for r, level in pairs]
+
+
+class Probe:
+    """The registry's entry (sslprune/evaluations.py): `sslprune eval probe RUN`, and a sweep's
+    [[evaluations.probe]] tables (a dataset, optionally a stage), a step each per level."""
+    name, top_level = "probe", False
+    help = "linear probe on frozen features, on the run's data or another dataset"
+    description = ("Multinomial logistic regression on the frozen backbone's final features (batch-norm in "
+                   "eval mode), regularisation chosen on a held-out fifth of the probe data's training "
+                   "split; reports test accuracy and mean per-class accuracy. Features are computed once per "
+                   "level and kept (features.safetensors). Images are standardised with the run's own "
+                   "training statistics.")
+
+    def spec(self, value, where: str, here: Path, experiments) -> tuple[dict, ...]:
+        return target_tables(self.name, value, where, here, {"stage"})
+
+    def at(self, table: dict, level: int) -> bool:
+        return True
+
+    def label(self, sweep, step) -> str:
+        return layout.sweep_label(self.name, step.item + 1)
+
+    def out(self, sweep, step) -> Path:
+        return probe_out(sweep.level_dir(step), sweep_target(sweep, step), sweep.item(step).get("stage"))
+
+    def train_dirs(self, sweep, step) -> list[Path]:
+        return []
+
+    def run(self, sweep, step) -> None:
+        exp = step.experiment
+        probe_level(sweep.exp_dir(exp), step.replicate, step.level, sweep_target(sweep, step),
+                    Normalize(*sweep.dataset(exp).channel_stats()), sweep.runtime.device, sweep.item(step).get("stage"))
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        from .cli import common_flags, evaluation_args
+        evaluation_args(p, required=False)
+        p.add_argument("--stage", default=None, help="probe the output of this backbone module instead of the "
+                       "final features, global-average-pooled (e.g. layer1..layer4 of a ResNet, features.5 of "
+                       "the convnet) [default: final features]")
+        common_flags(p, trains=False)
+
+    def command(self, args, argv: list[str]) -> int:
+        from .cli import check_device
+        check_device(args.device)
+        other = (args.dataset, args.data_root, args.image_size, args.train_per_class, args.test_per_class) != \
+            (None, None, None, 0, 0)   # another dataset, or the run's own read differently
+        target = Data(dataset=args.dataset or "", train_per_class=args.train_per_class,
+                      test_per_class=args.test_per_class) if other else None
+        data, results = probe_run(args.run_dir, target, args.data_root, args.stage, args.replicates, args.level,
+                                  args.device, list(argv), args.image_size)
+        for r, level, res in results:
+            print(f"replicate {r} level {level}: probe on {data.name}{' @' + args.stage if args.stage else ''}: "
+                  f"accuracy {res['test_acc']:.4f}, mean per-class {res['test_mean_class_acc']:.4f} (C={res['C']})")
+        return 0
+
+
+PROBE = Probe()

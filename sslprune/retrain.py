@@ -1,7 +1,8 @@
 """Mask evaluation (Caron et al. 2020, Fig. 3): re-train a level's mask on labels.
 
 The pretext head is dropped and a fresh label head added, so a mask found by any objective is
-judged the same way. The backbone starts from
+judged the same way. The variants (`sslprune retrain RUN --variants ...`; a sweep's `retrain = [...]`):
+the backbone starts from
 - rewind: the rewind point of the run that found the mask (the winning ticket), under the mask;
 - reinit: a random re-initialisation under the mask;
 - random: a random mask at the same density (nested across levels), random init: the baseline;
@@ -11,6 +12,7 @@ judged the same way. The backbone starts from
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -25,30 +27,30 @@ from .runtime import CPU, Runtime
 from .sparsity import adjusted_random_scores, natural_zeros
 from .train import load_weights, train
 
-RESETS = ("rewind", "reinit", "random", "random_adjusted")
+VARIANTS = ("rewind", "reinit", "random", "random_adjusted")
 RANDOM_MASKS = ("random", "random_adjusted")
 
 
 def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level: int,
-                reset: str = "random") -> Mask:
+                variant: str = "random") -> Mask:
     """Level L's random mask: level L-1's mask with `fraction` of its survivors removed at random
     (random_adjusted: naturally-zero weights first), globally. Nested across levels, and each
     level keeps exactly as many weights as the lottery's (channels with --channel-round: about as
     many, in the same blocks). Computed once per level from the
     previous one, then read from disk."""
-    path = layout.random_mask(layout.level_dir(exp_dir, replicate, level), reset)
+    path = layout.random_mask(layout.level_dir(exp_dir, replicate, level), variant)
     if path.exists():
         return layout.load_mask(path)
     if level == 0:
         mask = dense_mask(backbone)
     else:
-        previous = random_mask(exp, exp_dir, backbone, replicate, level - 1, reset)
+        previous = random_mask(exp, exp_dir, backbone, replicate, level - 1, variant)
         if exp.prune.granularity == "channel":  # random channels, as many as the lottery's level keeps
             generator = torch.Generator().manual_seed(derive_seed("random-channels", replicate, level))
             mask = channels.next_mask(backbone, previous, None, exp.prune.fraction, "random", generator,
                                       exp.prune.channel_round)
         else:
-            if reset == "random":
+            if variant == "random":
                 generator = torch.Generator().manual_seed(derive_seed("random-mask", replicate, level))
                 scores = SCORES["random"](prunable(backbone), generator)
             else:
@@ -68,40 +70,40 @@ def _dense_trained(exp_dir: Path, replicate: int, backbone) -> dict[str, torch.T
     return {n: trained[f"backbone.{n}"] for n in prunable(backbone)}
 
 
-def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, reset: str,
+def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, variant: str,
             runtime: Runtime = CPU, progress: bool = True) -> dict:
-    if reset not in RESETS:
-        raise UserError(f"unknown reset '{reset}'; choose one of: {', '.join(RESETS)}")
-    if reset == "random_adjusted" and exp.prune.granularity == "channel":
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant '{variant}'; choose one of: {', '.join(VARIANTS)}")
+    if variant == "random_adjusted" and exp.prune.granularity == "channel":
         raise UserError("random_adjusted prunes naturally-zero single weights first; a channel run's random "
-                        "baseline is --reset random (random channels)")
+                        "baseline is --variants random (random channels)")
     ldir = layout.level_dir(exp_dir, replicate, level)
-    with layout.step_guard(layout.step_lock(ldir, layout.run_dir(ldir, reset).name)):  # one writer at a time
-        return _retrain(exp, exp_dir, data, replicate, level, reset, runtime, progress)
+    with layout.step_guard(layout.step_lock(ldir, layout.run_dir(ldir, variant).name)):  # one writer at a time
+        return _retrain(exp, exp_dir, data, replicate, level, variant, runtime, progress)
 
 
-def _retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, reset: str,
+def _retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, variant: str,
              runtime: Runtime, progress: bool) -> dict:
     ldir = layout.level_dir(exp_dir, replicate, level)
-    out = layout.run_dir(ldir, reset)
-    seed = derive_seed("retrain", reset, replicate, level)
+    out = layout.run_dir(ldir, variant)
+    seed = derive_seed("retrain", variant, replicate, level)
     backbone, task = build(exp, data, seed=seed, task_name="labels")
-    if reset in RANDOM_MASKS:
-        mask = random_mask(exp, exp_dir, backbone, replicate, level, reset)
+    if variant in RANDOM_MASKS:
+        mask = random_mask(exp, exp_dir, backbone, replicate, level, variant)
     else:
         if not (ldir / layout.MASK).exists():
             raise UserError(f"no mask at {ldir}; run 'sslprune lottery' up to level {level} first")
         mask = layout.load_mask(ldir / layout.MASK)
-    if reset == "rewind":
+    if variant == "rewind":
         load_weights(backbone, None, layout.load_rewind(exp_dir, replicate))  # backbone only: the head is fresh
     return train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
                  progress=progress)
 
 
-def retrain_run(exp_dir: Path, resets: list[str], replicates: list[int] | None = None, levels: list[int] | None = None,
+def retrain_run(exp_dir: Path, variants: list[str], replicates: list[int] | None = None, levels: list[int] | None = None,
                 data_root: str | None = None, runtime: Runtime = CPU, progress: bool = True,
                 command: list[str] | None = None) -> list[tuple[int, int, str, dict]]:
-    """`sslprune retrain`: every (replicate, level, reset), levels default to the trained ones.
+    """`sslprune retrain`: every (replicate, level, variant), levels default to the trained ones.
     `command` is recorded in config.json once the checks pass. Returns each one's final metrics."""
     exp, _, data = open_run(exp_dir, data_root)
     reps = [r for r in layout.replicates(exp_dir) if not replicates or r in replicates]
@@ -110,6 +112,70 @@ def retrain_run(exp_dir: Path, resets: list[str], replicates: list[int] | None =
     if command is not None:
         record_command(exp_dir, command)
     trained = layout.trained_levels(exp_dir)
-    return [(r, level, reset, retrain(exp, exp_dir, data, r, level, reset, runtime, progress))
+    return [(r, level, variant, retrain(exp, exp_dir, data, r, level, variant, runtime, progress))
             for r in reps for level in (levels if levels is not None else [lv for rr, lv in trained if rr == r])
-            for reset in resets]
+            for variant in variants]
+
+
+class Retrain:
+    """The registry's entry (sslprune/evaluations.py): `sslprune retrain RUN --variants ...`, and a
+    sweep's `retrain = [variants]`, one step per variant and level."""
+    name, top_level = "retrain", True
+    help = "re-train masks of a lottery run on labels"
+    description = ("For each level: re-train the mask on labels with a fresh label head, from the winning "
+                   "ticket (rewind), a random re-init (reinit), a random mask at the same density (random), "
+                   "or one that prunes the trained dense network's naturally-zero weights first "
+                   "(random_adjusted). Results go next to each level.")
+
+    def spec(self, value, where: str, here: Path, experiments: list[Experiment]) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list of variants, e.g. [\"rewind\", \"random\"], got {value!r}")
+        bad = [v for v in value if v not in VARIANTS]
+        if bad:
+            raise UserError(f"{where}: unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+        if "random_adjusted" in value and any(e.prune.granularity == "channel" for e in experiments):
+            raise UserError(f"{where}: random_adjusted prunes naturally-zero single weights; a channel run's "
+                            f"random baseline is 'random' (random channels): drop random_adjusted")
+        return tuple(value)
+
+    def at(self, variant: str, level: int) -> bool:
+        return True
+
+    def label(self, sweep, step) -> str:
+        return self.out(sweep, step).name
+
+    def out(self, sweep, step) -> Path:
+        return layout.run_dir(sweep.level_dir(step), sweep.item(step))
+
+    def train_dirs(self, sweep, step) -> list[Path]:
+        return [self.out(sweep, step)]
+
+    def run(self, sweep, step) -> None:
+        exp = step.experiment
+        retrain(exp, sweep.exp_dir(exp), sweep.dataset(exp), step.replicate, step.level, sweep.item(step),
+                sweep.runtime, False)
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        from .cli import common_flags, run_args, words
+        run_args(p)
+        p.add_argument("--variants", type=words(*VARIANTS), default=["rewind", "reinit", "random"], metavar="A,B",
+                       help="which re-trainings, comma-separated: rewind (the winning ticket), reinit (its mask, "
+                       "new weights), random (a random mask at the same density), random_adjusted (a random mask "
+                       "that prunes the trained dense network's naturally-zero weights first) "
+                       "[default: rewind,reinit,random]")
+        p.add_argument("--reset", dest="reset_misused", default=None, help=argparse.SUPPRESS)  # lottery's; refused
+        p.add_argument("--data-root", default=None, help="override the data root saved with the run")
+        common_flags(p)
+
+    def command(self, args, argv: list[str]) -> int:
+        from .cli import runtime_of
+        if args.reset_misused is not None:  # the flag's old name here, and lottery's flag of one value
+            raise UserError(f"retrain takes --variants {args.reset_misused} (which re-trainings to run); "
+                            f"--reset is lottery's (how each level starts)")
+        retrain_run(args.run_dir, args.variants, args.replicates, args.level, args.data_root, runtime_of(args),
+                    not args.quiet, list(argv))
+        print(args.run_dir)
+        return 0
+
+
+RETRAIN = Retrain()

@@ -20,6 +20,7 @@ the ends are exactly the two trained networks).
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from .tasks import Batch, Task
 from .train import evaluate, load_weights, rewind_step, train, weights
 
 BN_MODES = ("recompute", "keep")
+SPEC_KEYS = {"level": list, "points": int, "bn": str, "bn_batches": int}   # a sweep's [evaluations.stability]
 
 
 def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -186,3 +188,77 @@ def stability_run(exp_dir: Path, replicates: list[int] | None = None, levels: li
         record_command(exp_dir, command)
     return [(r, level, level_stability(exp, exp_dir, data, r, level, runtime, points, bn, bn_batches, progress))
             for r, level in pairs]
+
+
+class Stability:
+    """The registry's entry (sslprune/evaluations.py): `sslprune eval stability RUN`, and a sweep's
+    [evaluations.stability] table (SPEC_KEYS), a step per level it names."""
+    name, top_level = "stability", False
+    help = "linear-mode-connectivity instability of each level's ticket"
+    description = ("Frankle et al. 2020: two copies of a level's ticket, started from the weights its "
+                   "training starts from (the rewind point under its mask), trained with the run's objective "
+                   "under two data orders and augmentations (copy 1 is the level's own run where it started "
+                   "there); the task's test error along the straight line between them, batch-norm "
+                   "statistics recomputed at each point. instability = max error on the path - mean error of "
+                   "the ends; about 0: stable. For the rewind point's effect, run lotteries with different "
+                   "--rewind and measure each; 'sslprune report' plots instability against the rewind point.")
+
+    def spec(self, value, where: str, here: Path, experiments: list[Experiment]) -> tuple[dict]:
+        """One table, checked (its values as 'eval stability' checks them, at run time)."""
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a table ([evaluations.stability]), got {value!r}")
+        for key, v in value.items():
+            kind = SPEC_KEYS.get(key)
+            if kind is None:
+                raise UserError(f"{where}: unknown key '{key}'; known: {sorted(SPEC_KEYS)}")
+            if not isinstance(v, kind) or isinstance(v, bool) or (
+                    kind is list and not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+                raise UserError(f"{where}.{key} must be {'a list of levels' if kind is list else kind.__name__}, "
+                                f"got {v!r}")
+        if value.get("bn", "recompute") not in BN_MODES:
+            raise UserError(f"{where}.bn must be one of {', '.join(BN_MODES)}, got {value['bn']!r}")
+        try:
+            for exp in experiments:
+                check_options(value.get("points", 11), value.get("bn", "recompute"), value.get("bn_batches", 20), exp)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        return (dict(value),)
+
+    def at(self, table: dict, level: int) -> bool:
+        return level in table.get("level", [level])   # default: every level
+
+    def label(self, sweep, step) -> str:
+        return self.out(sweep, step).name
+
+    def out(self, sweep, step) -> Path:
+        return layout.stability_dir(sweep.level_dir(step))
+
+    def train_dirs(self, sweep, step) -> list[Path]:
+        return [c for c in (layout.stability_copy(sweep.level_dir(step), i) for i in (1, 2)) if c.exists()]
+
+    def run(self, sweep, step) -> None:
+        exp, options = step.experiment, {k: v for k, v in sweep.item(step).items() if k != "level"}
+        level_stability(exp, sweep.exp_dir(exp), sweep.dataset(exp), step.replicate, step.level, sweep.runtime,
+                        progress=False, **options)
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        from .cli import common_flags, run_args
+        run_args(p)
+        p.add_argument("--points", type=int, default=11, help="evenly spaced points on the path, ends included "
+                       "[default: 11]")
+        p.add_argument("--bn", default="recompute", choices=BN_MODES, help="batch-norm statistics at each point: "
+                       "recomputed from training batches, or the copies' own interpolated [default: recompute]")
+        p.add_argument("--bn-batches", type=int, default=20, help="training batches that recompute them [default: 20]")
+        common_flags(p)
+
+    def command(self, args, argv: list[str]) -> int:
+        from .cli import runtime_of
+        for r, level, res in stability_run(args.run_dir, args.replicates, args.level, runtime_of(args), args.points,
+                                           args.bn, args.bn_batches, not args.quiet, list(argv)):
+            path = " ".join(f"{m:.3f}" for m in res["test_acc"])
+            print(f"replicate {r} level {level}: instability {res['instability']:.4f} (rewind {res['rewind']}; "
+                  f"{res['metric']} along the path: {path})")
+        return 0
+
+
+STABILITY = Stability()

@@ -4,7 +4,9 @@ that share one run root (processes on this machine, or SLURM jobs through submit
 A spec is a TOML file (SPEC_FORMAT below, also in `sslprune sweep --help`).
 
 Steps are plain data (Step); Sweep says where each one's results live and runs it, with the
-same per-level functions as the CLI. sslprune/workers.py runs them: locks, ledger, processes, SLURM.
+same per-level functions as the CLI. The lottery step is the sweep's own; an evaluation's steps
+are its registry entry's (sslprune/evaluations.py), which this module goes through without
+testing names. sslprune/workers.py runs the steps: locks, ledger, processes, SLURM.
 """
 from __future__ import annotations
 
@@ -14,16 +16,12 @@ import tomllib
 from pathlib import Path
 
 from . import layout
-from .config import Data, Experiment, Train, field_names, resolve
+from .config import Experiment, field_names, resolve
 from .data import load_dataset
-from .data.augment import Normalize
 from .errors import UserError
+from .evaluations import EVALUATIONS
 from .lottery import check_schedule, prepare, run_replicate
-from .probe import probe_level, probe_out
-from .retrain import RESETS, retrain
 from .runtime import Runtime
-from .stability import level_stability
-from .transfer import finetune, finetune_config, finetune_out
 
 SPEC_FORMAT = """\
     root = "runs"                 # relative to the spec's folder
@@ -39,7 +37,7 @@ SPEC_FORMAT = """\
     task = ["labels", "rotation"]
 
     [evaluations]
-    retrain = ["rewind", "reinit", "random"]
+    retrain = ["rewind", "reinit", "random"]   # the re-trainings (retrain --variants)
 
     [[evaluations.probe]]         # a linear probe of every level (any number of these tables)
     dataset = "imagefolder"       # keys: dataset, data_root, image_size, train_per_class,
@@ -56,9 +54,6 @@ SPEC_FORMAT = """\
 """
 
 SPEC_KEYS = {"root", "data_root", "levels", "replicates", "device", "base", "grid", "evaluations"}
-EVALUATIONS = {"retrain", "probe", "finetune", "stability"}
-STABILITY_KEYS = {"level": list, "points": int, "bn": str, "bn_batches": int}
-DATA_KEYS = {"dataset", "data_root", "image_size", "train_per_class", "test_per_class"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +65,7 @@ class Spec:
     replicates: int
     device: str
     experiments: tuple[Experiment, ...]
-    retrain: tuple[str, ...]
-    probe: tuple[dict, ...] = ()      # each: DATA_KEYS (data_root absolute) and optionally stage
-    finetune: tuple[dict, ...] = ()   # each: DATA_KEYS and Train / crop_pad / flip overrides
-    stability: dict | None = None     # STABILITY_KEYS; None: not measured
+    evaluations: dict[str, tuple] = dataclasses.field(default_factory=dict)  # name: its items, registry order
 
 
 def load_spec(path: Path) -> Spec:
@@ -107,83 +99,28 @@ def load_spec(path: Path) -> Spec:
         exp.validate()
         check_schedule(exp, int(raw.get("levels", 3)))
         experiments.append(exp)
-    evaluations = raw.get("evaluations", {})
-    unknown = set(evaluations) - EVALUATIONS
+    tables = raw.get("evaluations", {})
+    unknown = set(tables) - set(EVALUATIONS)
     if unknown:
         raise UserError(f"{path}: unknown evaluation(s) {sorted(unknown)}; known: {sorted(EVALUATIONS)}")
-    retrain = tuple(evaluations.get("retrain", ()))
-    bad = [r for r in retrain if r not in RESETS]
-    if bad:
-        raise UserError(f"{path}: unknown retrain reset(s) {bad}; choose from {', '.join(RESETS)}")
-    if "random_adjusted" in retrain and any(e.prune.granularity == "channel" for e in experiments):
-        raise UserError(f"{path}: random_adjusted prunes naturally-zero single weights; a channel run's random "
-                        f"baseline is 'random' (random channels): drop random_adjusted")
     here = path.resolve().parent
-    probe = tuple(_downstream(path, here, "probe", t, {"stage"}) for t in evaluations.get("probe", ()))
-    finetune = tuple(_downstream(path, here, "finetune", t, _FINETUNE_KEYS) for t in evaluations.get("finetune", ()))
-    for t in finetune:  # the overrides make a valid training configuration for every experiment
-        for exp in experiments:
-            finetune_config(exp, t)
-    stability = _stability(path, evaluations.get("stability"), experiments)
+    evaluations = {name: e.spec(tables[name], f"{path}: evaluations.{name}", here, experiments)
+                   for name, e in EVALUATIONS.items() if name in tables}
     data_root = raw.get("data_root")
     return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
                 data_root=str(here / data_root) if data_root else None, levels=int(raw.get("levels", 3)),
                 replicates=int(raw.get("replicates", 1)), device=raw.get("device", "cpu"),
-                experiments=tuple(experiments), retrain=retrain, probe=probe, finetune=finetune, stability=stability)
-
-
-def _stability(path: Path, table, experiments: list[Experiment]) -> dict | None:
-    """[evaluations.stability], checked (its values as 'eval stability' checks them, at run time)."""
-    if table is None:
-        return None
-    if not isinstance(table, dict):
-        raise UserError(f"{path}: evaluations.stability must be a table ([evaluations.stability]), got {table!r}")
-    for key, value in table.items():
-        kind = STABILITY_KEYS.get(key)
-        if kind is None:
-            raise UserError(f"{path}: evaluations.stability: unknown key '{key}'; known: {sorted(STABILITY_KEYS)}")
-        if not isinstance(value, kind) or isinstance(value, bool) or (
-                kind is list and not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            raise UserError(f"{path}: evaluations.stability.{key} must be {'a list of levels' if kind is list else kind.__name__}, "
-                            f"got {value!r}")
-    from .stability import BN_MODES, check_options
-    if table.get("bn", "recompute") not in BN_MODES:
-        raise UserError(f"{path}: evaluations.stability.bn must be one of {', '.join(BN_MODES)}, got {table['bn']!r}")
-    try:
-        for exp in experiments:
-            check_options(table.get("points", 11), table.get("bn", "recompute"), table.get("bn_batches", 20), exp)
-    except UserError as e:
-        raise UserError(f"{path}: evaluations.stability: {e}") from None
-    return dict(table)
-
-
-_FINETUNE_KEYS = {f.name for f in dataclasses.fields(Train)} | {"crop_pad", "flip"}
-
-
-def _downstream(path: Path, here: Path, kind: str, table, extra: set[str]) -> dict:
-    """One [[evaluations.probe]] or [[evaluations.finetune]] table, checked; data_root made absolute."""
-    if not isinstance(table, dict):
-        raise UserError(f"{path}: evaluations.{kind} must be tables ([[evaluations.{kind}]]), got {table!r}")
-    unknown = set(table) - DATA_KEYS - extra
-    if unknown:
-        raise UserError(f"{path}: evaluations.{kind}: unknown key(s) {sorted(unknown)}; known: "
-                        f"{sorted(DATA_KEYS | extra)}")
-    if "dataset" not in table:
-        raise UserError(f"{path}: evaluations.{kind} needs a dataset (e.g. dataset = \"imagefolder\")")
-    out = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-    if out.get("data_root"):
-        out["data_root"] = str(here / out["data_root"])
-    return out
+                experiments=tuple(experiments), evaluations=evaluations)
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One unit of a sweep, plain data; Sweep.run(step) runs it."""
-    kind: str                      # lottery | retrain | probe | finetune | stability
+    kind: str                      # lottery, or an evaluation's name
     experiment: Experiment
     replicate: int
     level: int = -1                # -1: the replicate's lottery chain (levels 0..spec.levels)
-    evaluation: str | int = ""     # retrain: the reset; probe, finetune: the table's index in the spec
+    item: int = 0                  # an evaluation's: the index of its item in spec.evaluations[kind]
 
 
 class Sweep:
@@ -191,7 +128,7 @@ class Sweep:
     datasets the steps read are loaded once per worker."""
 
     def __init__(self, spec: Spec, runtime: Runtime | None = None):
-        self.spec, self.runtime, self._data = spec, runtime or Runtime(spec.device), {}
+        self.spec, self.runtime, self._cache = spec, runtime or Runtime(spec.device), {}
 
     def steps(self) -> list[Step]:
         """Every step, lottery chains first within each replicate."""
@@ -200,108 +137,70 @@ class Sweep:
             for r in range(1, self.spec.replicates + 1):
                 out.append(Step("lottery", exp, r))
                 for level in range(self.spec.levels + 1):
-                    out += [Step("retrain", exp, r, level, reset) for reset in self.spec.retrain]
-                    out += [Step("probe", exp, r, level, i) for i in range(len(self.spec.probe))]
-                    out += [Step("finetune", exp, r, level, i) for i in range(len(self.spec.finetune))]
-                    if self.spec.stability is not None and level in self.spec.stability.get("level", [level]):
-                        out.append(Step("stability", exp, r, level))
+                    out += [Step(name, exp, r, level, i) for name, items in self.spec.evaluations.items()
+                            for i, item in enumerate(items) if EVALUATIONS[name].at(item, level)]
         return out
 
-    # where a step's results live
-    def _level(self, step: Step) -> Path:
+    # what an evaluation's entry reads of a step
+    def item(self, step: Step):
+        """The step's item of its evaluation's spec (a re-training's variant, a probe's table, ...)."""
+        return self.spec.evaluations[step.kind][step.item]
+
+    def level_dir(self, step: Step) -> Path:
         return layout.level_dir(self.spec.root / step.experiment.name(), step.replicate, step.level)
 
-    def _label(self, step: Step) -> str:
-        """The step's name in its level (ledger key and claim lock)."""
-        if step.kind == "retrain":
-            return layout.run_dir(self._level(step), step.evaluation).name
-        if step.kind in ("probe", "finetune"):
-            return layout.sweep_label(step.kind, step.evaluation + 1)
-        return layout.STABILITY
-
+    # where a step's results live
     def key(self, step: Step) -> str:
         """e.g. 'labels_convnet_digits_<hash>/replicate_1/level_2/retrain_reinit' (the ledger's)."""
         if step.kind == "lottery":
             return f"{layout.replicate_dir(self.spec.root / step.experiment.name(), step.replicate).relative_to(self.spec.root)}/lottery"
-        return f"{self._level(step).relative_to(self.spec.root)}/{self._label(step)}"
+        return f"{self.level_dir(step).relative_to(self.spec.root)}/{EVALUATIONS[step.kind].label(self, step)}"
 
     def lock(self, step: Step) -> Path:
         if step.kind == "lottery":
             exp_dir = self.spec.root / step.experiment.name()
             return layout.sweep_lock(exp_dir, layout.replicate_dir(exp_dir, step.replicate).name)
-        return layout.sweep_lock(self._level(step), self._label(step))
-
-    def out(self, step: Step) -> Path:
-        """The folder whose done.json marks an evaluation done."""
-        ldir = self._level(step)
-        if step.kind == "retrain":
-            return layout.run_dir(ldir, step.evaluation)
-        if step.kind == "probe":
-            data, table = self._downstream(step)
-            return probe_out(ldir, data, table.get("stage"))
-        if step.kind == "finetune":
-            data, table = self._downstream(step)
-            return finetune_out(ldir, data, *finetune_config(step.experiment, table))
-        return layout.stability_dir(ldir)
+        return layout.sweep_lock(self.level_dir(step), EVALUATIONS[step.kind].label(self, step))
 
     def train_dirs(self, step: Step) -> list[Path]:
         """The training runs a step makes (its epochs are counted there)."""
         if step.kind == "lottery":
             return [layout.run_dir(layout.level_dir(self.spec.root / step.experiment.name(), step.replicate, L))
                     for L in range(self.spec.levels + 1)]
-        if step.kind in ("retrain", "finetune"):
-            return [self.out(step)]
-        if step.kind == "stability":
-            return [c for c in (layout.stability_copy(self._level(step), i) for i in (1, 2)) if c.exists()]
-        return []
+        return EVALUATIONS[step.kind].train_dirs(self, step)
 
     def ready(self, step: Step) -> bool:
         """Its inputs exist: an evaluation waits until its level is trained."""
-        return step.kind == "lottery" or layout.is_done(layout.run_dir(self._level(step)))
+        return step.kind == "lottery" or layout.is_done(layout.run_dir(self.level_dir(step)))
 
     def done(self, step: Step) -> bool:
         return all(layout.is_done(d) for d in self.train_dirs(step)) if step.kind == "lottery" else \
-            layout.is_done(self.out(step))
+            layout.is_done(EVALUATIONS[step.kind].out(self, step))
 
     def run(self, step: Step) -> None:
         """Run one step, as the CLI's command for it would."""
-        exp, r, level, rt = step.experiment, step.replicate, step.level, self.runtime
-        exp_dir, data = self._exp_dir(exp), self._dataset(exp)
         if step.kind == "lottery":
-            run_replicate(exp, exp_dir, data, r, self.spec.levels, rt, False)
-        elif step.kind == "retrain":
-            retrain(exp, exp_dir, data, r, level, step.evaluation, rt, False)
-        elif step.kind == "probe":
-            target, table = self._downstream(step)
-            probe_level(exp_dir, r, level, target, Normalize(*data.channel_stats()), rt.device, table.get("stage"))
-        elif step.kind == "finetune":
-            target, table = self._downstream(step)
-            finetune(exp_dir, r, level, target, *finetune_config(exp, table), rt, False)
+            exp = step.experiment
+            run_replicate(exp, self.exp_dir(exp), self.dataset(exp), step.replicate, self.spec.levels,
+                          self.runtime, False)
         else:
-            options = {k: v for k, v in self.spec.stability.items() if k != "level"}
-            level_stability(exp, exp_dir, data, r, level, rt, progress=False, **options)
+            EVALUATIONS[step.kind].run(self, step)
 
-    # the data steps read, once per worker
-    def _dataset(self, exp: Experiment):
-        key = repr(exp.data)
-        if key not in self._data:
-            self._data[key] = load_dataset(exp.data, self.spec.data_root)
-        return self._data[key]
+    # the data and folders steps read, once per worker
+    def cached(self, key, make):
+        """make() the first time `key` is asked for in this worker, then the same object."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
-    def _downstream(self, step: Step) -> tuple:
-        """(data, table) of a probe or fine-tune step's [[evaluations.*]] table."""
-        table = (self.spec.probe if step.kind == "probe" else self.spec.finetune)[step.evaluation]
-        key = (step.kind, step.experiment.name(), step.evaluation)
-        if key not in self._data:
-            size = table.get("image_size") or self._dataset(step.experiment).train.image_shape[-1]  # default: the run's
-            self._data[key] = load_dataset(Data(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table}
-                                                | {"image_size": size}), table.get("data_root"))
-        return self._data[key], table
+    def dataset(self, exp: Experiment):
+        """The experiment's own dataset."""
+        return self.cached(repr(exp.data), lambda: load_dataset(exp.data, self.spec.data_root))
 
-    def _exp_dir(self, exp: Experiment) -> Path:
+    def exp_dir(self, exp: Experiment) -> Path:
         """Created once (prepare takes the experiment's lock: config.json has one writer)."""
         d = self.spec.root / exp.name()
         if not (d / layout.CONFIG).exists():
-            prepare(exp, self.spec.root, self._dataset(exp), self.spec.data_root, ["sweep", str(self.spec.path)],
+            prepare(exp, self.spec.root, self.dataset(exp), self.spec.data_root, ["sweep", str(self.spec.path)],
                     Runtime(self.spec.device))
         return d

@@ -11,9 +11,13 @@ The report puts both arms in one table and plot per target dataset ('transfer D'
 
 The fine-tuned result lives next to the level it starts from, in finetune_<data>_<hash>/ (hash of
 the target data and the fine-tuning configuration), as a training run: resumable, idempotent.
+
+A sweep names a target dataset in a table of DATA_KEYS ([[evaluations.finetune]], and the probe's
+[[evaluations.probe]]): target_tables checks them, sweep_target loads one.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 from pathlib import Path
@@ -28,6 +32,10 @@ from .errors import UserError
 from .runtime import CPU, Runtime
 from .lottery import build, derive_seed, load_experiment, open_run, pick_levels, record_command
 from .train import load_weights, train
+
+
+DATA_KEYS = {"dataset", "data_root", "image_size", "train_per_class", "test_per_class"}
+OVERRIDES = {f.name for f in dataclasses.fields(TrainConfig)} | {"crop_pad", "flip"}   # of the run's settings
 
 
 def finetune_config(exp: Experiment, overrides: dict) -> tuple[TrainConfig, DataConfig]:
@@ -79,3 +87,94 @@ def finetune_run(exp_dir: Path, target: DataConfig, target_root: str | None, ove
     if command is not None:
         record_command(exp_dir, command)
     return data, [(r, level, finetune(exp_dir, r, level, data, cfg, aug, runtime, progress)) for r, level in pairs]
+
+
+def target_tables(name: str, value, where: str, here: Path, extra: set[str]) -> tuple[dict, ...]:
+    """A sweep's [[evaluations.<name>]] tables, each checked: DATA_KEYS and `extra`, a dataset, and
+    data_root made absolute (`here`: the spec's folder)."""
+    out = []
+    for table in value:
+        if not isinstance(table, dict):
+            raise UserError(f"{where} must be tables ([[evaluations.{name}]]), got {table!r}")
+        unknown = set(table) - DATA_KEYS - extra
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(DATA_KEYS | extra)}")
+        if "dataset" not in table:
+            raise UserError(f"{where} needs a dataset (e.g. dataset = \"imagefolder\")")
+        t = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+        if t.get("data_root"):
+            t["data_root"] = str(here / t["data_root"])
+        out.append(t)
+    return tuple(out)
+
+
+def sweep_target(sweep, step) -> Dataset:
+    """The dataset of a sweep step's table (target_tables), loaded once per worker; its image size
+    defaults to the run's."""
+    table = sweep.item(step)
+
+    def load():
+        size = table.get("image_size") or sweep.dataset(step.experiment).train.image_shape[-1]
+        return load_dataset(DataConfig(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table}
+                                       | {"image_size": size}), table.get("data_root"))
+    return sweep.cached((step.kind, step.experiment.name(), step.item), load)
+
+
+class Finetune:
+    """The registry's entry (sslprune/evaluations.py): `sslprune eval finetune RUN --dataset ...`,
+    and a sweep's [[evaluations.finetune]] tables (a dataset, training overrides), a step each per level."""
+    name, top_level = "finetune", False
+    help = "fine-tune each level's pruned network on a target dataset, mask fixed"
+    description = ("Transfer, arm 1 (Caron et al. 2020, Fig. 2): each level's trained, pruned backbone gets "
+                   "a fresh label head for the target classes and every surviving weight is fine-tuned on "
+                   "the target labels, the mask held fixed. Arm 2, pruning during transfer, is a lottery run "
+                   "on the target data started from the run's dense level-0 weights, replicate by "
+                   "replicate: 'sslprune lottery --pretrained RUN --task labels --rewind 0it --dataset ...'. "
+                   "Training flags default to the run's own.")
+
+    def spec(self, value, where: str, here: Path, experiments: list[Experiment]) -> tuple[dict, ...]:
+        tables = target_tables(self.name, value, where, here, OVERRIDES)
+        for t in tables:  # the overrides make a valid training configuration for every experiment
+            for exp in experiments:
+                finetune_config(exp, t)
+        return tables
+
+    def at(self, table: dict, level: int) -> bool:
+        return True
+
+    def label(self, sweep, step) -> str:
+        return layout.sweep_label(self.name, step.item + 1)
+
+    def out(self, sweep, step) -> Path:
+        return finetune_out(sweep.level_dir(step), sweep_target(sweep, step),
+                            *finetune_config(step.experiment, sweep.item(step)))
+
+    def train_dirs(self, sweep, step) -> list[Path]:
+        return [self.out(sweep, step)]
+
+    def run(self, sweep, step) -> None:
+        exp = step.experiment
+        finetune(sweep.exp_dir(exp), step.replicate, step.level, sweep_target(sweep, step),
+                 *finetune_config(exp, sweep.item(step)), sweep.runtime, False)
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        from .cli import common_flags, evaluation_args, train_flags
+        evaluation_args(p, required=True)
+        train_flags(p)
+        common_flags(p)
+
+    def command(self, args, argv: list[str]) -> int:
+        from .cli import runtime_of
+        target = DataConfig(dataset=args.dataset, train_per_class=args.train_per_class,
+                            test_per_class=args.test_per_class)
+        data, results = finetune_run(args.run_dir, target, args.data_root,
+                                     {k: getattr(args, k) for k in sorted(OVERRIDES) if getattr(args, k) is not None},
+                                     args.replicates, args.level, runtime_of(args), not args.quiet, list(argv),
+                                     args.image_size)
+        for r, level, res in results:
+            print(f"replicate {r} level {level}: fine-tuned on {data.name}: accuracy {res['test_acc']:.4f}, "
+                  f"mean per-class {res['test_mean_class_acc']:.4f}")
+        return 0
+
+
+FINETUNE = Finetune()

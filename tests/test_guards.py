@@ -227,7 +227,7 @@ def test_damaged_finished_files_are_detected_and_recomputed_exactly(tmp_path, ca
     capsys.readouterr()
     mask = layout.level_dir(exp_dir, 1, 1) / layout.MASK
     _flip(mask)
-    for argv in (["retrain", str(exp_dir), "--reset", "rewind", "--quiet"], ["report", str(exp_dir), "--out",
+    for argv in (["retrain", str(exp_dir), "--variants", "rewind", "--quiet"], ["report", str(exp_dir), "--out",
                  str(tmp_path / "rep")], ["export", str(exp_dir), "--level", "1", "--out", str(tmp_path / "e")]):
         assert main(argv) == 2
         err = _one_line(capsys)
@@ -242,7 +242,7 @@ def test_damaged_finished_files_are_detected_and_recomputed_exactly(tmp_path, ca
     assert f"{model} is truncated or corrupt" in _one_line(capsys)
     rewind = layout.replicate_dir(exp_dir, 1) / layout.REWIND
     _flip(rewind)
-    assert main(["retrain", str(exp_dir), "--reset", "rewind", "--level", "2", "--quiet"]) == 2
+    assert main(["retrain", str(exp_dir), "--variants", "rewind", "--level", "2", "--quiet"]) == 2
     assert f"{rewind} is truncated or corrupt" in _one_line(capsys)
 
 

@@ -15,7 +15,7 @@ def test_every_path_of_a_finished_run_is_one_layout_names(tmp_path, capsys):
              "--root", str(root)]
     assert main(flags) == 0
     exp = next(root.iterdir())
-    assert main(["retrain", str(exp), "--reset", "rewind,random", "--quiet"]) == 0
+    assert main(["retrain", str(exp), "--variants", "rewind,random", "--quiet"]) == 0
     assert main(["eval", "probe", str(exp), "--level", "1", "--quiet"]) == 0
     assert main(["eval", "stability", str(exp), "--level", "0", "--points", "3", "--quiet"]) == 0
     assert main(["eval", "cost", str(exp), "--repeats", "1", "--no-onnx"]) == 0

@@ -187,7 +187,7 @@ def test_cli_process_exit_code_and_preset_run(tmp_path):
     cfg = layout.load_json(f"{exp_dir}/{layout.CONFIG}")
     assert cfg["config"]["train"]["epochs"] == 1 and cfg["commands"][0][0] == "lottery"
     assert {"git", "versions", "hash"} <= set(cfg)
-    r = subprocess.run([sys.executable, "-m", "sslprune", "retrain", exp_dir, "--reset", "random",
+    r = subprocess.run([sys.executable, "-m", "sslprune", "retrain", exp_dir, "--variants", "random",
                         "--quiet"], capture_output=True, text=True)  # default: every trained level
     assert r.returncode == 0, r.stderr
     assert all(layout.is_done(f"{exp_dir}/replicate_1/level_{L}/retrain_random") for L in (0, 1))
@@ -209,11 +209,15 @@ def test_one_grammar_level_picks_levels_creates_and_lists_take_commas(tmp_path, 
     capsys.readouterr()
     assert main(["retrain", str(exp), "--levels", "1", "--quiet"]) == 2
     assert "'retrain' picks existing levels with --level, e.g. --level 1" in capsys.readouterr().err
-    assert main(["retrain", str(exp), "--level", "1", "--reset", "rewind,random", "--quiet"]) == 0
+    assert main(["retrain", str(exp), "--level", "1", "--variants", "rewind,random", "--quiet"]) == 0
     assert {e.reset for e in layout.evaluations(layout.level_dir(exp, 1, 1)) if e.kind == "retrain"} == {"rewind", "random"}
     with pytest.raises(SystemExit) as e:                                  # argparse: one line, exit 2
-        main(["retrain", str(exp), "--reset", "rewind,sometimes"])
+        main(["retrain", str(exp), "--variants", "rewind,sometimes"])
     assert e.value.code == 2 and "comma-separated list of rewind, reinit" in capsys.readouterr().err
+    # --reset is lottery's one value (how each level starts); retrain's list is --variants
+    assert main(["retrain", str(exp), "--reset", "rewind,random", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "retrain takes --variants rewind,random" in err and "--reset is lottery's" in err and err.count("\n") == 1
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("sslprune ")

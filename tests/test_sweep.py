@@ -7,9 +7,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from sslprune import layout
 from sslprune.cli import main
+from sslprune.errors import UserError
 from sslprune.sweep import load_spec
 from sslprune.workers import status
 
@@ -154,3 +156,78 @@ def test_bad_evaluations_fail_in_one_line(tmp_path, capsys, evaluations, message
     assert main(["sweep", str(bad)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+class Toy:
+    """A new evaluation, whole: what its module would hold (here the mean |weight| of each level's
+    trained network, times a scale), in level_<L>/toy/done.json."""
+    name, top_level = "toy", False
+    help = description = "mean |weight| of every trained level"
+
+    def spec(self, value, where, here, experiments):
+        if not isinstance(value, dict) or set(value) - {"scale"}:
+            raise UserError(f"{where} must be a table with an optional scale, got {value!r}")
+        return (value,)
+
+    def at(self, table, level):
+        return True
+
+    def label(self, sweep, step):
+        return self.out(sweep, step).name
+
+    def out(self, sweep, step):
+        return layout.evaluation_dir(sweep.level_dir(step), self.name)
+
+    def train_dirs(self, sweep, step):
+        return []
+
+    def run(self, sweep, step):
+        _toy(sweep.level_dir(step), sweep.item(step).get("scale", 1.0))
+
+    def add_arguments(self, p):
+        from sslprune.cli import run_args
+        run_args(p)
+        p.add_argument("--scale", type=float, default=1.0)
+
+    def command(self, args, argv):
+        from sslprune.lottery import pick_levels
+        for r, level in pick_levels(args.run_dir, args.replicates, args.level):
+            print(f"replicate {r} level {level}: {_toy(layout.level_dir(args.run_dir, r, level), args.scale):.4f}")
+        return 0
+
+
+def _toy(level_dir, scale):
+    out = layout.evaluation_dir(level_dir, Toy.name)
+    if not layout.is_done(out):
+        weights = layout.load_model(layout.run_dir(level_dir)).values()
+        mean = torch.cat([w.abs().flatten() for w in weights if w.is_floating_point()]).mean()
+        layout.save_json(out / layout.DONE, {"mean_abs": scale * float(mean)})
+    return layout.load_json(out / layout.DONE)["mean_abs"]
+
+
+def test_a_new_evaluation_is_its_module_and_one_registry_line(tmp_path, capsys, monkeypatch):
+    """The sweep and the CLI take a new evaluation from its registry entry alone: nothing else changes."""
+    from sslprune.evaluations import EVALUATIONS
+    from sslprune.workers import work
+    monkeypatch.setitem(EVALUATIONS, "toy", Toy())   # its registry line
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(SPEC.format(epochs=1, replicates=1, retrain='["rewind"]').replace('["labels", "rotation"]',
+                                                                                     '["rotation"]')
+                    + "\n[evaluations.toy]\nscale = 2.0\n")
+    # what `sslprune sweep` runs in each worker process, here in this one, where the toy is registered
+    assert work(spec, "test") == 1 + 2 * 2
+    assert main(["sweep", str(spec), "--status"]) == 0
+    assert "5/5 steps done" in capsys.readouterr().out
+    (exp,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    scaled = [layout.load_json(layout.evaluation_dir(layout.level_dir(exp, 1, level), "toy") / layout.DONE)["mean_abs"]
+              for level in (0, 1)]
+    assert all(v > 0 for v in scaled)
+    # its command, with its own flags (the result above is read back, as a sweep's results are)
+    assert main(["eval", "toy", str(exp), "--level", "1"]) == 0
+    assert capsys.readouterr().out.strip() == f"replicate 1 level 1: {scaled[1]:.4f}"
+    # its spec is checked before anything runs, in one line
+    bad = tmp_path / "bad.toml"
+    bad.write_text(spec.read_text().replace("scale = 2.0", "scales = 2.0").replace('root = "runs"', 'root = "bad"'))
+    assert main(["sweep", str(bad)]) == 2
+    assert "evaluations.toy must be a table with an optional scale" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -8,7 +8,7 @@ same run root. So `sslprune sweep SPEC --status` follows their progress, and `ss
 reads them as a sweep's runs.
 
 Per (experiment, replicate) it prints one lottery line (its chain of levels 0..levels), then one
-line per re-training reset. A re-training line re-trains the levels trained so far and skips finished
+line per re-training variant. A re-training line re-trains the levels trained so far and skips finished
 ones. Run it after the lottery line, or run it again until every level is done. Lines resume when
 run again and lock their steps, so any number of machines can take them in any order.
 
@@ -56,8 +56,8 @@ def commands(spec_path: Path, launcher: list[str]) -> list[str]:
             lines.append(shlex.join([*launcher, "sslprune", "lottery", *flags, "--root", str(spec.root), *data,
                                      "--levels", str(spec.levels), "--replicates", only, "--device", spec.device,
                                      "--quiet"]))
-            for reset in spec.retrain:
-                lines.append(shlex.join([*launcher, "sslprune", "retrain", str(run_dir), "--reset", reset,
+            for variant in spec.evaluations.get("retrain", ()):
+                lines.append(shlex.join([*launcher, "sslprune", "retrain", str(run_dir), "--variants", variant,
                                          "--replicates", only, "--device", spec.device, "--quiet"]))
     return lines
 
