@@ -3,7 +3,7 @@ MACs, parameters and measured latency of the network each level gives (issue "Ne
 
 For each model (ResNet-20, the convnet), objective (labels, RotNet) and granularity, one replicate:
     sslprune lottery --granularity G --levels L ...        # 20% of the surviving channels / weights per level
-    sslprune retrain RUN --reset rewind                    # every level's mask re-trained on labels
+    sslprune retrain RUN --variants rewind                 # every level's mask re-trained on labels
     sslprune eval cost RUN                                 # params, MACs, latency vs dense (same call)
 then the table: per run, the level with the fewest MACs whose re-trained accuracy is within 1 point
 of the dense network's (level 0 re-trained), with its speed-ups; and the same for weight granularity
@@ -56,7 +56,7 @@ def train(args) -> None:
     for model, task, gran, flags in runs(args):
         print(f"{model} {task} {gran}", flush=True)
         exp = sh("lottery", *flags)
-        sh("retrain", exp, "--reset", "rewind", "--quiet")
+        sh("retrain", exp, "--variants", "rewind", "--quiet")
 
 
 def measure(args) -> None:

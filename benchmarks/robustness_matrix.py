@@ -66,7 +66,7 @@ def main() -> None:
     # 2. damaged finished files
     exp = fresh("damaged", levels=2)
     flip(exp / "replicate_1/level_1/mask.safetensors")
-    case("bit-flipped mask, retrain", run("retrain", exp, "--reset", "rewind", "--quiet"))
+    case("bit-flipped mask, retrain", run("retrain", exp, "--variants", "rewind", "--quiet"))
     case("bit-flipped mask, report", run("report", exp, "--out", root / "rep"))
     flip(exp / "replicate_1/level_2/train/model.safetensors")
     case("bit-flipped model, next level", run("lottery", *GOOD, "--levels", "3", "--root", root / "damaged"))

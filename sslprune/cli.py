@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _no_abbreviations(parser()).parse_args(argv)
     try:
         if distributed.launched():  # torchrun --nproc_per_node N -m sslprune ...
-            if args.command not in DISTRIBUTED_COMMANDS:
-                raise UserError(f"'{args.command}' runs on one process; launch it without torchrun "
+            if args.command not in DISTRIBUTED_COMMANDS or not hasattr(args, "device"):  # eval cost times, not trains
+                raise UserError(f"'{args.command}{' ' + args.evaluation if getattr(args, 'evaluation', None) else ''}' "
+                                f"runs on one process; launch it without torchrun "
                                 f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
             args.device = distributed.init(args.device)
         if getattr(args, "levels_misused", None) is not None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import distributed, layout
 from .config import Experiment
-from .data import Dataset, Split
+from .data import Dataset
 from .data.augment import Normalize
 from .errors import UserError
 from .labelled import task_data

@@ -175,7 +175,7 @@ def test_fit_reads_a_dataloader_and_a_self_supervised_objective(tmp_path):
     (dict(batch_size=9), "batch_size=9 exceeds the 8 training images"),
     (dict(lr=0), "lr must be a finite number > 0"),
     (dict(objective="npid"), "knn 200 exceeds the 8 rows"),
-    (dict(momentum=0.9), "^momentum applies to optimizer sgd only"),         # the CLI's checks, in API words
+    (dict(momentum=0.9), "^momentum applies to optimizer sgd or lars only"),         # the CLI's checks, in API words
     (dict(objective="s4l"), "^objective s4l needs .*: set label_fraction in"),
     (dict(mask={"0.weight": torch.ones(4, 3, 3, 3, dtype=torch.bool)}), "mask does not match the model"),
 ])

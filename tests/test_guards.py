@@ -65,7 +65,7 @@ def test_pruning_refuses_non_finite_scores():
     (["--optimizer", "adam", "--lr", "inf"], "--lr must be a finite number"),
     (["--optimizer", "adam", "--lr", "1e-3", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
     (["--optimizer", "sgd", "--lr", "0.1", "--momentum", "5"], "--momentum must be in [0, 1)"),
-    (["--optimizer", "adam", "--lr", "1e-3", "--momentum", "0.9"], "--momentum applies to --optimizer sgd only"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--momentum", "0.9"], "--momentum applies to --optimizer sgd or lars only"),
     (["--optimizer", "adam", "--lr", "1e-3", "--task", "exemplar", "--margin", "5"], "--margin must be in (0, 2]"),
     (["--optimizer", "adam", "--lr", "1e-3", "--batch-size", "100000"], "exceeds the 1437 training images"),
     (["--optimizer", "adam", "--lr", "1e-3", "--task", "npid", "--nce-negatives", "64", "--knn", "100000"],
