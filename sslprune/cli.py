@@ -271,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
                     "classifier) [default: the lottery's network, backbone only (features)]")
     ex.add_argument("--format", type=words("safetensors", "onnx"), default=["safetensors"], metavar="A,B",
                     help="files to write, comma-separated: safetensors, onnx [default: safetensors]")
+    ex.add_argument("--path", default="dense", choices=["dense", "gated"],
+                    help="a run trained with --budget: the dense path (an ordinary ResNet) or the gated path "
+                    "(channels never opened on the training split removed) [default: dense]")
     ex.add_argument("--out", type=Path, default=None, help="output folder [default: export_<run>_r<R>_l<L>]")
 
     sp = sub.add_parser("sparsity", help="natural sparsity of trained networks, per layer and in total",
@@ -392,7 +395,7 @@ def cmd_export(args, argv) -> int:
     from .export import export
 
     out = args.out or Path(f"export_{Path(args.run_dir).name}_r{args.replicate}_l{args.level}")
-    info = export(args.run_dir, args.replicate, args.level, out, tuple(args.format), args.retrain)
+    info = export(args.run_dir, args.replicate, args.level, out, tuple(args.format), args.retrain, args.path)
     c, d = info["cost"], info["dense_cost"]
     print(f"{out}: {info['granularity']} granularity, {info['remaining']:.2%} of the weights; params "
           f"{c['params']:,} ({c['params'] / d['params']:.1%} of dense), MACs {c['macs']:,} "

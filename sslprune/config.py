@@ -219,6 +219,9 @@ class Experiment:
         if t.budget and self.model.model not in GATED:
             raise UserError(f"--budget trains a gated path, which --model {self.model.model} does not have; "
                             f"choose --model {' or '.join(GATED)}")
+        if t.budget and self.model.pretrained:
+            raise UserError("--budget trains the dense and the gated path together from scratch (as Krishna et al.); "
+                            "drop --pretrained")
         for name in ("embedding_dim", "nce_negatives", "knn", "temperature", "margin", "projector_dim"):
             if not getattr(t, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(t, name)}")

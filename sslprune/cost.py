@@ -97,7 +97,7 @@ def cost_run(exp_dir: Path, pairs: list[tuple[int, int]], repeats: int = 10, use
     architecture. Returns the number of files written; existing ones are kept."""
     from .export import Standalone, compact_network, input_spec
     from .lottery import load_experiment
-    from .models import build_model
+    from .models import build_backbone
     from .pruning import apply_mask
 
     exp, saved = load_experiment(exp_dir)
@@ -113,7 +113,7 @@ def cost_run(exp_dir: Path, pairs: list[tuple[int, int]], repeats: int = 10, use
 
     def network(mask=None) -> Standalone:
         torch.manual_seed(0)
-        backbone = build_model(exp.model.model)
+        backbone = build_backbone(exp)
         if mask is None:
             return Standalone(backbone, None, mean, std).eval()
         apply_mask(backbone, mask)

@@ -32,8 +32,9 @@ from torch import nn
 
 from . import channels, layout
 from .errors import UserError
-from .models import build_model
 from .cost import count
+from .models import build_model
+from .models.gated import PATHS, compact_gated, dense_state, opened_channels
 from .pruning import apply_mask, density
 
 FORMATS = ("safetensors", "onnx")
@@ -41,17 +42,19 @@ HEAD = "fc"  # the label head's key prefix in an exported file (torchvision's, f
 
 
 class Standalone(nn.Module):
-    """normalise -> backbone -> optional linear head: what a level computes, as one module."""
+    """normalise -> backbone -> optional linear head: what a level computes, as one module. path:
+    a gated backbone's path (models/gated.py), None for any other backbone."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear | None, mean, std):
+    def __init__(self, backbone: nn.Module, head: nn.Linear | None, mean, std, path: str | None = None):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.path = backbone, head, path
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3).view(1, -1, 1, 1),
                              persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:   # (B, 3, H, W) on the 0-1 scale
-        features = self.backbone((images - self.mean) / self.std)  # (B, feature_dim)
+        x = (images - self.mean) / self.std
+        features = self.backbone(x) if self.path is None else self.backbone(x, path=self.path)  # (B, feature_dim)
         return features if self.head is None else self.head(features)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -62,8 +65,11 @@ class Standalone(nn.Module):
         return out
 
 
-def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None = None) -> tuple[Standalone, dict]:
-    """A trained level as a Standalone network (masked, not yet compact) and its provenance."""
+def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None = None,
+                  path: str = "dense") -> tuple[Standalone, dict]:
+    """A trained level as a Standalone network (masked, not yet compact) and its provenance. A run
+    trained with --budget has two paths: "dense" gives an ordinary ResNet (the dense path's weights),
+    "gated" the gated ResNet computing its gated path."""
     from .lottery import load_experiment
 
     exp, saved = load_experiment(exp_dir)
@@ -76,9 +82,16 @@ def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None =
     mask_path = run / layout.MASK if (run / layout.MASK).exists() else ldir / layout.MASK
     mask = layout.load_mask(mask_path)
     tensors = layout.load_model(run)
-    backbone = build_model(exp.model.model)
-    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
-    apply_mask(backbone, mask)  # already zero after training; a no-op that makes it certain
+    if path not in PATHS:
+        raise UserError(f"unknown --path {path}; choose from {', '.join(PATHS)}")
+    gated = exp.task.budget > 0
+    if path == "gated" and not gated:
+        raise UserError("--path gated exports the gated path of a run trained with --budget; this run has none: "
+                        "drop --path")
+    state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+    backbone = build_model(exp.model.model, gated=path == "gated")
+    backbone.load_state_dict(dense_state(state) if gated and path == "dense" else state)
+    apply_mask(backbone, {n: m for n, m in mask.items() if n in dict(backbone.named_parameters())})  # already zero; certain
     head = None
     if reset is not None:  # re-trained on labels: the task's linear head
         w, b = tensors["task.head.weight"], tensors["task.head.bias"]
@@ -87,10 +100,11 @@ def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None =
     shape, mean, std = input_spec(exp_dir, exp, saved)
     info = {"source": {"run": Path(exp_dir).name, "replicate": replicate, "level": level,
                        "trained": run.relative_to(exp_dir).as_posix(), "git": saved.get("git")},
-            "model": exp.model.model, "granularity": exp.prune.granularity, "remaining": density(mask),
+            "model": exp.model.model, **({"path": path} if gated else {}),
+            "granularity": exp.prune.granularity, "remaining": density(mask),
             "input": {"shape": list(shape), "mean": mean, "std": std, "scale": "0-1"},
             "head": None if head is None else {"prefix": HEAD, "classes": head.out_features}}
-    return Standalone(backbone, head, mean, std).eval(), info | {"_mask": mask}
+    return Standalone(backbone, head, mean, std, "gated" if path == "gated" else None).eval(), info | {"_mask": mask}
 
 
 def input_spec(exp_dir: Path, exp, saved: dict) -> tuple[tuple[int, int, int], list[float], list[float]]:
@@ -121,27 +135,49 @@ def compact_network(net: Standalone, granularity: str, mask) -> Standalone:
 
 
 def export(exp_dir: Path, replicate: int, level: int, out: Path, formats=("safetensors",),
-           reset: str | None = None) -> dict:
+           reset: str | None = None, path: str = "dense") -> dict:
     """Write a level's standalone network to `out`; returns what export.json says."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise UserError(f"unknown --format {unknown[0]}; choose from {', '.join(FORMATS)}")
     if "onnx" in formats:
         _need_onnx()
-    net, info = level_network(Path(exp_dir), replicate, level, reset)
-    masked = net
-    net = compact_network(net, info["granularity"], info.pop("_mask"))
+    net, info = level_network(Path(exp_dir), replicate, level, reset, path)
+    masked, mask = net, info.pop("_mask")
     shape = tuple(info["input"]["shape"])
-    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    if path == "gated":  # channels the gated path never opens on the training split go; checked on those images
+        net, x, note = _compact_gated(Path(exp_dir), net, info)
+    else:
+        net = compact_network(net, info["granularity"], mask)
+        x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+        note = ("channels removed: a smaller dense network" if info["granularity"] == "channel" else
+                "weight granularity: the dense network with pruned weights at zero; same kernels, no speed-up")
     with torch.no_grad():  # the invariant, checked on every export: compact computes what masked does
         want = masked(x)
         err = float((net(x) - want).abs().max())
     if not err <= 1e-4 * max(1.0, float(want.abs().max())):
         raise UserError(f"the compact network differs from the masked one by {err:.3g}; please report this")
-    info |= {"cost": count(net, shape), "dense_cost": count(build_dense(info, "meta"), shape),
-             "note": ("channels removed: a smaller dense network" if info["granularity"] == "channel" else
-                      "weight granularity: the dense network with pruned weights at zero; same kernels, no speed-up")}
+    info |= {"cost": count(net, shape), "dense_cost": count(build_dense({**info, "path": None}, "meta"), shape),
+             "note": note}
     return write_export(net, info, Path(out), formats, x)
+
+
+def _compact_gated(exp_dir: Path, net: Standalone, info: dict) -> tuple[Standalone, torch.Tensor, str]:
+    """The gated path without the channels it never opens on the run's training split (no
+    augmentation), and 64 of those images (0-1 floats) to check it on."""
+    from .data import load_dataset
+    from .lottery import load_experiment
+
+    exp, saved = load_experiment(exp_dir)
+    images = load_dataset(exp.data, saved.get("data_root")).train.images          # (N, 3, H, W) uint8
+    keep = opened_channels(net.backbone, images, lambda x: (x.float() / 255 - net.mean) / net.std)
+    info["gated_channels"] = {"kept": sum(int(k.sum()) for k in keep), "of": sum(len(k) for k in keep)}
+    small = Standalone(compact_gated(net.backbone, keep), net.head, net.mean.flatten(), net.std.flatten(), "gated")
+    x = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]].float() / 255
+    note = (f"gated path: {info['gated_channels']['kept']} of {info['gated_channels']['of']} gated channels kept "
+            f"(the others never open on the training split); the kept ones are gated per image, MACs counted "
+            f"with every kept channel open")
+    return small.eval(), x, note
 
 
 def write_export(net: Standalone, info: dict, out: Path, formats=("safetensors",), x: torch.Tensor | None = None) -> dict:
@@ -166,10 +202,11 @@ def write_export(net: Standalone, info: dict, out: Path, formats=("safetensors",
 def build_dense(info: dict, device: str = "cpu") -> Standalone:
     """The dense network of an export's architecture (random weights; on "meta": shapes only, the
     cost reference)."""
+    gated = info.get("path") == "gated"
     with torch.device(device):
-        backbone = build_model(info["model"])
+        backbone = build_model(info["model"], gated=gated)
     head = None if info["head"] is None else nn.Linear(backbone.feature_dim, info["head"]["classes"])
-    return Standalone(backbone, head, info["input"]["mean"], info["input"]["std"]).eval()
+    return Standalone(backbone, head, info["input"]["mean"], info["input"]["std"], "gated" if gated else None).eval()
 
 
 def load_exported(folder: str | Path) -> Standalone:

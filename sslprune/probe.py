@@ -22,31 +22,36 @@ from .data import Dataset, Split, load_dataset
 from .data.augment import Normalize
 from .errors import UserError
 from .lottery import load_experiment, open_run, pick_levels, record_command
-from .models import build_model
+from .models import build_backbone
+from .models.gated import GatedResNet
 from .train import load_weights
 from .transfer import sweep_target, target_tables
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+GATED = "gated"   # the stage name of a gated backbone's gated path
 
 
 @torch.no_grad()
 def features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int = 256,
              stage: str | None = None) -> np.ndarray:
     """(N, 3, H, W) uint8 -> (N, F) float32 features of the frozen backbone: its output, or the
-    output of the submodule `stage` (e.g. 'layer2' of a ResNet), global-average-pooled to (N, C)."""
+    output of the submodule `stage` (e.g. 'layer2' of a ResNet), global-average-pooled to (N, C);
+    stage GATED: the final features of a gated backbone's gated path (models/gated.py)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
     captured = []
     hook = None
-    if stage:
+    gated = stage == GATED
+    if stage and not gated:
         hook = stage_module(backbone, stage).register_forward_hook(lambda m, i, o: captured.append(o))
     out = []
     try:
         for i in range(0, len(images), batch_size):
             captured.clear()
-            f = backbone(normalize(images[i:i + batch_size].to(device)))
-            if stage:
+            x = normalize(images[i:i + batch_size].to(device))
+            f = backbone(x, path="gated") if gated else backbone(x)
+            if stage and not gated:
                 if len(captured) != 1:
                     raise UserError(f"--stage {stage} ran {len(captured)} times in one forward pass; pick a "
                                     f"module that runs once (e.g. layer2 of a ResNet)")
@@ -61,6 +66,11 @@ def features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, ba
 
 
 def stage_module(backbone: nn.Module, stage: str) -> nn.Module:
+    if stage == GATED:
+        if not isinstance(backbone, GatedResNet):
+            raise UserError(f"--stage {GATED} probes the gated path of a run trained with --budget; this run has "
+                            f"none: drop --stage")
+        return backbone
     try:
         return backbone.get_submodule(stage)
     except AttributeError:
@@ -125,7 +135,7 @@ def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: 
         f = layout.load_tensors(cache)
     else:
         exp, _ = load_experiment(exp_dir)
-        backbone = build_model(exp.model.model).to(device)
+        backbone = build_backbone(exp).to(device)
         load_weights(backbone, None, layout.load_model(run))
         norm = normalize.to(device)
         f = {"train": torch.from_numpy(features(backbone, data.train.images, norm, stage=stage)),
@@ -154,7 +164,7 @@ def probe_run(exp_dir: Path, target: Data | None = None, target_root: str | None
         data = load_dataset(dataclasses.replace(target, dataset=target.dataset or exp.data.dataset, image_size=size),
                             target_root or saved.get("data_root"))
     if stage:  # fail before any work
-        stage_module(build_model(exp.model.model), stage)
+        stage_module(build_backbone(exp), stage)
     if command is not None:
         record_command(exp_dir, command)
     return data, [(r, level, probe_level(exp_dir, r, level, data, normalize, device, stage)) for r, level in pairs]
@@ -196,7 +206,8 @@ class Probe:
         evaluation_args(p, required=False)
         p.add_argument("--stage", default=None, help="probe the output of this backbone module instead of the "
                        "final features, global-average-pooled (e.g. layer1..layer4 of a ResNet, features.5 of "
-                       "the convnet) [default: final features]")
+                       f"the convnet); '{GATED}': the gated path's final features (a run trained with --budget) "
+                       "[default: final features; of the dense path for a gated run]")
         common_flags(p, trains=False)
 
     def command(self, args, argv: list[str]) -> int:

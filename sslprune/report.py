@@ -34,10 +34,10 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from . import layout
+from . import layout, report_dual
 from .errors import UserError
 from .lottery import load_experiment
-from .models import build_model
+from .models import build_backbone
 from .pruning import density, pruned_layers
 from .tasks import TASKS, Task
 
@@ -83,7 +83,7 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
     names = labels(exp_dirs)
     for exp_dir in exp_dirs:
         exp, saved = load_experiment(exp_dir)
-        layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
+        layers = pruned_layers(build_backbone(exp), exp.prune.layers)
         objective = names[Path(exp_dir).resolve()]
         own_metric = TASKS.get(exp.task.task, Task).metric  # what test_acc means in the lottery's own runs
         # the lottery's own rows; a run started from another lottery run is pruning during transfer
@@ -494,7 +494,7 @@ def collect_stability(exp_dirs: list[Path]) -> list[dict]:
     rows = []
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
-        layers = pruned_layers(build_model(exp.model.model), exp.prune.layers)
+        layers = pruned_layers(build_backbone(exp), exp.prune.layers)
         for replicate, level, ldir in layout.levels(exp_dir):
             sdir, retrained = layout.stability_dir(ldir), layout.run_dir(ldir, "rewind")
             if not layout.is_done(sdir):
@@ -590,8 +590,17 @@ def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
     costs = cost_summary(rows)
     stable = collect_stability(exp_dirs)
     stable_summary = stability_summary(stable)
+    dual, blocks = report_dual.collect_dual(exp_dirs)
     layout.save_text(paths["md"], "# sslprune report\n\n" + provenance(exp_dirs) + "\n" + markdown(summary) + "\n"
-                     + cost_markdown(costs) + stability_markdown(stable_summary))
+                     + cost_markdown(costs) + stability_markdown(stable_summary) + report_dual.markdown(dual, blocks))
+    if dual:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=report_dual.DUAL_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(dual)
+        paths["dual_csv"], paths["dual_png"] = out / "dual.csv", out / "dual_accuracy_vs_macs.png"
+        layout.save_text(paths["dual_csv"], buf.getvalue())
+        report_dual.plot(dual, paths["dual_png"])
     if stable:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=STABILITY_COLUMNS, lineterminator="\n")

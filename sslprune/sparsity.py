@@ -18,7 +18,7 @@ import torch
 from . import layout
 from .errors import UserError
 from .lottery import load_experiment
-from .models import build_model
+from .models import build_backbone
 from .pruning import prunable
 from .report import save_png
 
@@ -65,7 +65,7 @@ def collect(exp_dirs, thresholds=(None,), levels=(0,), with_init: bool = False) 
     rows = []
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
-        names = list(prunable(build_model(exp.model.model)))
+        names = list(prunable(build_backbone(exp)))
         for replicate in layout.replicates(exp_dir):
             rdir = layout.replicate_dir(exp_dir, replicate)
             for level in ([INIT] if with_init else []) + list(levels):

@@ -158,3 +158,75 @@ def test_bad_gated_input_is_refused_before_anything_is_written(tmp_path, capsys,
 def test_a_gated_model_name_without_a_variant_is_refused():
     with pytest.raises(UserError, match="does not have"):
         build_model("vgg19", gated=True)
+
+
+@pytest.fixture(scope="module")
+def dual_runs(tmp_path_factory):
+    """A gated run (budget 0.5) and its baseline (budget 0) on the digits, 2 epochs, probed on both paths."""
+    from sslprune.cli import main
+    root = tmp_path_factory.mktemp("dual") / "runs"
+    flags = ["lottery", "--dataset", "digits", "--model", "resnet20", "--task", "vicreg", "--projector-dim", "32",
+             "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "64", "--epochs", "2", "--levels", "0",
+             "--quiet", "--root", str(root)]
+    assert main([*flags, "--budget", "0.5"]) == 0 and main(flags) == 0
+    from sslprune.lottery import load_experiment
+    exps = {load_experiment(d)[0].task.budget: d for d in root.iterdir()}
+    assert main(["eval", "probe", str(exps[0.5])]) == 0 and main(["eval", "probe", str(exps[0.5]), "--stage", "gated"]) == 0
+    assert main(["eval", "probe", str(exps[0.0])]) == 0
+    return root, exps
+
+
+def test_both_paths_are_probed_and_reported_as_their_table_1(dual_runs, tmp_path):
+    from sslprune.cli import main
+    root, exps = dual_runs
+    assert main(["report", str(root), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Dense and gated paths" in md and "| VICReg (no gates) |" in md and "| VICReg-Dual | 0.5 |" in md
+    rows = (tmp_path / "report" / "dual.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and any(",gated," in r for r in rows)       # dense + gated of one run, the baseline
+    assert "| 0.5 | 9 |" in md                                             # ResNet-20's 9 gated blocks, per block
+    assert (tmp_path / "report" / "dual_accuracy_vs_macs.png").exists()
+
+
+def test_the_gated_path_exports_compact_and_computes_what_it_did(dual_runs, tmp_path, capsys):
+    from sslprune.cli import main
+    from sslprune.export import level_network, load_exported
+    root, exps = dual_runs
+    assert main(["export", str(exps[0.5]), "--level", "0", "--path", "gated", "--out", str(tmp_path / "g")]) == 0
+    info = layout.load_json(tmp_path / "g" / layout.EXPORT_INFO)
+    assert info["path"] == "gated" and info["gated_channels"]["of"] == 16 * 3 + 32 * 3 + 64 * 3
+    net = load_exported(tmp_path / "g")
+    ref, _ = level_network(exps[0.5], 1, 0, None, "gated")
+    from sslprune.data import load_dataset
+    from sslprune.config import Data
+    x = load_dataset(Data(dataset="digits"), None).train.images[:32].float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), atol=1e-5, rtol=1e-5)
+    # the dense path of the same run: an ordinary ResNet-20
+    assert main(["export", str(exps[0.5]), "--level", "0", "--out", str(tmp_path / "d")]) == 0
+    assert type(load_exported(tmp_path / "d").backbone).__name__ == "ResNet"
+    capsys.readouterr()
+    assert main(["export", str(exps[0.0]), "--level", "0", "--path", "gated", "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", "probe", str(exps[0.0]), "--stage", "gated"]) == 2
+    err = capsys.readouterr().err
+    assert "--path gated exports the gated path of a run trained with --budget" in err
+    assert "--stage gated probes the gated path of a run trained with --budget" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_compact_gated_keeps_what_opens():
+    from sslprune.models.gated import compact_gated, opened_channels
+    torch.manual_seed(0)
+    model = build_model("resnet20", gated=True).eval()
+    closed = [torch.arange(b.conv1.out_channels) % 3 == 0 for b in model.blocks()]   # never open
+    with torch.no_grad():   # the gate's hidden units all 1 (batch-norm weight 0, bias 1): logits = row sums
+        for b, c in zip(model.blocks(), closed):
+            b.gate.bn.weight.zero_(), b.gate.bn.bias.fill_(1.0)
+            b.gate.conv2.weight.copy_(torch.where(c, -1.0, 1.0)[:, None, None, None].expand_as(b.gate.conv2.weight))
+    x = torch.rand(16, 3, 16, 16)
+    keep = opened_channels(model, x, lambda t: t)
+    assert all(not (k & c).any() for k, c in zip(keep, closed))
+    small = compact_gated(model, keep)
+    assert [b.conv1.out_channels for b in small.blocks()] == [int(k.sum()) for k in keep]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x, path="gated"), model(x, path="gated"), atol=1e-5, rtol=1e-5)

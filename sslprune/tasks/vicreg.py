@@ -120,10 +120,10 @@ class VICReg(Task):
         opened = None                                    # per block (C_l,): test images that opened each channel
         for i in range(0, len(images), batch_size):
             idx = torch.arange(i, i + batch_size, device=images.device)
-            loss, hits, n, stats = self._dual(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
+            loss, hits, n, stats, gates = self._dual(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
             for k, v in {"loss": loss, "acc": hits / n, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * batch_size / len(images)
-            counts = [g.sum(0) for g in backbone.gates]
+            counts = [g.sum(0) for g in gates]
             opened = counts if opened is None else [a + b for a, b in zip(opened, counts)]
         for l, c in enumerate(opened):                   # the paper's "conditional" channels: the rest
             sums[f"always_open_{l + 1}"] = float((c == len(images)).float().mean())
@@ -147,8 +147,9 @@ class VICReg(Task):
 
     def _dual(self, backbone, batch: Batch, normalize):
         """VICReg between the gated path (first view) and the dense path (second view), plus the
-        budget losses. Returns (loss, hits, n, stats): stats are the batch's loss terms, realised
-        MACs fraction `macs` and open fraction per block `open_<l>` (floats' tensors, no grad)."""
+        budget losses. Returns (loss, hits, n, stats, gates): stats are the batch's loss terms, realised
+        MACs fraction `macs` and open fraction per block `open_<l>` (floats' tensors, no grad); gates
+        the gated path's, per block (b, C_l)."""
         x = batch.images.float() / 255
         views = [vicreg_view(x, batch.generator), vicreg_view(x, batch.generator)]
         g = batch.generator   # the gates' noise: drawn for the whole batch, the same on every process
@@ -172,4 +173,4 @@ class VICReg(Task):
             stats = {**terms, "spar": spar, "bound": bound, "macs": per_image[:, 0].mean(),
                      **{f"open_{l + 1}": v for l, v in enumerate(per_image[:, 1:].mean(0))}}
             stats = {k: v.detach() if torch.is_tensor(v) else torch.tensor(v) for k, v in stats.items()}
-        return vic + spar + bound, hit.sum(), hit.numel(), stats
+        return vic + spar + bound, hit.sum(), hit.numel(), stats, gates
