@@ -38,8 +38,8 @@ class Evaluation(Protocol):
         `here`: the spec's folder, for relative paths. A CLI-only evaluation (cost) refuses here and
         has none of the sweep's part below."""
 
-    def at(self, item: Any, level: int) -> bool:
-        """Whether `item` has a step at `level`."""
+    def at(self, item: Any, experiment: Experiment, level: int) -> bool:
+        """Whether `item` has a step at `level` of `experiment`."""
 
     def label(self, sweep: Sweep, step: Step) -> str:
         """The step's name in its level: its ledger key and claim lock (cheap: no data is read)."""

@@ -184,8 +184,8 @@ class Probe:
     def spec(self, value, where: str, here: Path, experiments) -> tuple[dict, ...]:
         return target_tables(self.name, value, where, here, {"stage"})
 
-    def at(self, table: dict, level: int) -> bool:
-        return True
+    def at(self, table: dict, experiment, level: int) -> bool:
+        return table.get("stage") != GATED or experiment.task.budget > 0   # the gated path: where there is one
 
     def label(self, sweep, step) -> str:
         return layout.sweep_label(self.name, step.item + 1)

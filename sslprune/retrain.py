@@ -138,7 +138,7 @@ class Retrain:
                             f"random baseline is 'random' (random channels): drop random_adjusted")
         return tuple(value)
 
-    def at(self, variant: str, level: int) -> bool:
+    def at(self, variant: str, experiment, level: int) -> bool:
         return True
 
     def label(self, sweep, step) -> str:

@@ -224,7 +224,7 @@ class Stability:
             raise UserError(f"{where}: {e}") from None
         return (dict(value),)
 
-    def at(self, table: dict, level: int) -> bool:
+    def at(self, table: dict, experiment, level: int) -> bool:
         return level in table.get("level", [level])   # default: every level
 
     def label(self, sweep, step) -> str:

@@ -138,7 +138,7 @@ class Sweep:
                 out.append(Step("lottery", exp, r))
                 for level in range(self.spec.levels + 1):
                     out += [Step(name, exp, r, level, i) for name, items in self.spec.evaluations.items()
-                            for i, item in enumerate(items) if EVALUATIONS[name].at(item, level)]
+                            for i, item in enumerate(items) if EVALUATIONS[name].at(item, exp, level)]
         return out
 
     # what an evaluation's entry reads of a step

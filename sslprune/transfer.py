@@ -139,7 +139,7 @@ class Finetune:
                 finetune_config(exp, t)
         return tables
 
-    def at(self, table: dict, level: int) -> bool:
+    def at(self, table: dict, experiment, level: int) -> bool:
         return True
 
     def label(self, sweep, step) -> str:

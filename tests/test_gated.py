@@ -230,3 +230,15 @@ def test_compact_gated_keeps_what_opens():
     assert [b.conv1.out_channels for b in small.blocks()] == [int(k.sum()) for k in keep]
     with torch.no_grad():
         torch.testing.assert_close(small(x, path="gated"), model(x, path="gated"), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sweep_probes_the_gated_path_only_where_there_is_one(tmp_path):
+    from sslprune.sweep import Sweep, load_spec
+    spec = tmp_path / "dual.toml"
+    spec.write_text('levels = 0\nreplicates = 2\n[base]\ndataset = "digits"\nmodel = "resnet20"\ntask = "vicreg"\n'
+                    'optimizer = "adam"\nlr = 1e-3\nbatch_size = 64\nepochs = 1\n[grid]\nbudget = [0.0, 0.5]\n'
+                    '[[evaluations.probe]]\ndataset = "digits"\n[[evaluations.probe]]\ndataset = "digits"\nstage = "gated"\n')
+    steps = Sweep(load_spec(spec)).steps()
+    probes = {(s.experiment.task.budget, s.item) for s in steps if s.kind == "probe"}
+    assert probes == {(0.0, 0), (0.5, 0), (0.5, 1)}
+    assert sum(s.kind == "probe" for s in steps) == 2 * 3

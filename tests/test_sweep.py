@@ -169,7 +169,7 @@ class Toy:
             raise UserError(f"{where} must be a table with an optional scale, got {value!r}")
         return (value,)
 
-    def at(self, table, level):
+    def at(self, table, experiment, level):
         return True
 
     def label(self, sweep, step):
