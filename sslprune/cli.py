@@ -226,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--replicates", type=int, default=PRESETS["demo"]["replicates"], help="replicates (seeds) [default: %(default)s]")
     d.add_argument("--levels", type=int, default=PRESETS["demo"]["levels"],
                    help="pruning levels after the dense one [default: %(default)s]")
+    d.add_argument("--workers", type=int, default=0, help="independent steps run side by side, one thread each "
+                   "(0 = one per core; the results do not depend on it) [default: 0]")
     common_flags(d)
 
     lo = sub.add_parser("lottery", help="iterative magnitude pruning: train, prune, reset, repeat",
@@ -418,7 +420,8 @@ def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
     _check_counts(args.levels, list(range(1, args.replicates + 1)))
-    paths = run_demo(args.out, args.replicates, args.levels, runtime_of(args), not args.quiet, list(argv), args.tasks)
+    paths = run_demo(args.out, args.replicates, args.levels, runtime_of(args), not args.quiet, list(argv), args.tasks,
+                     args.workers)
     print("\n".join(str(p) for p in paths.values()))
     return 0
 

@@ -202,5 +202,5 @@ class Sweep:
         d = self.spec.root / exp.name()
         if not (d / layout.CONFIG).exists():
             prepare(exp, self.spec.root, self.dataset(exp), self.spec.data_root, ["sweep", str(self.spec.path)],
-                    Runtime(self.spec.device))
+                    self.runtime)
         return d

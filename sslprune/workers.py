@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import layout
 from .errors import UserError
+from .runtime import Runtime
 from .sweep import Spec, Sweep, load_spec
 
 LEDGER = "sweep_ledger.jsonl"
@@ -44,52 +45,60 @@ def _ledger(root: Path, **entry) -> None:
         os.close(fd)
 
 
-def work(spec_path: str | Path, worker: str, poll: float = 0.5) -> int:
-    """Run steps until none is left; returns the number of steps this worker finished."""
-    spec = load_spec(Path(spec_path))
-    sweep = Sweep(spec)
-    steps = sweep.steps()
+def work(specs: str | Path | list, worker: str, poll: float = 0.5, runtime: Runtime | None = None) -> int:
+    """Run the steps of one spec or several until none is left; returns the number of steps this
+    worker finished. runtime: how steps train (default: the spec's device, the rest automatic)."""
+    sweeps = [Sweep(load_spec(Path(p)), runtime) for p in ([specs] if isinstance(specs, (str, Path)) else specs)]
+    steps = [(sweep, step) for sweep in sweeps for step in sweep.steps()]
     finished = 0
     while True:
-        pending = [s for s in steps if not sweep.done(s)]
+        pending = [(sweep, s) for sweep, s in steps if not sweep.done(s)]
         if not pending:
             return finished
         progressed = False
-        for step in pending:
+        for sweep, step in pending:
             if not sweep.ready(step):
                 continue
             with layout.file_lock(sweep.lock(step), wait=False) as mine:
                 if not mine or sweep.done(step):    # someone runs it, or finished it meanwhile
                     continue
                 key, before = sweep.key(step), sum(_progress(d) for d in sweep.train_dirs(step))
-                _ledger(spec.root, event="start", step=key, worker=worker, epochs_before=before)
+                _ledger(sweep.spec.root, event="start", step=key, worker=worker, epochs_before=before)
                 sweep.run(step)
                 epochs = sum(_progress(d) for d in sweep.train_dirs(step)) - before
-                _ledger(spec.root, event="done", step=key, worker=worker, epochs=epochs)
+                _ledger(sweep.spec.root, event="done", step=key, worker=worker, epochs=epochs)
                 finished += 1
                 progressed = True
         if not progressed:
             time.sleep(poll)  # what is left runs elsewhere, or waits for a level being trained
 
 
-def run_local(spec_path: Path, workers: int) -> list[int]:
-    """`workers` processes on this machine, each running `work`; returns their exit codes."""
+def run_local(specs: Path | list[Path], workers: int, threads: int = 0, runtime: Runtime | None = None,
+              wait=None) -> list[int]:
+    """`workers` processes on this machine, each running `work` on torch `threads` threads (0: as
+    torch chooses); returns their exit codes. wait(procs), if given, runs while they do (progress)."""
     import multiprocessing as mp
 
+    paths = [str(p) for p in ([specs] if isinstance(specs, (str, Path)) else specs)]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(str(spec_path), f"local-{i}"), name=f"sweep-{i}")
+    procs = [ctx.Process(target=_worker_main, args=(paths, f"local-{i}", threads, runtime), name=f"sweep-{i}")
              for i in range(workers)]
     for p in procs:
         p.start()
+    if wait is not None:
+        wait(procs)
     for p in procs:
         p.join()
     return [p.exitcode for p in procs]
 
 
-def _worker_main(spec_path: str, worker: str) -> None:
+def _worker_main(specs: list[str], worker: str, threads: int = 0, runtime: Runtime | None = None) -> None:
     import sys
+    if threads:   # small networks: one thread per worker, workers side by side, rather than threads fighting
+        import torch
+        torch.set_num_threads(threads)
     try:
-        work(spec_path, worker)
+        work(specs, worker, runtime=runtime)
     except UserError as e:
         print(f"sslprune sweep: worker {worker}: error: {e}", file=sys.stderr)
         sys.exit(2)
