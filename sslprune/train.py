@@ -218,7 +218,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
             with rt.autocast():
                 # N processes: the whole batch, and the rows (B/N) this one trains on
-                loss, c, n = step_of(Batch(x, train_y[idx], idx, generator, rows, epoch), normalize)
+                loss, c, n = step_of(Batch(x, train_y[idx], idx, generator, rows, epoch / cfg.epochs), normalize)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()                                         # N processes: DDP averages the gradients
             optimizer.step()

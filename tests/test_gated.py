@@ -100,11 +100,14 @@ def test_budget_losses():
     t = 0.25
     ratio = torch.tensor([0.2, 0.4])
     rho = torch.full((3, 4), math.sqrt(t))                 # every block at sqrt(t): inside the epoch-0 band
-    spar, bound = budget_losses(ratio, rho, t, epoch=0)
+    spar, bound = budget_losses(ratio, rho, t, progress=0)
     assert spar.item() == pytest.approx(5 * (0.3 - t) ** 2) and bound.item() == 0
-    spar, bound = budget_losses(ratio, torch.zeros(3, 4), t, epoch=0)   # every channel closed
+    spar, bound = budget_losses(ratio, torch.zeros(3, 4), t, progress=0)   # every channel closed
     assert bound.item() == pytest.approx(t)                # relu(1 * 0.5 - 0)^2
-    assert budget_losses(ratio, torch.zeros(3, 4), t, epoch=500)[1].item() < 1e-6   # the band has relaxed
+    assert budget_losses(ratio, torch.zeros(3, 4), t, progress=1)[1].item() < 1e-5   # the band has relaxed
+    # their p = exp(-0.02 epoch) at 500 epochs: epoch 100 of 500
+    p = math.exp(-2)
+    assert budget_losses(ratio, torch.zeros(3, 4), t, progress=0.2)[1].item() == pytest.approx((p * 0.5) ** 2)
 
 
 def _dual(**overrides):

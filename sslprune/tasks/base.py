@@ -23,7 +23,7 @@ class Batch:
     index: torch.Tensor             # (B,) rows of these images in the training split (NPID's bank)
     generator: torch.Generator      # randomness of the task's own views (resumable)
     rows: slice | None = None       # N processes: the rows of the (global) batch this one trains on
-    epoch: int = 0                  # 0-based epoch of this step (schedules inside a loss: VICReg's gate budget)
+    progress: float = 0.0           # epochs done / epochs at this step's epoch (schedules inside a loss: VICReg's gate band)
 
     @property
     def sharded(self) -> bool:
@@ -34,7 +34,7 @@ class Batch:
         if self.rows is None:
             return self
         return Batch(self.images[self.rows], self.labels[self.rows], self.index[self.rows], self.generator,
-                     epoch=self.epoch)
+                     progress=self.progress)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Values computed from local() rows, (b, ...) -> those of the whole batch in batch order,
