@@ -28,6 +28,7 @@ Objectives whose loss couples the images of a batch see the whole batch through 
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -77,8 +78,11 @@ def data_parallel(module: nn.Module, device: str) -> nn.Module:
     same parameters, and a parameter that no step uses (a gated backbone's gates when re-trained on
     labels) is found once, in the first step."""
     cuda = torch.device(device).type == "cuda"
-    return nn.parallel.DistributedDataParallel(module, device_ids=[torch.device(device)] if cuda else None,
-                                               broadcast_buffers=False, static_graph=True)
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed broadcast_buffers (still accepted, with a FutureWarning); older ones lack the new name
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else {"broadcast_buffers": False}
+    return ddp(module, device_ids=[torch.device(device)] if cuda else None, static_graph=True, **no_sync)
 
 
 def close() -> None:
