@@ -34,7 +34,7 @@ from . import channels, layout
 from .errors import UserError
 from .cost import count
 from .models import build_model
-from .models.gated import PATHS, compact_gated, dense_state, opened_channels
+from .models.gated import compact_gated, dense_state, opened_channels
 from .pruning import apply_mask, density
 
 FORMATS = ("safetensors", "onnx")
@@ -82,8 +82,8 @@ def level_network(exp_dir: Path, replicate: int, level: int, reset: str | None =
     mask_path = run / layout.MASK if (run / layout.MASK).exists() else ldir / layout.MASK
     mask = layout.load_mask(mask_path)
     tensors = layout.load_model(run)
-    if path not in PATHS:
-        raise UserError(f"unknown --path {path}; choose from {', '.join(PATHS)}")
+    if path not in ("dense", "gated"):
+        raise UserError(f"unknown --path {path}; choose from dense, gated")
     gated = exp.task.budget > 0
     if path == "gated" and not gated:
         raise UserError("--path gated exports the gated path of a run trained with --budget; this run has none: "

@@ -28,8 +28,8 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim != 1:   # conv and linear weights: the layer-wise trust ratio
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     ratio = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0), torch.clamp(ratio / lr, max=1.0), 1.0)
-                    d = (d + wd * p) * ratio
+                    both = (w_norm > 0) & (g_norm > 0)   # else solo-learn leaves the gradient as it is
+                    d = torch.where(both, (d + wd * p) * torch.clamp(ratio / lr, max=1.0), d)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = d.clone()

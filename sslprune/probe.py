@@ -23,7 +23,7 @@ from .data.augment import Normalize
 from .errors import UserError
 from .lottery import load_experiment, open_run, pick_levels, record_command
 from .models import build_backbone
-from .models.gated import GatedResNet
+from .models.gated import GatedResNet, gate_statistics
 from .train import load_weights
 from .transfer import sweep_target, target_tables
 
@@ -131,13 +131,12 @@ def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: 
     if not layout.is_done(run):
         raise UserError(f"level {level} of replicate {replicate} is not trained; run 'sslprune lottery' first")
     cache = out / "features.safetensors"
+    exp, _ = load_experiment(exp_dir)
+    backbone, norm = build_backbone(exp).to(device), normalize.to(device)
+    load_weights(backbone, None, layout.load_model(run))
     if cache.exists():
         f = layout.load_tensors(cache)
     else:
-        exp, _ = load_experiment(exp_dir)
-        backbone = build_backbone(exp).to(device)
-        load_weights(backbone, None, layout.load_model(run))
-        norm = normalize.to(device)
         f = {"train": torch.from_numpy(features(backbone, data.train.images, norm, stage=stage)),
              "test": torch.from_numpy(features(backbone, data.test.images, norm, stage=stage))}
         layout.save_tensors(cache, f)
@@ -145,6 +144,8 @@ def _probe(exp_dir: Path, replicate: int, level: int, data: Dataset, normalize: 
     result = {"test_acc": fit["acc"], "test_mean_class_acc": fit["mean_class_acc"], "C": fit["C"],
               "val_acc": fit["val_acc"], "dataset": data.name, "stage": stage, "n_train": len(data.train), "n_test": len(data.test),
               "classes": data.num_classes}
+    if stage == GATED:  # what the gated path costs on these test images: realised MACs, gates per block
+        result["gates"] = gate_statistics(backbone.eval(), data.test.images.to(device), norm, 256)
     layout.save_json(out / layout.DONE, result)
     return result
 

@@ -1,12 +1,13 @@
 """Runs trained with --budget (VICReg-Dual, Krishna et al. 2023) in `sslprune report`: their Table 1
 (the dense baseline; the dense and the gated path per budget, probe accuracy and MACs reduction),
 accuracy against realised MACs, and their "conditional channels" figure as a table (per block, the
-fractions of gated channels always open, never open and input-dependent over the test split).
+fractions of gated channels always open, never open and input-dependent over the probe's test images).
 
 The baseline of a gated experiment is an experiment in the same report with the same settings
 except --budget 0: plain VICReg trained for the same epochs. Accuracies are linear probes: of the
 dense path (`sslprune eval probe`) and of the gated path (`--stage gated`), on the same data.
-Realised MACs are the gated path's mean over the test split, from the training's last evaluation.
+Realised MACs and the gates per block are the gated path's on the gated probe's test images (no
+augmentation; the probe records them).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ DUAL_COLUMNS = ("experiment", "budget", "replicate", "probe", "path", "test_acc"
 
 def collect_dual(exp_dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     """(rows, blocks): a row per probe of a level-0 network of a gated experiment or of its
-    baseline, with the realised MACs of its path; a row per block of each gated training."""
+    baseline, with the realised MACs of its path on the probe's test images; a row per block of
+    each gated-path probe (its gates on those images)."""
     exps = {Path(d): load_experiment(d)[0] for d in exp_dirs}
     gated = {d: e for d, e in exps.items() if e.task.budget > 0}
     plain = {_without_budget(e): d for d, e in exps.items() if e.task.budget == 0}
@@ -32,22 +34,24 @@ def collect_dual(exp_dirs: list[Path]) -> tuple[list[dict], list[dict]]:
         if d not in gated and not any(plain.get(_without_budget(g)) == d for g in gated.values()):
             continue   # neither gated nor a gated experiment's baseline
         for replicate, level, ldir in layout.levels(d):
-            train = layout.run_dir(ldir)
-            if level or not layout.is_done(train):
+            if level:
                 continue
-            done = layout.load_json(train / layout.DONE)
             for e in layout.evaluations(ldir):
                 if e.kind != "probe" or not layout.is_done(e.path) or e.stage not in (None, GATED):
                     continue
-                path = "gated" if e.stage == GATED else "dense"
-                macs = done.get("test_macs", 1.0) if path == "gated" else 1.0
-                rows.append(dict(experiment=d.name, budget=exp.task.budget, replicate=replicate,
-                                 probe=f"{e.data} [{e.digest}]", path=path,
-                                 test_acc=layout.load_json(e.path / layout.DONE)["test_acc"], macs=macs))
-            for b in range(1, 1 + sum(k.startswith("test_always_open_") for k in done)):
-                always, never = done[f"test_always_open_{b}"], done[f"test_never_open_{b}"]
-                blocks.append(dict(budget=exp.task.budget, replicate=replicate, block=b, open=done[f"test_open_{b}"],
-                                   always=always, never=never, conditional=1 - always - never))
+                done = layout.load_json(e.path / layout.DONE)
+                gates = done.get("gates")
+                if e.stage == GATED and gates is None:
+                    continue   # probed before probes recorded the gates: run it again to report it
+                probe = f"{e.data} [{e.digest}]"
+                rows.append(dict(experiment=d.name, budget=exp.task.budget, replicate=replicate, probe=probe,
+                                 path="gated" if gates else "dense", test_acc=done["test_acc"],
+                                 macs=gates["macs"] if gates else 1.0))
+                for b in range(1, 1 + sum(k.startswith("always_open_") for k in gates or {})):
+                    always, never = gates[f"always_open_{b}"], gates[f"never_open_{b}"]
+                    blocks.append(dict(budget=exp.task.budget, probe=probe, replicate=replicate, block=b,
+                                       open=gates[f"open_{b}"], always=always, never=never,
+                                       conditional=1 - always - never))
     return rows, blocks
 
 
@@ -80,7 +84,7 @@ def markdown(rows: list[dict], blocks: list[dict]) -> str:
         return ""
     lines = ["## Dense and gated paths (VICReg-Dual, Krishna et al. 2023, their Table 1)", "",
              "Linear-probe accuracy of each path (mean ± s.e. over seeds, n each); realised MACs: the gated "
-             "path's mean over the test split, as a fraction of the dense network's (gate networks included); "
+             "path's mean over the probe's test images, as a fraction of the dense network's (gate networks included); "
              "reduction = 1 - realised. Budget 0: plain VICReg, the same epochs.", ""]
     for probe in sorted({s["probe"] for s in summary(rows)}):
         lines += [f"Probe: {probe}", "", "| method | budget t_d | dense path | gated path | realised MACs | MACs reduction | n |",
@@ -95,7 +99,7 @@ def markdown(rows: list[dict], blocks: list[dict]) -> str:
                          f"{f'{1 - macs:.1%}' if macs is not None else '-'} | {max(len(s['dense']), len(s['gated']))} |")
         lines.append("")
     if blocks:
-        lines += ["Gated channels per block over the test split (mean over seeds): always open / never open / "
+        lines += ["Gated channels per block over the probe's test images (mean over seeds and probes): always open / never open / "
                   "input-dependent (their \"conditional\" channels), and the mean open fraction.", "",
                   "| budget t_d | block | always open | never open | input-dependent | open |", "|---|---|---|---|---|---|"]
         groups = defaultdict(list)
@@ -130,7 +134,7 @@ def plot(rows: list[dict], path: Path) -> None:
         base = [s for s in items if s["budget"] == 0 and s["dense"]]
         if base:
             ax.axhline(sum(base[0]["dense"]) / len(base[0]["dense"]), ls="--", color="grey", label=f"VICReg, no gates ({probe})")
-    ax.set_xlabel("MACs per image, fraction of the dense network (realised, test split)")
+    ax.set_xlabel("MACs per image, fraction of the dense network (realised, probe's test images)")
     ax.set_ylabel("linear-probe accuracy")
     ax.legend(fontsize=7)
     save_png(fig, path)   # closes it

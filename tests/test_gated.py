@@ -36,7 +36,7 @@ def test_gates_are_hard_forward_and_the_noisy_sigmoid_backward():
     (gates * w).sum().backward()
     torch.testing.assert_close(logits.grad, w * (soft * (1 - soft) / TAU).detach())
     # evaluation: no noise, open where the logit is >= 0
-    assert torch.equal(open_gates(logits, None), (logits >= 0).double())
+    assert torch.equal(open_gates(logits, None), (logits >= 0).float())   # float32 under any autocast
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18_cifar"])
@@ -222,6 +222,7 @@ def test_compact_gated_keeps_what_opens():
     torch.manual_seed(0)
     model = build_model("resnet20", gated=True).eval()
     closed = [torch.arange(b.conv1.out_channels) % 3 == 0 for b in model.blocks()]   # never open
+    closed[1][:] = True                                                             # block 2: nothing ever opens
     with torch.no_grad():   # the gate's hidden units all 1 (batch-norm weight 0, bias 1): logits = row sums
         for b, c in zip(model.blocks(), closed):
             b.gate.bn.weight.zero_(), b.gate.bn.bias.fill_(1.0)
@@ -230,7 +231,7 @@ def test_compact_gated_keeps_what_opens():
     keep = opened_channels(model, x, lambda t: t)
     assert all(not (k & c).any() for k, c in zip(keep, closed))
     small = compact_gated(model, keep)
-    assert [b.conv1.out_channels for b in small.blocks()] == [int(k.sum()) for k in keep]
+    assert [b.conv1.out_channels for b in small.blocks()] == [max(1, int(k.sum())) for k in keep]   # one kept, closed
     with torch.no_grad():
         torch.testing.assert_close(small(x, path="gated"), model(x, path="gated"), atol=1e-5, rtol=1e-5)
 
@@ -245,3 +246,23 @@ def test_a_sweep_probes_the_gated_path_only_where_there_is_one(tmp_path):
     probes = {(s.experiment.task.budget, s.item) for s in steps if s.kind == "probe"}
     assert probes == {(0.0, 0), (0.5, 0), (0.5, 1)}
     assert sum(s.kind == "probe" for s in steps) == 2 * 3
+
+
+def test_evaluation_measures_the_gates_on_the_test_images_exactly_in_any_precision():
+    """Realised MACs and per-block counts come from the test images themselves (not the random
+    views), counted exactly; a test split smaller than the batch is evaluated, not an IndexError."""
+    from sslprune.config import Task as TaskConfig
+    from sslprune.data.augment import Normalize
+    from sslprune.models.gated import gate_statistics
+    from sslprune.tasks import build_task
+    torch.manual_seed(0)
+    backbone = build_model("resnet20", gated=True)
+    task = build_task(TaskConfig(task="vicreg", projector_dim=16, budget=0.5), 64, 10, 100)
+    images, labels = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8), torch.zeros(20, dtype=torch.long)
+    normalize = Normalize(torch.full((3,), 0.5), torch.full((3,), 0.25))
+    got = task.evaluate(backbone, images, labels, normalize, batch_size=32)          # 20 images < batch 32
+    want = gate_statistics(backbone.eval(), images, normalize, 7)                     # other batching, same images
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
+    logits = torch.randn(4, 8).bfloat16()
+    assert open_gates(logits, None).dtype == torch.float32                           # summed exactly under bf16 autocast

@@ -49,8 +49,8 @@ def open_gates(logits: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tens
     """(B, C) logits -> (B, C) gates in {0, 1}. uniform: (B, C) draws in (0, 1) for training (the
     straight-through estimate: forward the hard gate, backward the noisy sigmoid's gradient); None:
     the deterministic gate of evaluation."""
-    if uniform is None:
-        return (logits >= 0).to(logits.dtype)
+    if uniform is None:   # float32 whatever the autocast: gates are summed into counts and MACs
+        return (logits >= 0).float()
     u = uniform.clamp(1e-6, 1 - 1e-6)
     return _StraightThrough.apply(torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / TAU))
 
@@ -178,7 +178,7 @@ class GatedResNet(ResNet):
         total = torch.full((len(gates[0]),), float(stem + sum(c.fixed_dense + c.gate for c in costs)),
                            device=gates[0].device)
         for g, c in zip(gates, costs):
-            total = total + g.sum(1) * c.per_open
+            total = total + g.float().sum(1) * c.per_open
         return total
 
     def dense_macs(self, image_size: int) -> int:
@@ -225,9 +225,11 @@ def compact_gated(model: GatedResNet, keep: list[torch.Tensor]) -> GatedResNet:
     dense network (channels are missing), so only path="gated" or "skip" is meaningful."""
     import copy
 
+    model.gates = []   # the last forward's gates may belong to an autograd graph, which does not copy
     model = copy.deepcopy(model).eval()
     for block, k in zip(model.blocks(), keep):
-        k = k.nonzero().flatten()
+        # a block that never opens keeps one (closed) channel: conv2 then sees zeros, as in the original
+        k = k.nonzero().flatten() if k.any() else torch.zeros(1, dtype=torch.long)
         block.conv1 = _conv_slice(block.conv1, out=k)
         block.conv2 = _conv_slice(block.conv2, into=k)
         block.gate.conv2 = _conv_slice(block.gate.conv2, out=k)
@@ -249,6 +251,27 @@ def _bn_slice(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
     new.load_state_dict({"weight": bn.weight[keep], "bias": bn.bias[keep], "running_mean": bn.running_mean[keep],
                          "running_var": bn.running_var[keep], "num_batches_tracked": bn.num_batches_tracked})
     return new.eval()
+
+
+@torch.no_grad()
+def gate_statistics(backbone, images: torch.Tensor, normalize, batch_size: int) -> dict[str, float]:
+    """The gated path on the images themselves (N, 3, H, W; no views), evaluation gates: realised
+    MACs `macs` (mean over images, a fraction of the dense network's) and per block l its open
+    fraction `open_l` and the fractions of its channels open for every image `always_open_l` and for
+    none `never_open_l` (the paper's "conditional" channels are the rest)."""
+    side, dense = images.shape[-1], backbone.dense_macs(images.shape[-1])
+    macs, counts = 0.0, None
+    for i in range(0, len(images), batch_size):
+        backbone(normalize(images[i:i + batch_size]), path="gated")
+        macs += float(backbone.macs(backbone.gates, side).sum()) / dense
+        c = [g.sum(0, dtype=torch.float64) for g in backbone.gates]      # exact counts, (C_l,) each
+        counts = c if counts is None else [a + b for a, b in zip(counts, c)]
+    n = len(images)
+    out = {"macs": macs / n}
+    for l, c in enumerate(counts):
+        out |= {f"open_{l + 1}": float(c.mean()) / n, f"always_open_{l + 1}": float((c == n).double().mean()),
+                f"never_open_{l + 1}": float((c == 0).double().mean())}
+    return out
 
 
 def dense_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..data.augment import colour_jitter, random_affine
 from ..errors import UserError
+from ..models.gated import gate_statistics
 from .base import Batch, Task
 
 WEIGHTS = (25.0, 25.0, 1.0)   # invariance, variance, covariance
@@ -99,6 +100,9 @@ class VICReg(Task):
         super().check_data(cfg, train, data)
         if min(train.batch_size, len(data.train)) < 2:
             raise UserError("--task vicreg measures variance and covariance over the batch: --batch-size must be >= 2")
+        h, w = data.train.image_shape[-2:]
+        if cfg.budget and h != w:   # MACs are counted for square inputs (models/gated.py: costs)
+            raise UserError(f"--budget counts MACs on square images, these are {h}x{w}; pass --image-size N")
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()
@@ -113,25 +117,18 @@ class VICReg(Task):
     def evaluate(self, backbone, images, labels, normalize, batch_size, train_labels=None):
         """Test images in a fixed random order (a sorted set would put one class per batch), full batches only."""
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(images.device)
-        full = max(1, len(images) // batch_size) * batch_size
-        images, labels = images[order[:full]], labels[order[:full]]
+        full = min(len(images), max(1, len(images) // batch_size) * batch_size)
         if not self.budget:
-            return super().evaluate(backbone, images, labels, normalize, batch_size)
+            return super().evaluate(backbone, images[order[:full]], labels[order[:full]], normalize, batch_size)
         backbone.eval(), self.eval()
         generator = torch.Generator(device=images.device).manual_seed(0)
         sums: dict[str, float] = {}
-        opened = None                                    # per block (C_l,): test images that opened each channel
-        for i in range(0, len(images), batch_size):
-            idx = torch.arange(i, i + batch_size, device=images.device)
-            loss, hits, n, stats, gates = self._dual(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
+        for i in range(0, full, batch_size):   # the loss terms and the monitor: the views, as in training
+            idx = order[i:min(i + batch_size, full)]
+            loss, hits, n, stats = self._dual(backbone, Batch(images[idx], labels[idx], idx, generator), normalize)
             for k, v in {"loss": loss, "acc": hits / n, **stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * batch_size / len(images)
-            counts = [g.sum(0) for g in gates]
-            opened = counts if opened is None else [a + b for a, b in zip(opened, counts)]
-        for l, c in enumerate(opened):                   # the paper's "conditional" channels: the rest
-            sums[f"always_open_{l + 1}"] = float((c == len(images)).float().mean())
-            sums[f"never_open_{l + 1}"] = float((c == 0).float().mean())
-        return sums
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx) / full
+        return sums | gate_statistics(backbone, images, normalize, batch_size)
 
     def step(self, backbone, batch: Batch, normalize):
         if self.budget:
@@ -150,9 +147,8 @@ class VICReg(Task):
 
     def _dual(self, backbone, batch: Batch, normalize):
         """VICReg between the gated path (first view) and the dense path (second view), plus the
-        budget losses. Returns (loss, hits, n, stats, gates): stats are the batch's loss terms, realised
-        MACs fraction `macs` and open fraction per block `open_<l>` (floats' tensors, no grad); gates
-        the gated path's, per block (b, C_l)."""
+        budget losses. Returns (loss, hits, n, stats): stats are the batch's loss terms (invariance,
+        variance, covariance, spar, bound; tensors without grad)."""
         x = batch.images.float() / 255
         views = [vicreg_view(x, batch.generator), vicreg_view(x, batch.generator)]
         g = batch.generator   # the gates' noise: drawn for the whole batch, the same on every process
@@ -173,7 +169,6 @@ class VICReg(Task):
         with torch.no_grad():
             sim = nn.functional.normalize(z1, dim=1) @ nn.functional.normalize(z2, dim=1).T
             hit = (sim.argmax(1) == torch.arange(len(z1), device=z1.device))[mine]
-            stats = {**terms, "spar": spar, "bound": bound, "macs": per_image[:, 0].mean(),
-                     **{f"open_{l + 1}": v for l, v in enumerate(per_image[:, 1:].mean(0))}}
-            stats = {k: v.detach() if torch.is_tensor(v) else torch.tensor(v) for k, v in stats.items()}
-        return vic + spar + bound, hit.sum(), hit.numel(), stats, gates
+            stats = {k: v.detach() if torch.is_tensor(v) else torch.tensor(v)
+                     for k, v in {**terms, "spar": spar, "bound": bound}.items()}
+        return vic + spar + bound, hit.sum(), hit.numel(), stats
