@@ -78,6 +78,13 @@ def budget_losses(ratio: torch.Tensor, opened: torch.Tensor, budget: float, prog
     return spar, bound
 
 
+@torch.no_grad()
+def retrieved(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """The monitor: (B,) bool, whether each first view's nearest second view (cosine) is its own image's."""
+    sim = nn.functional.normalize(z1, dim=1) @ nn.functional.normalize(z2, dim=1).T
+    return sim.argmax(1) == torch.arange(len(z1), device=z1.device)
+
+
 def projector(feature_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(feature_dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
                          nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
@@ -140,9 +147,7 @@ class VICReg(Task):
         # gathered to the whole batch's (B, D) with gradients flowing back to where they came from
         z1, z2 = (batch.gather(self.head(backbone(normalize(v[mine])))) for v in views)
         loss, _ = vicreg_loss(z1, z2)
-        with torch.no_grad():  # monitor: is each first view's nearest second view its own image's?
-            sim = nn.functional.normalize(z1, dim=1) @ nn.functional.normalize(z2, dim=1).T
-            hit = (sim.argmax(1) == torch.arange(len(z1), device=z1.device))[mine]
+        hit = retrieved(z1, z2)[mine]
         return loss, hit.sum(), hit.numel()
 
     def _dual(self, backbone, batch: Batch, normalize):
@@ -166,9 +171,8 @@ class VICReg(Task):
         if training:
             self.progress = batch.progress
         spar, bound = budget_losses(per_image[:, 0], per_image[:, 1:], self.budget, self.progress)
+        hit = retrieved(z1, z2)[mine]
         with torch.no_grad():
-            sim = nn.functional.normalize(z1, dim=1) @ nn.functional.normalize(z2, dim=1).T
-            hit = (sim.argmax(1) == torch.arange(len(z1), device=z1.device))[mine]
             stats = {k: v.detach() if torch.is_tensor(v) else torch.tensor(v)
                      for k, v in {**terms, "spar": spar, "bound": bound}.items()}
         return vic + spar + bound, hit.sum(), hit.numel(), stats
