@@ -7,8 +7,9 @@ Each check is a separate process (the CLI as a user runs it), so one failure is 
 not the end of the check. Rows: every objective for a few steps (in-memory data on the device,
 bf16 autocast where the device has it, channels_last), torch.compile, a ResNet-18 (CIFAR) lottery
 killed mid-run and resumed, a streamed ImageFolder run (pinned memory, loader workers), the measured
-cost of its levels (CUDA latency next to CPU), and benchmarks/train_speed.py at batch 512 (our loop
-against a bare loop, the data pipeline against training). Writes the table (gpu_check.md) and every
+cost of its levels (CUDA latency next to CPU), benchmarks/train_speed.py at batch 512 (our loop
+against a bare loop, the data pipeline against training), a small study by 1 worker, 2 workers and
+1 worker with --stack 3, and benchmarks/many_networks.py (stacked networks against one at a time). Writes the table (gpu_check.md) and every
 command's output (gpu_check.log) to --out.
 """
 from __future__ import annotations
@@ -158,8 +159,37 @@ def main() -> None:
     c.row("train_speed.py: loop vs bare loop, pipeline", r.returncode == 0, s,
           " / ".join(keep)[:400] if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1][:120])
 
-    # 7. not built yet (issue 16, parts 1-2)
-    c.row("independent trainings side by side; many networks per step", None, 0.0, "not built yet (issue 16)")
+    # 7. a small study three ways: one worker, two workers side by side, one worker stacking a level's
+    # three re-trainings (--stack 3); the same steps, wall-clock compared
+    spec = c.root / "study.toml"
+    spec.write_text(f'root = "study"\nlevels = {1 if quick else 2}\nreplicates = 2\ndevice = "{dev}"\n[base]\n'
+                    f'preset = "demo"\ntask = "labels"\nepochs = {1 if quick else 3}\n'
+                    f'[evaluations]\nretrain = ["rewind", "reinit", "random"]\n')
+    ways, times = (("1 worker", ["--workers", "1"]), ("2 workers", ["--workers", "2"]),
+                   ("1 worker, --stack 3", ["--workers", "1", "--stack", "3"])), {}
+    for label, flags in ways:
+        shutil.rmtree(c.root / "study", ignore_errors=True)
+        rc, out, times[label] = c.sslprune("sweep", str(spec), *flags, timeout=600)
+        if rc != 0:
+            break
+    c.row("a study: 2 workers, --stack 3 against 1 worker", rc == 0, sum(times.values()),
+          ", ".join(f"{k} {v:.0f} s ({times['1 worker'] / v:.2f}x)" for k, v in times.items()) if rc == 0
+          else out.strip().splitlines()[-1][:120])
+
+    # 8. many networks per step: --stack's way against one at a time, step by step and whole trainings
+    for label, extra in (("per step", ["--k", "4", "8", "16", "--resnet-k", "4", "8", "16", "--repeats", "10"]),
+                         ("whole re-trainings", ["--end-to-end", "--k", "4", "8", "16"])):
+        cmd = [sys.executable, str(HERE / "many_networks.py"), "--device", dev, *extra]
+        if quick:
+            cmd = [*cmd[:4], *(["--end-to-end", "--epochs", "1"] if "--end-to-end" in extra else
+                               ["--resnet-k", "2", "--repeats", "2"]), "--k", "2"]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=c.env, timeout=600)
+        s = time.perf_counter() - t0
+        c.log.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}\n[exit {r.returncode}, {s:.1f} s]\n")
+        keep = [line.strip() for line in r.stdout.splitlines() if line.startswith(("convnet", "resnet20", "K="))]
+        c.row(f"many_networks.py: stacked vs one by one, {label}", r.returncode == 0, s,
+              " / ".join(keep)[:700] if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1][:120])
 
     args.out.mkdir(parents=True, exist_ok=True)
     header = f"torch {torch.__version__}, device {dev} ({name}), precision {precision}\n\n"

@@ -199,10 +199,18 @@ def common_flags(p: argparse.ArgumentParser, trains: bool = True) -> None:
                    "(0 = in the training process) [default: the CPUs per training process - 1, at most 8]")
 
 
+def stack_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stack", type=int, default=0, metavar="K",
+                   help="train up to K re-trainings as one network (torch.func.vmap over their stacked "
+                   "weights; sslprune/stacked.py): pays for small networks on a GPU, not on a CPU "
+                   "(docs/benchmarks.md); results match one at a time to rounding [default: one at a time]")
+
+
 def runtime_of(args) -> Runtime:
     """The runtime flags, checked (an unusable device or precision is a one-line error)."""
     check_device(args.device)
-    rt = Runtime(args.device, args.channels_last, args.precision, args.compile, args.loader_workers, args.track)
+    rt = Runtime(args.device, args.channels_last, args.precision, args.compile, args.loader_workers, args.track,
+                 getattr(args, "stack", 0))
     rt.resolved()
     return rt
 
@@ -309,6 +317,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--slurm-time", type=int, default=60, help="minutes per job [default: 60]")
     sw.add_argument("--slurm-gpus-per-node", type=int, default=None)
     sw.add_argument("--slurm-cpus-per-task", type=int, default=None)
+    stack_flag(sw)
 
     rep = sub.add_parser("report", help="results.csv, summary.md and plots from experiment directories")
     rep.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
@@ -438,11 +447,14 @@ def cmd_sweep(args, argv) -> int:
     spec = load_spec(args.spec)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    runtime = Runtime(spec.device, stack=args.stack)
+    runtime.resolved()
     if not args.status:
         if args.submit:
             jobs = workers.submit(spec.path, args.workers, args.submit, spec.root / ".submitit",
-                                {"partition": args.slurm_partition, "time": args.slurm_time,
-                                 "gpus_per_node": args.slurm_gpus_per_node, "cpus_per_task": args.slurm_cpus_per_task})
+                                  {"partition": args.slurm_partition, "time": args.slurm_time,
+                                   "gpus_per_node": args.slurm_gpus_per_node, "cpus_per_task": args.slurm_cpus_per_task},
+                                  runtime)
             print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs)}")
             if args.submit == "slurm":
                 print(f"follow with: sslprune sweep {args.spec} --status")
@@ -450,7 +462,7 @@ def cmd_sweep(args, argv) -> int:
             for j in jobs:
                 j.result()
         else:
-            codes = workers.run_local(spec.path, args.workers)
+            codes = workers.run_local(spec.path, args.workers, runtime=runtime)
             if any(codes):
                 print(f"worker exit codes {codes}", file=sys.stderr)
     st = workers.status(spec)

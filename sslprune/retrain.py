@@ -13,6 +13,8 @@ the backbone starts from
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -25,7 +27,8 @@ from .lottery import build, derive_seed, open_run, record_command, save_mask
 from .pruning import SCORES, Mask, dense_mask, prunable, prune, pruned_layers
 from .runtime import CPU, Runtime
 from .sparsity import adjusted_random_scores, natural_zeros
-from .train import load_weights, train
+from .stacked import Job, train_stacked
+from .train import load_weights
 
 VARIANTS = ("rewind", "reinit", "random", "random_adjusted")
 RANDOM_MASKS = ("random", "random_adjusted")
@@ -72,22 +75,35 @@ def _dense_trained(exp_dir: Path, replicate: int, backbone) -> dict[str, torch.T
 
 def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, variant: str,
             runtime: Runtime = CPU, progress: bool = True) -> dict:
-    if variant not in VARIANTS:
-        raise UserError(f"unknown variant '{variant}'; choose one of: {', '.join(VARIANTS)}")
-    if variant == "random_adjusted" and exp.prune.granularity == "channel":
-        raise UserError("random_adjusted prunes naturally-zero single weights first; a channel run's random "
-                        "baseline is --variants random (random channels)")
-    ldir = layout.level_dir(exp_dir, replicate, level)
-    with layout.step_guard(layout.step_lock(ldir, layout.run_dir(ldir, variant).name)):  # one writer at a time
-        return _retrain(exp, exp_dir, data, replicate, level, variant, runtime, progress)
+    return retrain_many(exp, exp_dir, data, [(replicate, level, variant)], runtime, progress)[0]
 
 
-def _retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, variant: str,
-             runtime: Runtime, progress: bool) -> dict:
+def retrain_many(exp: Experiment, exp_dir: Path, data: Dataset, items: list[tuple[int, int, str]],
+                 runtime: Runtime = CPU, progress: bool = True) -> list[dict]:
+    """The re-trainings (replicate, level, variant) of one run, `runtime.stack` of them at a time
+    trained as one network where they can be (sslprune/stacked.py); each one's final metrics."""
+    for _, _, variant in items:
+        if variant not in VARIANTS:
+            raise UserError(f"unknown variant '{variant}'; choose one of: {', '.join(VARIANTS)}")
+        if variant == "random_adjusted" and exp.prune.granularity == "channel":
+            raise UserError("random_adjusted prunes naturally-zero single weights first; a channel run's random "
+                            "baseline is --variants random (random channels)")
+    k, finals = max(1, runtime.stack), []
+    for chunk in (items[i:i + k] for i in range(0, len(items), k)):
+        with contextlib.ExitStack() as held:   # one writer per re-training; sorted: no two stacks deadlock
+            for replicate, level, variant in sorted(chunk):
+                ldir = layout.level_dir(exp_dir, replicate, level)
+                held.enter_context(layout.step_guard(layout.step_lock(ldir, layout.run_dir(ldir, variant).name)))
+            jobs = [_job(exp, exp_dir, data, *item) for item in chunk]
+            finals += train_stacked(jobs, data, exp.train, exp.data, runtime, progress)
+    return finals
+
+
+def _job(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, variant: str) -> Job:
+    """A re-training as train() takes it: a fresh label head on the variant's backbone and mask;
+    the data order is the replicate's, the same for every variant and level."""
     ldir = layout.level_dir(exp_dir, replicate, level)
-    out = layout.run_dir(ldir, variant)
-    seed = derive_seed("retrain", variant, replicate, level)
-    backbone, task = build(exp, data, seed=seed, task_name="labels")
+    backbone, task = build(exp, data, seed=derive_seed("retrain", variant, replicate, level), task_name="labels")
     if variant in RANDOM_MASKS:
         mask = random_mask(exp, exp_dir, backbone, replicate, level, variant)
     else:
@@ -96,8 +112,7 @@ def _retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, leve
         mask = layout.load_mask(ldir / layout.MASK)
     if variant == "rewind":
         load_weights(backbone, None, layout.load_rewind(exp_dir, replicate))  # backbone only: the head is fresh
-    return train(backbone, task, data, exp.train, exp.data, mask, out, seed=replicate, runtime=runtime,
-                 progress=progress)
+    return Job(backbone, task, mask, layout.run_dir(ldir, variant), seed=replicate)
 
 
 def retrain_run(exp_dir: Path, variants: list[str], replicates: list[int] | None = None, levels: list[int] | None = None,
@@ -112,9 +127,10 @@ def retrain_run(exp_dir: Path, variants: list[str], replicates: list[int] | None
     if command is not None:
         record_command(exp_dir, command)
     trained = layout.trained_levels(exp_dir)
-    return [(r, level, variant, retrain(exp, exp_dir, data, r, level, variant, runtime, progress))
-            for r in reps for level in (levels if levels is not None else [lv for rr, lv in trained if rr == r])
-            for variant in variants]
+    items = [(r, level, variant) for r in reps
+             for level in (levels if levels is not None else [lv for rr, lv in trained if rr == r])
+             for variant in variants]
+    return [(*item, final) for item, final in zip(items, retrain_many(exp, exp_dir, data, items, runtime, progress))]
 
 
 class Retrain:
@@ -151,12 +167,16 @@ class Retrain:
         return [self.out(sweep, step)]
 
     def run(self, sweep, step) -> None:
-        exp = step.experiment
-        retrain(exp, sweep.exp_dir(exp), sweep.dataset(exp), step.replicate, step.level, sweep.item(step),
-                sweep.runtime, False)
+        """With --stack K, up to K-1 of the level's other variants that no worker has taken train
+        with this one, as one network."""
+        exp, variants = step.experiment, sweep.spec.evaluations[step.kind]
+        others = [dataclasses.replace(step, item=i) for i in range(len(variants)) if i != step.item]
+        with sweep.claim(others[:max(0, sweep.runtime.stack - 1)]) as taken:
+            retrain_many(exp, sweep.exp_dir(exp), sweep.dataset(exp),
+                         [(s.replicate, s.level, sweep.item(s)) for s in (step, *taken)], sweep.runtime, False)
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        from .cli import common_flags, run_args, words
+        from .cli import common_flags, run_args, stack_flag, words
         run_args(p)
         p.add_argument("--variants", type=words(*VARIANTS), default=["rewind", "reinit", "random"], metavar="A,B",
                        help="which re-trainings, comma-separated: rewind (the winning ticket), reinit (its mask, "
@@ -166,6 +186,7 @@ class Retrain:
         p.add_argument("--reset", dest="reset_misused", default=None, help=argparse.SUPPRESS)  # lottery's; refused
         p.add_argument("--data-root", default=None, help="override the data root saved with the run")
         common_flags(p)
+        stack_flag(p)
 
     def command(self, args, argv: list[str]) -> int:
         from .cli import runtime_of

@@ -15,6 +15,9 @@ Defaults ("auto") follow benchmarks/train_speed.py on each device:
   command different numerics on different laptops;
 - compile: off (its compile time is paid by the run it serves; opt in for long runs);
 - track: where per-epoch metrics also go (sslprune/tracking.py); never part of the fingerprint;
+- stack: re-trainings trained as one network, up to this many at once (sslprune/stacked.py); 0 or 1:
+  one at a time. Results match one at a time to floating-point tolerance, not bit for bit, so a
+  stacked training records it in its checkpoint (stacked.py) and resumes only stacked;
 - loader_workers (--stream only): the CPUs of this process, shared between the local training
   processes, minus one for training, at most 8. It never changes results (sslprune/data/stream.py),
   so it is not part of the fingerprint.
@@ -39,6 +42,7 @@ class Runtime:
     compile: bool = False               # torch.compile the backbone's forward
     loader_workers: int | None = None   # --stream: decoding processes (None = see above; 0 = in this one)
     track: str = ""                     # experiment tracking: tensorboard | wandb | mlflow ("" = off)
+    stack: int = 0                      # re-trainings trained as one, up to this many (0, 1: one at a time)
 
     def resolved(self) -> "Runtime":
         """Every 'auto' replaced by the device's default; errors for impossible asks."""
@@ -56,9 +60,11 @@ class Runtime:
             workers = default_workers()
         else:
             workers = self.loader_workers
+        if self.stack < 0:
+            raise UserError(f"--stack must be >= 0 (0 or 1 = one network at a time), got {self.stack}")
         from .tracking import check
         check(self.track)
-        return Runtime(self.device, channels_last, precision, self.compile, workers, self.track)
+        return Runtime(self.device, channels_last, precision, self.compile, workers, self.track, self.stack)
 
     @property
     def memory_format(self) -> torch.memory_format:

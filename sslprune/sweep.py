@@ -127,8 +127,8 @@ class Sweep:
     """A spec's steps, where each one's results live, and the one function that runs a step. The
     datasets the steps read are loaded once per worker."""
 
-    def __init__(self, spec: Spec, runtime: Runtime | None = None):
-        self.spec, self.runtime, self._cache = spec, runtime or Runtime(spec.device), {}
+    def __init__(self, spec: Spec, runtime: Runtime | None = None, worker: str = "local"):
+        self.spec, self.runtime, self.worker, self._cache = spec, runtime or Runtime(spec.device), worker, {}
 
     def steps(self) -> list[Step]:
         """Every step, lottery chains first within each replicate."""
@@ -176,6 +176,13 @@ class Sweep:
     def done(self, step: Step) -> bool:
         return all(layout.is_done(d) for d in self.train_dirs(step)) if step.kind == "lottery" else \
             layout.is_done(EVALUATIONS[step.kind].out(self, step))
+
+    def claim(self, steps: list[Step]):
+        """For an evaluation that runs several steps at once (retrain --stack): a context taking,
+        without waiting, the locks of those `steps` no worker holds and that are not done; it yields
+        the steps taken, held (and in the ledger) as the worker's own until the block ends."""
+        from .workers import claim
+        return claim(self, steps, self.worker)
 
     def run(self, step: Step) -> None:
         """Run one step, as the CLI's command for it would."""

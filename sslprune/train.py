@@ -104,6 +104,58 @@ def evaluate(backbone: nn.Module, task: Task, images: torch.Tensor, labels: torc
     return task.evaluate(backbone, images, labels, normalize, batch_size, train_labels=train_labels)
 
 
+def fingerprint(seed: int, cfg: TrainConfig, aug: DataConfig, n_train: int, task: Task, rt: Runtime) -> dict:
+    """What defines a training's computation: a resumed run must match it (RNG streams and rounding
+    differ between devices and runtimes)."""
+    return {"seed": seed, "train": non_default(cfg), "data": non_default(aug), "n_train": n_train,
+            "task": task.identity(), **rt.fingerprint()}
+
+
+def draw_images(train_x: torch.Tensor, idx: torch.Tensor, aug: DataConfig, generator: torch.Generator) -> torch.Tensor:
+    """A batch of in-memory training images, (B,) rows -> (B, 3, H, W) uint8, cropped and flipped."""
+    x = train_x[idx]
+    if aug.crop_pad:
+        x = batch_crop(x, aug.crop_pad, generator)
+    if aug.flip:
+        x = batch_flip_lr(x, generator)
+    return x
+
+
+def read_checkpoint(ckpt_path: Path, fingerprint: dict) -> dict | None:
+    """The checkpoint a killed run left, checked against the computation resuming it; None if none."""
+    if not ckpt_path.exists():
+        return None
+    ckpt = layout.load_checkpoint(ckpt_path)
+    if "cfg" in ckpt["fingerprint"]:
+        raise UserError(f"{ckpt_path} was written by an older sslprune, which this one does not resume; "
+                        f"finish it with that version, or move it away (its epochs are trained again; "
+                        f"finished levels are kept)")
+    if ckpt["fingerprint"] != fingerprint:
+        raise UserError(f"{ckpt_path} belongs to a different configuration or runtime (device, precision, "
+                        f"memory format, compile, stacking); move {ckpt_path.parent} away or resume with the "
+                        f"ones that wrote it")
+    return ckpt
+
+
+def save_epoch(out: Path, history: list[dict], state: dict) -> None:
+    """The end of an epoch on disk: log.jsonl, then checkpoint.pt (`state`: what resuming reads)."""
+    layout.save_text(out / layout.LOG, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+    layout.save_checkpoint(out / layout.CHECKPOINT, state)
+
+
+def finish(out: Path, tensors: dict[str, torch.Tensor], history: list[dict], epochs: int, seed: int,
+           also_sealed: tuple[Path, ...] = ()) -> dict:
+    """A finished run: model.safetensors, sealed (with `also_sealed`, e.g. the rewind point), then
+    done.json last (it marks the run done); the checkpoint goes. Returns the final metrics."""
+    final = {**history[-1], "epochs": epochs, "seed": seed}
+    layout.save_tensors(out / layout.MODEL, tensors)
+    final |= layout.seal(out / layout.MODEL, *also_sealed)
+    layout.save_json(out / layout.DONE, final)
+    if distributed.is_main():
+        (out / layout.CHECKPOINT).unlink()  # model.safetensors now holds everything the finished run is
+    return final
+
+
 class TrainingStep(nn.Module):
     """Backbone and task as one module whose forward is a training step (Task.step), so that
     DistributedDataParallel sees every parameter a step uses."""
@@ -157,26 +209,15 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     torch.manual_seed(seed)                                        # anything else random (dropout)
     start_epoch, history = 0, []
 
-    # what defines the computation: a resumed run must match it (RNG streams and rounding differ
-    # between devices and runtimes)
-    fingerprint = {"seed": seed, "train": non_default(cfg), "data": non_default(aug), "n_train": len(train_y),
-                   "task": task.identity(), **rt.fingerprint()}
+    computation = fingerprint(seed, cfg, aug, len(train_y), task, rt)
     cuda = torch.device(device).type == "cuda"
     if rt.compile:  # compiles the backbone's forward in place: state_dict keys stay the same
         backbone.compile()
     step_of = TrainingStep(backbone, task)
     if distributed.world() > 1:  # gradients averaged over ranks, overlapped with backward
         step_of = distributed.data_parallel(step_of, device)
-    ckpt_path = out / layout.CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = layout.load_checkpoint(ckpt_path)
-        if "cfg" in ckpt["fingerprint"]:
-            raise UserError(f"{ckpt_path} was written by an older sslprune, which this one does not resume; "
-                            f"finish it with that version, or move it away (its epochs are trained again; "
-                            f"finished levels are kept)")
-        if ckpt["fingerprint"] != fingerprint:
-            raise UserError(f"{ckpt_path} belongs to a different configuration or runtime (device, "
-                            f"precision, memory format, compile); move {out} away or resume with the ones that wrote it")
+    ckpt = read_checkpoint(out / layout.CHECKPOINT, computation)
+    if ckpt is not None:
         load_weights(backbone, task, ckpt["weights"])
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["generator"])
@@ -207,11 +248,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
             step = epoch * per_epoch + i
             idx = order[i]
             if stream is None:
-                x = train_x[idx]                                    # (B, 3, H, W) uint8
-                if aug.crop_pad:
-                    x = batch_crop(x, aug.crop_pad, generator)
-                if aug.flip:
-                    x = batch_flip_lr(x, generator)
+                x = draw_images(train_x, idx, aug, generator)       # (B, 3, H, W) uint8
             else:  # cropped and flipped by the workers: this process's rows, gathered to the batch
                 x = distributed.gather(next(loaded).to(device, non_blocking=True))
             for group in optimizer.param_groups:
@@ -249,20 +286,15 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
             tracking.epoch_line(out, history[-1], cfg.epochs, task.metric)
         if tracker is not None:
             tracker.log(tracking.metrics(history[-1]), step=epoch + 1)
-        layout.save_text(out / layout.LOG, "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
-        layout.save_checkpoint(ckpt_path, {
-            "fingerprint": fingerprint, "epoch": epoch + 1, "history": history,
+        save_epoch(out, history, {
+            "fingerprint": computation, "epoch": epoch + 1, "history": history,
             "weights": weights(backbone, task), "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})})
 
     if tracker is not None:
         tracker.close()
-    final = {**history[-1], "epochs": cfg.epochs, "seed": seed}
-    layout.save_tensors(out / layout.MODEL, weights(backbone, task))
-    final |= layout.seal(out / layout.MODEL, *([snapshot[1]] if snapshot else []))  # the rewind point too
-    layout.save_json(out / layout.DONE, final)  # last: marks it done
-    if distributed.is_main():
-        ckpt_path.unlink()  # model.safetensors now holds everything the finished run is
+    final = finish(out, weights(backbone, task), history, cfg.epochs, seed,
+                   (snapshot[1],) if snapshot else ())  # the rewind point is sealed too
     distributed.barrier()   # the other ranks read these files next
     return final

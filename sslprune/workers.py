@@ -12,6 +12,7 @@ Lustre with flock enabled).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from . import layout
 from .errors import UserError
 from .runtime import Runtime
-from .sweep import Spec, Sweep, load_spec
+from .sweep import Spec, Step, Sweep, load_spec
 
 LEDGER = "sweep_ledger.jsonl"
 
@@ -48,7 +49,7 @@ def _ledger(root: Path, **entry) -> None:
 def work(specs: str | Path | list, worker: str, poll: float = 0.5, runtime: Runtime | None = None) -> int:
     """Run the steps of one spec or several until none is left; returns the number of steps this
     worker finished. runtime: how steps train (default: the spec's device, the rest automatic)."""
-    sweeps = [Sweep(load_spec(Path(p)), runtime) for p in ([specs] if isinstance(specs, (str, Path)) else specs)]
+    sweeps = [Sweep(load_spec(Path(p)), runtime, worker) for p in ([specs] if isinstance(specs, (str, Path)) else specs)]
     steps = [(sweep, step) for sweep in sweeps for step in sweep.steps()]
     finished = 0
     while True:
@@ -71,6 +72,24 @@ def work(specs: str | Path | list, worker: str, poll: float = 0.5, runtime: Runt
                 progressed = True
         if not progressed:
             time.sleep(poll)  # what is left runs elsewhere, or waits for a level being trained
+
+
+@contextlib.contextmanager
+def claim(sweep: Sweep, steps: list[Step], worker: str):
+    """Sweep.claim: the locks of those `steps` no other worker holds and that are not done, taken
+    without waiting and held until the block ends; each taken step is in the ledger as `worker`'s,
+    started on entering and done on leaving (if it finished)."""
+    with contextlib.ExitStack() as held:
+        taken = [s for s in steps if held.enter_context(layout.file_lock(sweep.lock(s), wait=False))
+                 and not sweep.done(s)]
+        before = {sweep.key(s): sum(_progress(d) for d in sweep.train_dirs(s)) for s in taken}
+        for s in taken:
+            _ledger(sweep.spec.root, event="start", step=sweep.key(s), worker=worker, epochs_before=before[sweep.key(s)])
+        yield taken
+        for s in taken:
+            if sweep.done(s):
+                epochs = sum(_progress(d) for d in sweep.train_dirs(s)) - before[sweep.key(s)]
+                _ledger(sweep.spec.root, event="done", step=sweep.key(s), worker=worker, epochs=epochs)
 
 
 def run_local(specs: Path | list[Path], workers: int, threads: int = 0, runtime: Runtime | None = None,
@@ -104,7 +123,8 @@ def _worker_main(specs: list[str], worker: str, threads: int = 0, runtime: Runti
         sys.exit(2)
 
 
-def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dict) -> list:
+def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dict,
+           runtime: Runtime | None = None) -> list:
     """`workers` jobs through submitit (cluster 'slurm', or 'local' to run them as local processes);
     returns the jobs. Each job runs `work`; together they finish the sweep."""
     try:
@@ -119,7 +139,7 @@ def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dic
                                      "cpus_per_task": slurm.get("cpus_per_task")}.items() if v is not None}
     executor.update_parameters(**params)
     with executor.batch():
-        jobs = [executor.submit(work, str(spec_path), f"{cluster}-{i}") for i in range(workers)]
+        jobs = [executor.submit(work, str(spec_path), f"{cluster}-{i}", runtime=runtime) for i in range(workers)]
     return jobs
 
 

@@ -47,6 +47,7 @@ def digits_lottery(root, levels: int = 0, *extra: str):
 def killed_at_evaluation(monkeypatch, n: int, run) -> None:
     """Run `run()` with a KeyboardInterrupt raised at the n-th per-epoch evaluation (a kill), then
     restore evaluation. evaluate() runs after each epoch, before that epoch's checkpoint."""
+    from sslprune import stacked as stacked_mod
     from sslprune import train as train_mod
 
     real, calls = train_mod.evaluate, {"n": 0}
@@ -57,10 +58,12 @@ def killed_at_evaluation(monkeypatch, n: int, run) -> None:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "evaluate", dying)
+    for mod in (train_mod, stacked_mod):   # a stack evaluates each of its networks in turn
+        monkeypatch.setattr(mod, "evaluate", dying)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(train_mod, "evaluate", real)
+    for mod in (train_mod, stacked_mod):
+        monkeypatch.setattr(mod, "evaluate", real)
 
 
 @pytest.fixture

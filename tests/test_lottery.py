@@ -125,18 +125,18 @@ def test_retrain_rotation_mask_on_labels(tmp_path, data, monkeypatch):
     exp_dir = prepare(exp, tmp_path, data, None, ["t"])
     run_replicate(exp, exp_dir, data, 1, 2, progress=False)
     starts = {}
-    import sslprune.retrain as retrain_mod
-    real_train = retrain_mod.train
+    import sslprune.stacked as stacked_mod   # a re-training alone goes through stacked.train_stacked's train()
+    real_train = stacked_mod.train
     real_enforcer = train_mod.MaskEnforcer
 
-    def spy(backbone, task, data, cfg, aug, mask, out, **k):
+    def spy(backbone, task, data, cfg, aug, mask, out, *a, **k):
         def enforcer(b, m):  # the weights training really starts from
             starts[out.name] = ({n: v.clone() for n, v in b.state_dict().items()}, task, m)
             return real_enforcer(b, m)
         monkeypatch.setattr(train_mod, "MaskEnforcer", enforcer)
-        return real_train(backbone, task, data, cfg, aug, mask, out, **k)
+        return real_train(backbone, task, data, cfg, aug, mask, out, *a, **k)
 
-    monkeypatch.setattr(retrain_mod, "train", spy)
+    monkeypatch.setattr(stacked_mod, "train", spy)
     for reset in ("rewind", "reinit", "random"):
         res = retrain(exp, exp_dir, data, 1, 2, reset, progress=False)
         assert 0 <= res["test_acc"] <= 1

@@ -87,18 +87,18 @@ _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211,
 
 
 class Normalize:
-    """uint8 (B, C, H, W), or floats already on the 0-1 scale -> float32 standardised with the
-    training set's channel statistics."""
+    """uint8 (B, C, H, W), or floats already on the 0-1 scale -> floats (torch's default dtype:
+    float32, float64 in equivalence tests) standardised with the training set's channel statistics."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor,
                  memory_format: torch.memory_format = torch.contiguous_format):
-        self.mean = mean.float().view(1, -1, 1, 1)
-        self.std = std.float().clamp_min(1e-3).view(1, -1, 1, 1)
+        self.mean = mean.to(torch.get_default_dtype()).view(1, -1, 1, 1)
+        self.std = std.to(torch.get_default_dtype()).clamp_min(1e-3).view(1, -1, 1, 1)
         self.memory_format = memory_format  # channels_last: the layout the convs run fastest in
 
     def to(self, device) -> "Normalize":
         return Normalize(self.mean.to(device).flatten(), self.std.to(device).flatten(), self.memory_format)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        x = x.to(self.mean.dtype) / 255 if x.dtype == torch.uint8 else x
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)

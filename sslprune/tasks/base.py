@@ -54,6 +54,8 @@ class Task(nn.Module):
     options: tuple[str, ...] = ()   # the config.Task fields it reads; the others must keep their defaults
     unlabelled = ""          # with --label-fraction: "drop" unlabelled images (labels) | "keep" them as UNLABELLED (s4l)
     square = False           # True: its views need square images (rotations)
+    stackable = False        # True: step() draws nothing from batch.generator, reads no batch.index and keeps
+                             # no state, so K copies can train as one network (sslprune/stacked.py)
     demo_options: dict = {}  # what the demo's 1,437 digits need (sslprune/demo.py)
 
     def identity(self) -> str:

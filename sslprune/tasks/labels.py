@@ -13,6 +13,7 @@ class Labels(Task):
     metric = "class accuracy"
     options = ("label_fraction", "label_split", "label_seed")
     unlabelled = "drop"       # a fraction of the labels: train on those images only
+    stackable = True          # cross-entropy on the batch as it comes
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()
