@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--resnet-k", type=int, nargs="+", default=[4, 8],
-                   help="K for ResNet-20 (16 at batch 128 ran out of memory here with vmap(grad))")
+                   help="K for ResNet-20 [default: 4 8; memory grows with K: K copies at batch 128 at once]")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU [default: 1, as sweep workers]")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--end-to-end", action="store_true", help="whole re-trainings of the demo (see above)")

@@ -88,15 +88,16 @@ def retrain_many(exp: Experiment, exp_dir: Path, data: Dataset, items: list[tupl
         if variant == "random_adjusted" and exp.prune.granularity == "channel":
             raise UserError("random_adjusted prunes naturally-zero single weights first; a channel run's random "
                             "baseline is --variants random (random channels)")
-    k, finals = max(1, runtime.stack), []
-    for chunk in (items[i:i + k] for i in range(0, len(items), k)):
+    unique = list(dict.fromkeys(items))   # one item twice in a stack would wait on its own lock
+    k, finals = max(1, runtime.stack), {}
+    for chunk in (unique[i:i + k] for i in range(0, len(unique), k)):
         with contextlib.ExitStack() as held:   # one writer per re-training; sorted: no two stacks deadlock
             for replicate, level, variant in sorted(chunk):
                 ldir = layout.level_dir(exp_dir, replicate, level)
                 held.enter_context(layout.step_guard(layout.step_lock(ldir, layout.run_dir(ldir, variant).name)))
             jobs = [_job(exp, exp_dir, data, *item) for item in chunk]
-            finals += train_stacked(jobs, data, exp.train, exp.data, runtime, progress)
-    return finals
+            finals |= zip(chunk, train_stacked(jobs, data, exp.train, exp.data, runtime, progress))
+    return [finals[item] for item in items]
 
 
 def _job(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, variant: str) -> Job:
@@ -171,7 +172,7 @@ class Retrain:
         with this one, as one network."""
         exp, variants = step.experiment, sweep.spec.evaluations[step.kind]
         others = [dataclasses.replace(step, item=i) for i in range(len(variants)) if i != step.item]
-        with sweep.claim(others[:max(0, sweep.runtime.stack - 1)]) as taken:
+        with sweep.claim(others, sweep.runtime.stack - 1) as taken:
             retrain_many(exp, sweep.exp_dir(exp), sweep.dataset(exp),
                          [(s.replicate, s.level, sweep.item(s)) for s in (step, *taken)], sweep.runtime, False)
 

@@ -37,6 +37,7 @@ from .config import Data as DataConfig
 from .config import Train as TrainConfig
 from .data import Dataset, Split
 from .data.augment import Normalize
+from .errors import UserError
 from .pruning import Mask, apply_mask, prunable
 from .runtime import CPU, Runtime
 from .tasks import Batch, Task
@@ -64,6 +65,8 @@ def why_not(jobs: list[Job], data: Dataset, cfg: TrainConfig, runtime: Runtime) 
         return f"--optimizer {cfg.optimizer} is not element-wise"
     if runtime.compile:
         return "--compile"
+    if runtime.track in ("wandb", "mlflow"):
+        return f"--track {runtime.track} follows one active run per process"
     if not all(j.task.stackable for j in jobs):
         return "the task's step draws randomness or keeps state"
     if any(isinstance(m, nn.modules.dropout._DropoutNd) for j in jobs for m in j.backbone.modules()):
@@ -83,10 +86,13 @@ def train_stacked(jobs: list[Job], data: Dataset, cfg: TrainConfig, aug: DataCon
     """Train every job, as one stack where it can (why_not) and one at a time where not; returns
     each one's final metrics, in order. Finished jobs are read back. Killed ones resume as they
     started: a stacked checkpoint in a stack of those at the same epoch (K may differ from the
-    killed stack's: results then agree to rounding), a one-at-a-time checkpoint one at a time."""
+    killed stack's: results then agree to rounding), a one-at-a-time checkpoint one at a time.
+    A network that diverges stops alone (train.check_finite, its last good checkpoint kept): the
+    others of its stack train to the end, then the divergence is the error."""
     pending = [j for j in jobs if not layout.is_done(j.out)]
     started = {id(j): _stacked_epoch(j.out) for j in pending}   # None: started one at a time
     stackable = [j for j in pending if started[id(j)] is not None]
+    diverged: dict[Path, str] = {}
     if stackable and not why_not(stackable, data, cfg, runtime):
         # NCHW: vmap cannot run channels_last (torch 2.x: "NYI: querying is_contiguous inside of vmap")
         rt = dataclasses.replace(runtime.resolved(), channels_last=False)
@@ -96,7 +102,10 @@ def train_stacked(jobs: list[Job], data: Dataset, cfg: TrainConfig, aug: DataCon
             if len(group) > 1 or epoch > 0:   # one network that never started stacked trains alone
                 resumed = [read_checkpoint(j.out / layout.CHECKPOINT, _computation(j, cfg, aug, n_train, rt))
                            for j in group]
-                _train_stack(group, resumed, data, cfg, aug, rt, progress)
+                diverged |= _train_stack(group, resumed, data, cfg, aug, rt, progress)
+    if diverged:   # the others of their stacks trained on, and are saved
+        first, *more = diverged.values()
+        raise UserError(first + (f" ({len(more)} more network(s) of this stack diverged too)" if more else ""))
     # one at a time: the rest, and reading back the finished (train() loads a done run)
     return [train(j.backbone, j.task, data, cfg, aug, j.mask, j.out, j.seed, runtime, progress=progress)
             for j in jobs]
@@ -128,8 +137,11 @@ def _computation(job: Job, cfg: TrainConfig, aug: DataConfig, n_train: int, rt: 
 
 
 def _train_stack(jobs: list[Job], resumed: list[dict | None], data: Dataset, cfg: TrainConfig,
-                 aug: DataConfig, rt: Runtime, progress: bool) -> None:
-    """train()'s loop for K networks starting at the same epoch, on in-memory data."""
+                 aug: DataConfig, rt: Runtime, progress: bool) -> dict[Path, str]:
+    """train()'s loop for K networks starting at the same epoch, on in-memory data. Returns the
+    networks that diverged, {run folder: check_finite's message}: each is neither evaluated nor
+    saved from its divergence on, while the others train on (its values stay in its own slice of
+    the stack: no network's gradient or statistics read another's)."""
     device, k = rt.device, len(jobs)
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)  # (N, 3, H, W) uint8, (N,)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
@@ -175,6 +187,7 @@ def _train_stack(jobs: list[Job], resumed: list[dict | None], data: Dataset, cfg
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{k} stacked", disable=None if shown else True,
                leave=False, initial=start_epoch, total=cfg.epochs)
     trackers = [tracking.start(rt.track, j.out) for j in jobs]
+    diverged: dict[Path, str] = {}
     for epoch in bar:
         t0 = time.perf_counter()
         orders = [sampler.epoch_batches(train_y, cfg.batch_size, g) for g in generators]  # each (per_epoch, B)
@@ -212,15 +225,20 @@ def _train_stack(jobs: list[Job], resumed: list[dict | None], data: Dataset, cfg
                 for n, t in net.named_buffers():
                     t.copy_(buffers[n][i])
         train_loss = (loss_sum / count).tolist()
-        for i, j in enumerate(jobs):   # every network checked before any is saved: a diverged one stops all
-            check_finite(j.out, epoch + 1, int(first_bad[i]), train_loss[i], list(weights(j.backbone, j.task).values()))
         state, b = optimizer.state_dict(), orders[0].shape[1]
         for i, j in enumerate(jobs):
+            if j.out in diverged:
+                continue
             t2 = time.perf_counter()
-            with rt.autocast():
-                test = evaluate(j.backbone, j.task, test_x, test_y, normalize, b if j.task.batch_metric else max(b, 256),
-                                train_labels=train_y)
-            check_finite(j.out, epoch + 1, -1, sum(v for v in test.values() if isinstance(v, float)), [])
+            try:
+                check_finite(j.out, epoch + 1, int(first_bad[i]), train_loss[i], list(weights(j.backbone, j.task).values()))
+                with rt.autocast():
+                    test = evaluate(j.backbone, j.task, test_x, test_y, normalize,
+                                    b if j.task.batch_metric else max(b, 256), train_labels=train_y)
+                check_finite(j.out, epoch + 1, -1, sum(v for v in test.values() if isinstance(v, float)), [])
+            except UserError as e:
+                diverged[j.out] = str(e)
+                continue
             j.backbone.train(), j.task.train()
             histories[i].append({"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "lr": optimizer.param_groups[0]["lr"],
                                  "train_loss": train_loss[i], "train_acc": float(correct[i]) / count,
@@ -235,12 +253,17 @@ def _train_stack(jobs: list[Job], resumed: list[dict | None], data: Dataset, cfg
                 "history": histories[i], "weights": weights(j.backbone, j.task),
                 "optimizer": _unstack_state(state, i), "generator": generators[0 if shared else i].get_state(),
                 "torch_rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {})})
-        bar.set_postfix(loss=f"{sum(train_loss) / k:.3f}")
+        live = [loss for j, loss in zip(jobs, train_loss) if j.out not in diverged]
+        if not live:
+            break
+        bar.set_postfix(loss=f"{sum(live) / len(live):.3f}")
 
     for i, j in enumerate(jobs):
         if trackers[i] is not None:
             trackers[i].close()
-        finish(j.out, weights(j.backbone, j.task), histories[i], cfg.epochs, j.seed)
+        if j.out not in diverged:
+            finish(j.out, weights(j.backbone, j.task), histories[i], cfg.epochs, j.seed)
+    return diverged
 
 
 def _stack_state(states: list[dict]) -> dict:

@@ -177,12 +177,13 @@ class Sweep:
         return all(layout.is_done(d) for d in self.train_dirs(step)) if step.kind == "lottery" else \
             layout.is_done(EVALUATIONS[step.kind].out(self, step))
 
-    def claim(self, steps: list[Step]):
+    def claim(self, steps: list[Step], most: int):
         """For an evaluation that runs several steps at once (retrain --stack): a context taking,
-        without waiting, the locks of those `steps` no worker holds and that are not done; it yields
-        the steps taken, held (and in the ledger) as the worker's own until the block ends."""
+        without waiting, the locks of up to `most` of `steps` that no worker holds and that are not
+        done; it yields the steps taken, held (and in the ledger) as the worker's own until the
+        block ends."""
         from .workers import claim
-        return claim(self, steps, self.worker)
+        return claim(self, steps, most, self.worker)
 
     def run(self, step: Step) -> None:
         """Run one step, as the CLI's command for it would."""

@@ -75,13 +75,17 @@ def work(specs: str | Path | list, worker: str, poll: float = 0.5, runtime: Runt
 
 
 @contextlib.contextmanager
-def claim(sweep: Sweep, steps: list[Step], worker: str):
-    """Sweep.claim: the locks of those `steps` no other worker holds and that are not done, taken
-    without waiting and held until the block ends; each taken step is in the ledger as `worker`'s,
-    started on entering and done on leaving (if it finished)."""
+def claim(sweep: Sweep, steps: list[Step], most: int, worker: str):
+    """Sweep.claim: the locks of up to `most` of `steps` that no other worker holds and that are not
+    done, taken without waiting and held until the block ends; each taken step is in the ledger as
+    `worker`'s, started on entering and done on leaving (if it finished)."""
     with contextlib.ExitStack() as held:
-        taken = [s for s in steps if held.enter_context(layout.file_lock(sweep.lock(s), wait=False))
-                 and not sweep.done(s)]
+        taken = []
+        for s in steps:
+            if len(taken) >= most:
+                break
+            if held.enter_context(layout.file_lock(sweep.lock(s), wait=False)) and not sweep.done(s):
+                taken.append(s)
         before = {sweep.key(s): sum(_progress(d) for d in sweep.train_dirs(s)) for s in taken}
         for s in taken:
             _ledger(sweep.spec.root, event="start", step=sweep.key(s), worker=worker, epochs_before=before[sweep.key(s)])

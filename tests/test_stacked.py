@@ -30,8 +30,7 @@ def jobs_of(exp, data, root, seeds, model_seeds=(11, 12, 13)):
 
 
 def state(job):
-    """Everything a finished network and its optimizer are: weights, BN statistics (from the saved
-    model) and, for a checkpoint, the Adam moments."""
+    """Everything a finished network is: weights and batch-norm statistics, from its saved model."""
     return layout.load_model(job.out)
 
 
@@ -84,8 +83,17 @@ def test_a_killed_stack_resumes_with_its_optimizer_state(tmp_path, data, monkeyp
     assert mine["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
     assert torch.equal(mine["generator"], theirs["generator"])
 
+    from sslprune import stacked as stacked_mod
+    real, evaluations = stacked_mod.evaluate, []
+
+    def counted(backbone, *a, **k):
+        evaluations.append(backbone)
+        return real(backbone, *a, **k)
+    monkeypatch.setattr(stacked_mod, "evaluate", counted)
     resumed = train_stacked(jobs_of(exp, data, tmp_path / "stacked", seeds), data, exp.train, exp.data, CPU64,
                             progress=False)
+    assert len(evaluations) == 2 * 3   # epochs 2 and 3 of the 3 networks: the resume trained only those
+    monkeypatch.setattr(stacked_mod, "evaluate", real)
     whole = train_stacked(jobs_of(exp, data, tmp_path / "whole", seeds), data, exp.train, exp.data, CPU64,
                           progress=False)
     for r, w, jr, jw in zip(resumed, whole, stacked, jobs_of(exp, data, tmp_path / "whole", seeds)):
@@ -121,7 +129,11 @@ def test_what_cannot_be_stacked_trains_one_at_a_time(tmp_path, data):
     assert "element-wise" in why_not(jobs, data, tiny_experiment(optimizer="lars").train, CPU64)
     mixed = jobs[:2] + [Job(jobs[2].backbone, build(exp, data, seed=1, task_name="rotation")[1], jobs[2].mask,
                             jobs[2].out, 5)]
-    assert "task" in why_not(mixed, data, exp.train, CPU64)
+    assert "task's step" in why_not(mixed, data, exp.train, CPU64)
+    other, task = build(tiny_experiment(model="resnet20"), data, seed=1, task_name="labels")
+    bigger = jobs[:2] + [Job(other, task, dense_mask(other), jobs[2].out, 5)]
+    assert why_not(bigger, data, exp.train, CPU64) == "different networks or tasks"
+    assert "wandb" in why_not(jobs, data, exp.train, Runtime(track="wandb"))
     lars = tiny_experiment(epochs=1, optimizer="lars", lr=0.1)
     finals = train_stacked(jobs, data, lars.train, lars.data, CPU64, progress=False)
     assert all("stacked" not in f for f in finals) and all(layout.is_done(j.out) for j in jobs)
@@ -143,6 +155,8 @@ def test_retrain_stack_on_the_command_line(tmp_path):
     done = _done(run)
     assert len(done) == 6 and all(d["stacked"] == 3 for d in done)
     assert main(["retrain", str(run), "--stack", "-1", "--quiet"]) == 2
+    # the same re-training asked twice: read back, not a stack waiting on its own lock
+    assert main(["retrain", str(run), "--variants", "rewind,rewind", "--level", "1,0-1", "--stack", "4", "--quiet"]) == 0
 
 
 def test_a_sweep_stacks_a_levels_variants(tmp_path, capsys):
@@ -159,3 +173,22 @@ def test_a_sweep_stacks_a_levels_variants(tmp_path, capsys):
     st = status(load_spec(spec))   # the claimed steps are in the ledger as the worker's: every epoch counted
     assert st["done"] == st["steps"] == 7 and not st["finished_twice"]
     assert st["epochs_trained"] == 2 + 6   # the lottery's 2 levels of 1 epoch, 6 re-trainings of 1
+
+
+def test_a_diverged_network_stops_alone(tmp_path, data):
+    """Network 1 of 3 starts with a non-finite head: the stack's error names it, its folder holds no
+    result, and networks 0 and 2 train to the end; re-running finishes nothing more and says so again."""
+    from sslprune.errors import UserError
+    exp = tiny_experiment(epochs=2)
+    for attempt in range(2):
+        jobs = jobs_of(exp, data, tmp_path, (5, 5, 5))
+        with torch.no_grad():
+            jobs[1].task.head.weight.fill_(float("inf"))
+        with pytest.raises(UserError, match="net_1.*diverged|diverged.*net_1"):
+            train_stacked(jobs, data, exp.train, exp.data, CPU64, progress=False)
+        assert [layout.is_done(j.out) for j in jobs] == [True, False, True]
+    alone = jobs_of(exp, data, tmp_path / "alone", (5, 5, 5))   # the survivors are what they would be anyway
+    train_stacked([alone[0], alone[2]], data, exp.train, exp.data, CPU64, progress=False)
+    for a, b in ((jobs[0], alone[0]), (jobs[2], alone[2])):
+        got, want = state(a), state(b)
+        assert all(torch.allclose(got[n].double(), want[n].double(), rtol=1e-9, atol=1e-10) for n in want)
