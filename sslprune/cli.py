@@ -202,8 +202,9 @@ def common_flags(p: argparse.ArgumentParser, trains: bool = True) -> None:
 def stack_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", type=int, default=0, metavar="K",
                    help="train up to K re-trainings as one network (torch.func.vmap over their stacked "
-                   "weights; sslprune/stacked.py): pays for small networks on a GPU, not on a CPU "
-                   "(docs/benchmarks.md); results match one at a time to rounding [default: one at a time]")
+                   "weights; sslprune/stacked.py): meant for small networks on a GPU (not measured there yet); "
+                   "0.7x as fast on a CPU (docs/benchmarks.md); results match one at a time to rounding "
+                   "[default: one at a time]")
 
 
 def runtime_of(args) -> Runtime:
