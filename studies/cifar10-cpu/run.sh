@@ -14,3 +14,6 @@ for spec in labels rotation rewind semi; do
 done
 sslprune report "$here/runs" --out "$here/report"
 sslprune sparsity "$here/runs" --threshold 1.2e-7,1e-4,1e-3 --out "$here/report"
+# the findings table (report/findings.md); Hubens et al.'s row once caltech-pretrained has its report
+caltech="$here/../caltech-pretrained/report"
+python "$here/findings.py" "$here/report" $( [ -f "$caltech/results.csv" ] && echo --caltech "$caltech" )
