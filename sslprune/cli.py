@@ -393,10 +393,10 @@ def _experiment_dirs(paths: list[Path]) -> list[Path]:
 
 
 def cmd_report(args, argv) -> int:
-    from .report import unfinished, write_report
+    from .report import experiments, mixed_retraining, unfinished, write_report
 
-    dirs = _experiment_dirs(args.run_dirs)
-    for line in unfinished(dirs):
+    dirs = experiments(_experiment_dirs(args.run_dirs))
+    for line in unfinished(dirs) + mixed_retraining(dirs):
         print(f"sslprune report: warning: {line}", file=sys.stderr)
     paths = write_report(dirs, args.out)
     print("\n".join(str(p) for p in paths.values()))

@@ -44,7 +44,8 @@ def features(backbone: nn.Module, images: torch.Tensor, normalize: Normalize, ba
     hook = None
     gated = stage == GATED
     if stage and not gated:
-        hook = stage_module(backbone, stage).register_forward_hook(lambda m, i, o: captured.append(o))
+        # a copy: a following in-place op (ReLU(inplace=True) after a batch-norm) would overwrite it
+        hook = stage_module(backbone, stage).register_forward_hook(lambda m, i, o: captured.append(o.clone()))
     out = []
     try:
         for i in range(0, len(images), batch_size):

@@ -78,6 +78,19 @@ def labels(exp_dirs: list[Path], ignore: tuple[str, ...] = ()) -> dict[Path, str
 KINDS = ("train", "retrain", "probe", "finetune")   # the order of a level's rows in results.csv
 
 
+def experiments(exp_dirs: list[Path]) -> list[Path]:
+    """Each experiment once (a folder given twice, or directly and through its root, is one).
+    Replicates are averaged by experiment name, so two folders of one name (the same settings on
+    other data under another root: the data root is not in the name) are refused, not pooled."""
+    unique = list(dict.fromkeys(Path(d).resolve() for d in exp_dirs))
+    by_name: dict[str, Path] = {}
+    for d in unique:
+        if by_name.setdefault(d.name, d) != d:
+            raise UserError(f"two experiments named {d.name}: {by_name[d.name]} and {d}; their replicates would "
+                            f"be averaged as one: report them separately (another --out)")
+    return unique
+
+
 def collect(exp_dirs: list[Path]) -> list[dict]:
     rows = []
     names = labels(exp_dirs)
@@ -141,6 +154,23 @@ def unfinished(exp_dirs: list[Path]) -> list[str]:
             lines.append(f"{Path(exp_dir).name}: {len(missing)} unfinished, left out of the report: "
                          f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
     return lines
+
+
+def mixed_retraining(exp_dirs: list[Path]) -> list[str]:
+    """A warning line when the masks re-trained on labels were re-trained under different settings:
+    a re-training takes its run's own schedule (optimizer, lr, epochs, augmentation), so one
+    objective's re-trained curve can beat another's for its schedule, not its mask."""
+    settings = defaultdict(list)
+    for exp_dir in exp_dirs:
+        if any(e.kind == "retrain" for _, _, ldir in layout.levels(exp_dir) for e in layout.evaluations(ldir)):
+            exp, _ = load_experiment(exp_dir)
+            settings[f"{_schedule_text(exp.train)}, crop-pad {exp.data.crop_pad}, flip {exp.data.flip}"].append(
+                Path(exp_dir).name)
+    if len(settings) < 2:
+        return []
+    return ["masks re-trained on labels under different settings (each run's own): " +
+            "; ".join(f"{', '.join(names)}: {text}" for text, names in settings.items()) +
+            ". Compare re-trained curves across these experiments with care"]
 
 
 TRANSFER_PRUNED = "pruned during transfer"
@@ -254,10 +284,16 @@ def markdown(summary: list[dict]) -> str:
                   "| level | remaining | " + " | ".join(f"{o} / {r} ({_n_header(ns[(o, r)])})" for o, r in curves) + " |",
                   "|---|---|" + "---|" * len(curves)]
         for level in levels:
-            rem = next(s["remaining"] for s in rows if s["level"] == level)
-            vals = ["" if (o, r, level) not in cell else _value(cell[(o, r, level)], len(ns[(o, r)]) > 1)
+            # one density for the row when every curve has it (to the printed precision); else each
+            # cell says its own (channel against weight runs, another --fraction or --layers)
+            here = [cell[(o, r, level)] for o, r in curves if (o, r, level) in cell]
+            shared = len({f"{s['remaining']:.2%}" for s in here}) == 1
+            rem = f"{here[0]['remaining']:.2%}" if shared else "see cells"
+            vals = ["" if (o, r, level) not in cell else
+                    _value(cell[(o, r, level)], len(ns[(o, r)]) > 1) +
+                    ("" if shared else f" at {cell[(o, r, level)]['remaining']:.2%}")
                     for o, r in curves]
-            lines.append(f"| {level} | {rem:.2%} | " + " | ".join(vals) + " |")
+            lines.append(f"| {level} | {rem} | " + " | ".join(vals) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -577,6 +613,7 @@ def plot_stability(summary: list[dict], path: Path):
 
 
 def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
+    exp_dirs = experiments(exp_dirs)
     rows = collect(exp_dirs)
     summary = summarise(rows)
     out = Path(out)

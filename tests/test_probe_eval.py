@@ -158,3 +158,20 @@ def test_pruning_during_transfer_reaches_the_requested_densities(tmp_path, run_d
     layout.save_tensors(model, {k: v + 1 if v.is_floating_point() else v for k, v in w.items()})
     assert main([*argv[:-7], "--levels", "4", *argv[-5:]]) == 2
     assert "changed since replicate 1" in capsys.readouterr().err
+
+
+def test_a_stage_followed_by_an_in_place_op_gives_its_own_output():
+    """features.4 is a batch-norm whose output the next ReLU(inplace=True) overwrites: the probe reads
+    the batch-norm's output (negative values included), not the ReLU's."""
+    from sslprune.data.augment import Normalize
+    from sslprune.models import build_model
+    torch.manual_seed(0)
+    backbone = build_model("convnet").eval()
+    images = torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8)
+    normalize = Normalize(torch.full((3,), 120.0), torch.full((3,), 60.0))
+    got = probe_mod.features(backbone, images, normalize, stage="features.4")
+    seen = []
+    backbone.features[4].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone().mean((2, 3))))
+    with torch.no_grad():
+        backbone(normalize(images))
+    assert got.min() < 0 and torch.allclose(torch.from_numpy(got), seen[0], atol=1e-6)

@@ -242,3 +242,42 @@ def test_a_run_from_a_config_file_is_the_run_from_its_flags(tmp_path, capsys):
     assert main(["lottery", "--config", str(config), "--root", str(tmp_path / "r")]) == 2
     assert "levels must be a whole number >= 0, got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_experiment_is_reported_once_and_namesakes_are_refused(tmp_path, data):
+    """A folder given twice (directly and through its root) counts once; the same settings trained
+    under two roots (the data root is not in the name) are refused rather than pooled."""
+    from sslprune.errors import UserError
+    exp = tiny_experiment(epochs=1)
+    d = prepare(exp, tmp_path / "a", data, None, ["t"])
+    for r in (1, 2):
+        run_replicate(exp, d, data, r, 1, progress=False)
+    once = write_report([d], tmp_path / "once")["md"].read_text()
+    assert write_report([d, tmp_path / "a" / d.name, d], tmp_path / "twice")["md"].read_text() == once
+    other = prepare(exp, tmp_path / "b", data, None, ["t"])
+    run_replicate(exp, other, data, 1, 0, progress=False)
+    with pytest.raises(UserError, match="two experiments named"):
+        write_report([d, other], tmp_path / "both")
+
+
+def test_curves_of_other_densities_at_one_level_say_their_own():
+    """A channel run (or another --fraction) beside a weight run: level 1 is not one density."""
+    rows = _rows(2, objective="weight") + [{**r, "objective": "channel", "remaining": 0.5 ** r["level"]}
+                                           for r in _rows(2)]
+    md = markdown(summarise(rows))
+    assert "| 1 | see cells | 0.5100 at 50.00% | 0.5100 at 80.00% |" in md
+    assert "| 0 | 100.00% | 0.5100 | 0.5100 |" in md
+
+
+def test_report_warns_when_masks_were_retrained_under_other_settings(tmp_path, data, capsys):
+    dirs = []
+    for task, lr in (("labels", 3e-3), ("rotation", 1e-3)):
+        exp = tiny_experiment(task=task, epochs=1, lr=lr)
+        d = prepare(exp, tmp_path / "runs", data, None, ["t"])
+        run_replicate(exp, d, data, 1, 0, progress=False)
+        retrain(exp, d, data, 1, 0, "reinit", progress=False)
+        dirs.append(d)
+    from sslprune.report import mixed_retraining
+    (line,) = mixed_retraining(dirs)
+    assert "adam lr 0.003" in line and "adam lr 0.001" in line and dirs[0].name in line
+    assert mixed_retraining(dirs[:1]) == []
