@@ -63,6 +63,17 @@ def test_retrained_level_exports_a_classifier(channel_run, tmp_path):
     assert "fc.weight" in layout.load_tensors(tmp_path / "clf" / layout.EXPORT_MODEL)
 
 
+def test_an_exported_classifier_scores_what_its_training_recorded(channel_run, tmp_path):
+    """End to end, not through level_network: the exported re-trained network, run on the raw test
+    images (0-1, its own normalisation), has the test accuracy its re-training wrote in done.json."""
+    exp_dir, data = channel_run
+    export.export(exp_dir, 1, 2, tmp_path / "clf", reset="rewind")
+    with torch.no_grad():
+        pred = export.load_exported(tmp_path / "clf")(data.test.images.float() / 255).argmax(1)
+    recorded = layout.load_json(layout.run_dir(layout.level_dir(exp_dir, 1, 2), "rewind") / layout.DONE)["test_acc"]
+    assert abs(float((pred == data.test.labels).float().mean()) - recorded) <= 1 / len(pred)
+
+
 def test_weight_granularity_exports_the_masked_dense_network(tmp_path, data):
     exp = tiny_experiment(epochs=1)
     exp_dir = prepare(exp, tmp_path, data, None, ["t"])
@@ -72,6 +83,12 @@ def test_weight_granularity_exports_the_masked_dense_network(tmp_path, data):
     assert info["cost"]["params_nonzero"] < info["dense_cost"]["params_nonzero"]
     x = data.test.images[:8].float() / 255
     torch.testing.assert_close(export.load_exported(tmp_path / "w")(x), _masked_output(exp_dir, 1, x))
+    # end to end, as for channels: the exported re-trained classifier scores what its training recorded
+    recorded = retrain(exp, exp_dir, data, 1, 1, "reinit", progress=False)["test_acc"]
+    export.export(exp_dir, 1, 1, tmp_path / "wclf", reset="reinit")
+    with torch.no_grad():
+        pred = export.load_exported(tmp_path / "wclf")(data.test.images.float() / 255).argmax(1)
+    assert abs(float((pred == data.test.labels).float().mean()) - recorded) <= 1 / len(pred)
 
 
 @pytest.mark.parametrize("name,size", FAMILIES)

@@ -175,3 +175,26 @@ def test_a_stage_followed_by_an_in_place_op_gives_its_own_output():
     with torch.no_grad():
         backbone(normalize(images))
     assert got.min() < 0 and torch.allclose(torch.from_numpy(got), seen[0], atol=1e-6)
+
+
+def test_the_probe_never_looks_at_the_test_split_to_choose_its_regularisation():
+    """C and its validation accuracy come from the training split alone: test labels permuted or test
+    features replaced change neither. Mean per-class accuracy weighs an unbalanced test split's
+    classes equally (30 / 28 / 2 images)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    train_y = np.repeat(np.arange(3), 40)
+    train_x = rng.normal(size=(120, 6)) + train_y[:, None] * 0.8
+    test_y = np.repeat(np.arange(3), (30, 28, 2))
+    test_x = rng.normal(size=(60, 6)) + test_y[:, None] * 0.8
+    res = probe_mod.fit_probe(train_x, train_y, test_x, test_y)
+    for other_x, other_y in ((test_x, rng.permutation(test_y)), (rng.normal(size=(60, 6)), test_y)):
+        again = probe_mod.fit_probe(train_x, train_y, other_x, other_y)
+        assert (again["C"], again["val_acc"]) == (res["C"], res["val_acc"])
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    pred = make_pipeline(StandardScaler(), LogisticRegression(C=res["C"], max_iter=1000)).fit(train_x, train_y).predict(test_x)
+    per_class = [(pred[test_y == k] == k).mean() for k in range(3)]
+    assert res["mean_class_acc"] == pytest.approx(sum(per_class) / 3)
+    assert res["acc"] == pytest.approx((pred == test_y).mean())

@@ -52,6 +52,28 @@ def test_rotation_never_reads_labels():
     assert torch.equal(l1[0], l2[0]) and l1[1:] == l2[1:]
 
 
+@pytest.mark.parametrize("name", ["rotation", "exemplar", "npid", "vicreg"])
+def test_self_supervised_training_never_reads_labels(name):
+    """A training step with the true labels and with garbage gives the same loss, the same
+    gradients and the same task state after it (NPID's memory bank included): no label leaks."""
+    import copy
+    options = {"nce_negatives": 16} if name == "npid" else {"projector_dim": 32} if name == "vicreg" else {}
+    torch.manual_seed(0)
+    b0, t0 = build_model("convnet"), task(name, 128, 3, num_train=64, **options)
+    x = (torch.rand(8, 3, 8, 8) * 255).to(torch.uint8)
+    results = []
+    for y in (torch.arange(8) % 3, torch.full((8,), 7)):
+        b, t = copy.deepcopy(b0), copy.deepcopy(t0)
+        loss, correct, n = t.step(b.train(), batch(x, y, seed=3), IDENTITY)
+        loss.backward()
+        results.append((loss.detach(), int(correct), n, [p.grad.clone() for p in b.parameters()],
+                        {k: v.clone() for k, v in t.state_dict().items()}))
+    (l1, c1, n1, g1, s1), (l2, c2, n2, g2, s2) = results
+    assert torch.equal(l1, l2) and (c1, n1) == (c2, n2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
 def test_labels_task_head_matches_classes():
     b = build_model("convnet")
     t = task("labels", b.feature_dim, 7)

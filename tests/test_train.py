@@ -51,6 +51,23 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, data, monkeypatch):
     assert (tmp_path / "killed" / layout.LOG).read_text().count("\n") == 3
 
 
+def test_the_rewind_point_is_the_network_after_exactly_k_updates(tmp_path, data):
+    """A snapshot after k = 3 updates (one epoch of 96 images at batch 32) of a 2-epoch run is, bit
+    for bit, the network a 1-epoch run ends with: same seed, constant lr, so both take the same 3
+    steps. BN statistics included; the 3rd update, not the 2nd or the 4th."""
+    exp = tiny_experiment(epochs=2, schedule="constant")
+    backbone, task = build(exp, data, seed=0)
+    train(backbone, task, data, exp.train, exp.data, dense_mask(backbone), tmp_path / "two", seed=5,
+          snapshot=(3, tmp_path / "snap.safetensors"), progress=False)
+    one = tiny_experiment(epochs=1, schedule="constant")
+    backbone, task = build(one, data, seed=0)
+    train(backbone, task, data, one.train, one.data, dense_mask(backbone), tmp_path / "one", seed=5, progress=False)
+    snap, end = layout.load_tensors(tmp_path / "snap.safetensors"), layout.load_tensors(tmp_path / "one" / layout.MODEL)
+    assert snap.keys() == end.keys() and all(torch.equal(snap[k], end[k]) for k in snap)
+    two = layout.load_tensors(tmp_path / "two" / layout.MODEL)
+    assert not torch.equal(two["backbone.features.0.weight"], snap["backbone.features.0.weight"])
+
+
 def test_finished_run_is_loaded_not_retrained(tmp_path, data, monkeypatch):
     exp = tiny_experiment()
     backbone, task = build(exp, data, seed=0)
