@@ -76,6 +76,7 @@ class Prune:
     granularity: Annotated[str, "weight: single weights (unstructured) | channel: whole channels (structured: a compact network can be exported)"] = "weight"
     channel_score: Annotated[str, "channel granularity: rank channels by l1 | l2 (of their weights) | bn (batch-norm |gamma|)"] = "l1"
     channel_round: Annotated[int, "channel granularity: every layer keeps a multiple of N channels (8: faster kernels; 1 = off)"] = 1
+    retrain_as: Annotated[str, "re-train masks on labels (sslprune retrain) with this preset's training settings, e.g. cifar10-resnet18-paper: every objective's masks judged under one labels schedule ('' = this run's own)"] = ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ class Experiment:
         _choose("schedule", self.train.schedule, {"constant", "step", "cosine"})
         _choose("reset", self.prune.reset, {"rewind", "reinit"})
         _choose("granularity", self.prune.granularity, {"weight", "channel"})
+        if self.prune.retrain_as:
+            _choose("retrain-as", self.prune.retrain_as, set(PRESETS))
         _choose("channel-score", self.prune.channel_score, CHANNEL_SCORES)
         for name in ("channel_score", "channel_round"):
             if self.prune.granularity != "channel" and getattr(self.prune, name) != getattr(Prune(), name):
@@ -282,6 +285,12 @@ PRESETS: dict[str, dict] = {
                  levels=15, replicates=2),
     # Caron et al. 2020, supplementary: CIFAR-10 Labels & RotNet, ResNet-18 (CIFAR variant).
     "cifar10-resnet18-paper": _CIFAR_PAPER,
+    # Caron et al. 2020, supplementary: ImageNet Labels, ResNet-50 (SGD 0.1, momentum 0.9, wd 1e-4,
+    # batch 1536, 90 epochs, lr /10 at 50, 65, 80); images streamed from disk, RandomResizedCrop to 224.
+    "imagenet-resnet50-paper": dict(dataset="imagefolder", stream=True, image_size=224, flip=True, model="resnet50",
+                                    task="labels", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                    batch_size=1536, epochs=90, schedule="step", milestones=(50, 65, 80),
+                                    fraction=0.2, rewind="3ep", levels=30, replicates=3),
     # Caron et al. 2020, supplementary: CIFAR-10 Exemplar (Adam 3e-4, 180 epochs, lr /10 at 120).
     "cifar10-resnet18-exemplar-paper": {**_CIFAR_PAPER, "task": "exemplar", "lr": 3e-4, "epochs": 180,
                                         "milestones": (120,)},

@@ -157,20 +157,20 @@ def unfinished(exp_dirs: list[Path]) -> list[str]:
 
 
 def mixed_retraining(exp_dirs: list[Path]) -> list[str]:
-    """A warning line when the masks re-trained on labels were re-trained under different settings:
-    a re-training takes its run's own schedule (optimizer, lr, epochs, augmentation), so one
-    objective's re-trained curve can beat another's for its schedule, not its mask."""
+    """A warning line when the masks re-trained on labels were re-trained under different settings
+    (each run's own schedule, or its --retrain-as preset's: retrain.retrain_settings): one
+    objective's re-trained curve could then beat another's for its schedule, not its mask."""
+    from .retrain import retrain_settings
     settings = defaultdict(list)
     for exp_dir in exp_dirs:
         if any(e.kind == "retrain" for _, _, ldir in layout.levels(exp_dir) for e in layout.evaluations(ldir)):
-            exp, _ = load_experiment(exp_dir)
-            settings[f"{_schedule_text(exp.train)}, crop-pad {exp.data.crop_pad}, flip {exp.data.flip}"].append(
-                Path(exp_dir).name)
+            cfg, aug = retrain_settings(load_experiment(exp_dir)[0])
+            settings[f"{_schedule_text(cfg)}, crop-pad {aug.crop_pad}, flip {aug.flip}"].append(Path(exp_dir).name)
     if len(settings) < 2:
         return []
-    return ["masks re-trained on labels under different settings (each run's own): " +
+    return ["masks re-trained on labels under different settings: " +
             "; ".join(f"{', '.join(names)}: {text}" for text, names in settings.items()) +
-            ". Compare re-trained curves across these experiments with care"]
+            ". Compare their re-trained curves with care, or give the runs one --retrain-as preset"]
 
 
 TRANSFER_PRUNED = "pruned during transfer"

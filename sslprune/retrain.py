@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from . import channels, layout
-from .config import Experiment
+from .config import PRESETS, Experiment
+from .config import Data as DataConfig
+from .config import Train as TrainConfig
 from .data import Dataset
 from .errors import UserError
 from .lottery import build, derive_seed, open_run, record_command, save_mask
@@ -73,6 +75,16 @@ def _dense_trained(exp_dir: Path, replicate: int, backbone) -> dict[str, torch.T
     return {n: trained[f"backbone.{n}"] for n in prunable(backbone)}
 
 
+def retrain_settings(exp: Experiment) -> tuple[TrainConfig, DataConfig]:
+    """The training settings a run's masks are re-trained with: the run's own, or with --retrain-as P
+    preset P's (optimizer, schedule, batch, epochs, crop and flip), so that masks found by objectives
+    with other schedules (Exemplar, NPID, RotNet on ImageNet) are judged under one labels schedule."""
+    if not exp.prune.retrain_as:
+        return exp.train, exp.data
+    like = Experiment.from_flat(PRESETS[exp.prune.retrain_as])
+    return like.train, dataclasses.replace(exp.data, crop_pad=like.data.crop_pad, flip=like.data.flip)
+
+
 def retrain(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int, variant: str,
             runtime: Runtime = CPU, progress: bool = True) -> dict:
     return retrain_many(exp, exp_dir, data, [(replicate, level, variant)], runtime, progress)[0]
@@ -90,13 +102,14 @@ def retrain_many(exp: Experiment, exp_dir: Path, data: Dataset, items: list[tupl
                             "baseline is --variants random (random channels)")
     unique = list(dict.fromkeys(items))   # one item twice in a stack would wait on its own lock
     k, finals = max(1, runtime.stack), {}
+    cfg, aug = retrain_settings(exp)
     for chunk in (unique[i:i + k] for i in range(0, len(unique), k)):
         with contextlib.ExitStack() as held:   # one writer per re-training; sorted: no two stacks deadlock
             for replicate, level, variant in sorted(chunk):
                 ldir = layout.level_dir(exp_dir, replicate, level)
                 held.enter_context(layout.step_guard(layout.step_lock(ldir, layout.run_dir(ldir, variant).name)))
             jobs = [_job(exp, exp_dir, data, *item) for item in chunk]
-            finals |= zip(chunk, train_stacked(jobs, data, exp.train, exp.data, runtime, progress))
+            finals |= zip(chunk, train_stacked(jobs, data, cfg, aug, runtime, progress))
     return [finals[item] for item in items]
 
 

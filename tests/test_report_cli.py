@@ -281,3 +281,27 @@ def test_report_warns_when_masks_were_retrained_under_other_settings(tmp_path, d
     (line,) = mixed_retraining(dirs)
     assert "adam lr 0.003" in line and "adam lr 0.001" in line and dirs[0].name in line
     assert mixed_retraining(dirs[:1]) == []
+
+
+def test_retrain_as_judges_every_objectives_masks_under_one_schedule(tmp_path, data, capsys):
+    """--retrain-as P: masks re-trained with preset P's schedule (here demo's: Adam 2e-3, 12 epochs,
+    cosine, batch 64) whatever the run's own; the report's warning goes when the runs share it; an
+    unknown preset is refused. (The default changes no experiment's name: the golden hashes above.)"""
+    import json
+
+    from sslprune.errors import UserError
+    from sslprune.report import mixed_retraining
+    dirs = []
+    for task, lr in (("labels", 3e-3), ("rotation", 1e-3)):
+        exp = tiny_experiment(task=task, epochs=1, lr=lr, retrain_as="demo")
+        d = prepare(exp, tmp_path / "runs", data, None, ["t"])
+        run_replicate(exp, d, data, 1, 0, progress=False)
+        assert retrain(exp, d, data, 1, 0, "reinit", progress=False)["epochs"] == 12
+        log = [json.loads(line) for line in
+               (layout.run_dir(layout.level_dir(d, 1, 0), "reinit") / layout.LOG).read_text().splitlines()]
+        assert len(log) == 12 and log[0]["lr"] == 2e-3 and log[-1]["lr"] < 1e-4   # demo's cosine, not lr
+        assert log[0]["step"] == 1                                                 # 96 images at batch 64
+        dirs.append(d)
+    assert mixed_retraining(dirs) == []
+    with pytest.raises(UserError, match="unknown retrain-as 'nope'"):
+        tiny_experiment(retrain_as="nope").validate()
