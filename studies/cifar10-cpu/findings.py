@@ -62,7 +62,6 @@ from sslprune.sweep import load_spec
 HERE = Path(__file__).resolve().parent
 LEVELS, T, STABLE, EPS = (10, 13, 15), 0.02, 0.02, 2.0 ** -23
 VERDICT = {"holds": "reproduced", "fails": "not reproduced", "missing": "not tested", "inconclusive": "inconclusive"}
-POINTS = ("0it", "1ep", "3ep")
 
 
 def specs() -> dict:
@@ -384,17 +383,17 @@ def rewind_section(res, report: Path, sp, E) -> list[str]:
              "(stability.csv: max test error on the path between two copies minus their mean) and the mask "
              "re-trained on labels from that rewind point (retrain/rewind, test_acc), replicate 1.", "",
              "| objective | rewind | level | remaining | instability | re-trained accuracy |", "|---|---|---|---|---|---|"]
-    says = []
+    says, points = [], list(dict.fromkeys(e.prune.rewind for e in sp["rewind"].experiments))  # spec order
     for task in ("labels", "rotation"):
         for lv in sp["rewind"].evaluations["stability"][0]["level"]:
-            for point in POINTS:
+            for point in points:
                 a = arm("", E[("rewind", task, point)], reset="rewind")
                 s = st.get((a[1][0], lv), {})
                 acc = res.get(a, lv).get(1, s.get("retrained_acc") or None)
                 rem = f"{float(s['remaining']):.1%}" if s else res.remaining(a, lv)
                 inst = f"{float(s['instability']):.4f}" if s else "-"
                 lines.append(f"| {task} | {point} | {lv} | {rem} | {inst} | {'-' if acc is None else f'{float(acc):.4f}'} |")
-            measured = [p for p in POINTS if (E[("rewind", task, p)], lv) in st]
+            measured = [p for p in points if (E[("rewind", task, p)], lv) in st]
             stable = [p for p in measured if float(st[(E[("rewind", task, p)], lv)]["instability"]) <= STABLE]
             says.append(f"{task} L{lv}: " + (f"earliest stable rewind point {stable[0]} (of {', '.join(measured)})" if stable
                                               else f"none stable of {', '.join(measured)}" if measured else "not measured"))
