@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -38,7 +39,9 @@ def _progress(train_dir: Path) -> int:
 def _ledger(root: Path, **entry) -> None:
     """One JSON line per event, appended in a single write (O_APPEND: lines never interleave)."""
     root.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": round(time.time(), 3), "pid": os.getpid(), **entry}) + "\n"
+    # cpu: this process's CPU seconds, all its threads: a step's cost when workers share the cores
+    line = json.dumps({"time": round(time.time(), 3), "cpu": round(time.process_time(), 3), "pid": os.getpid(),
+                       **entry}) + "\n"
     fd = os.open(root / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, line.encode())
@@ -166,7 +169,39 @@ def status(spec: Spec) -> dict:
     twice = sorted({e["step"] for e in ledger if e["event"] == "done"
                     and sum(f["event"] == "done" and f["step"] == e["step"] for f in ledger) > 1})
     return {"steps": len(steps), "done": len(done), "pending": [sweep.key(s) for s in steps if not sweep.done(s)],
-            "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice}
+            "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice,
+            "worker_seconds": busy_seconds(ledger, keys := {sweep.key(s) for s in steps}),
+            "worker_cpu_seconds": busy_seconds(ledger, keys, clock="cpu")}
+
+
+def busy_seconds(ledger: list[dict], keys: set[str], clock: str = "time") -> float:
+    """Seconds workers spent on the finished attempts at these steps, summed over workers: what a
+    sweep cost. clock 'time': wall time (GPU-hours with a GPU a worker); 'cpu': the workers' own CPU
+    time, which holds when they share the cores (entries from before 'cpu' was logged are left out).
+    A worker's steps that overlap (a stack claims several at once) count once; an attempt cut short
+    (a killed worker) has no 'done' and is not counted, its successor is."""
+    spans, began = {}, {}  # (worker, pid) -> [(wall start, wall end, clock start, clock end)]
+    for e in ledger:
+        if e["step"] not in keys or clock not in e:
+            continue  # another spec sharing the run root, or an entry from before 'cpu' was logged
+        who = (e.get("worker"), e["pid"], e["step"])
+        if e["event"] == "start":
+            began[who] = e
+        elif who in began:
+            s = began.pop(who)
+            spans.setdefault(who[:2], []).append((s["time"], e["time"], s[clock], e[clock]))
+    total = 0.0
+    for intervals in spans.values():
+        # steps overlapping in wall time ran in one process (a pid is not reused while its process
+        # lives), so each overlapping group costs its clock's span, which holds for the CPU clock too
+        group = None
+        for w0, w1, c0, c1 in sorted(intervals) + [(math.inf,) * 4]:
+            if group and w0 <= group[1]:
+                group = [group[0], max(group[1], w1), min(group[2], c0), max(group[3], c1)]
+                continue
+            total += group[3] - group[2] if group else 0.0
+            group = [w0, w1, c0, c1]
+    return total
 
 
 def _read_ledger(root: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from sslprune import layout
 from sslprune.cli import main
 from sslprune.errors import UserError
 from sslprune.sweep import load_spec
-from sslprune.workers import status
+from sslprune.workers import busy_seconds, status
 
 SPEC = """
 root = "runs"
@@ -72,10 +72,30 @@ def test_a_worker_killed_mid_step_loses_nothing_and_no_step_runs_twice(tmp_path)
     assert st["done"] == st["steps"] == 2 * 2 * (1 + 2 * 2) and not st["pending"], (out, err)
     assert st["finished_twice"] == []
     assert st["epochs_without_reuse"] > st["epochs_trained"] > 0
+    assert st["worker_seconds"] > 0 and st["worker_cpu_seconds"] > 0
     # a re-run finds everything done and starts nothing
     n = len(ledger)
     assert main(["sweep", str(spec)]) == 0
     assert len(_ledger(root)) == n
+
+
+def test_busy_seconds_counts_each_workers_time_once():
+    """The cost of a sweep from its ledger: a stack's overlapping steps once, a killed attempt not at
+    all, another spec's steps not, and a new process that got an old pid on its own clock."""
+    def ev(event, step, t, cpu, pid, worker="local-0"):
+        return {"event": event, "step": step, "time": t, "cpu": cpu, "pid": pid, "worker": worker}
+    ledger = [ev("start", "a", 0, 0, 1), ev("done", "a", 10, 8, 1),          # one worker, two steps in turn
+              ev("start", "b", 12, 8, 1), ev("done", "b", 20, 15, 1),
+              ev("start", "c", 0, 0, 2, "local-1"), ev("start", "d", 0, 0, 2, "local-1"),   # a stack of two
+              ev("done", "d", 5, 4, 2, "local-1"), ev("done", "c", 6, 5, 2, "local-1"),
+              ev("start", "e", 0, 0, 3), ev("start", "e", 3, 1, 4), ev("done", "e", 9, 6, 4),  # 3 was killed
+              ev("start", "a", 100, 0, 1), ev("done", "a", 110, 9, 1),    # pid 1 again, a new process
+              ev("start", "other", 0, 0, 5), ev("done", "other", 50, 50, 5)]
+    keys = {"a", "b", "c", "d", "e"}
+    assert busy_seconds(ledger, keys) == 10 + 8 + 6 + 6 + 10
+    assert busy_seconds(ledger, keys, clock="cpu") == 8 + 7 + 5 + 5 + 9
+    old = [{k: v for k, v in e.items() if k != "cpu"} for e in ledger]    # a ledger from before 'cpu'
+    assert busy_seconds(old, keys) == 40 and busy_seconds(old, keys, clock="cpu") == 0
 
 
 def test_sweep_through_submitit_local_executor(tmp_path, capsys, monkeypatch):
