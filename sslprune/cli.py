@@ -469,8 +469,8 @@ def cmd_sweep(args, argv) -> int:
     st = workers.status(spec)
     print(f"{st['done']}/{st['steps']} steps done; epochs trained {st['epochs_trained']}, "
           f"{st['epochs_without_reuse']} without reuse of level-0 training and masks; finished steps took "
-          f"{st['worker_seconds'] / 3600:.2f} worker-hours, {st['worker_cpu_seconds'] / 3600:.2f} h of the "
-          f"workers' CPU time")
+          f"{st['worker_seconds'] / 3600:.2f} worker-hours" + ("" if st["worker_cpu_seconds"] is None else
+                                                               f", {st['worker_cpu_seconds'] / 3600:.2f} h of the workers' CPU time"))
     if st["finished_twice"]:
         print(f"steps finished more than once: {st['finished_twice']}", file=sys.stderr)
     if st["pending"]:

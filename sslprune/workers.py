@@ -171,7 +171,8 @@ def status(spec: Spec) -> dict:
     return {"steps": len(steps), "done": len(done), "pending": [sweep.key(s) for s in steps if not sweep.done(s)],
             "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice,
             "worker_seconds": busy_seconds(ledger, keys := {sweep.key(s) for s in steps}),
-            "worker_cpu_seconds": busy_seconds(ledger, keys, clock="cpu")}
+            # None: a ledger written before the CPU time was logged
+            "worker_cpu_seconds": busy_seconds(ledger, keys, clock="cpu") if any("cpu" in e for e in ledger) else None}
 
 
 def busy_seconds(ledger: list[dict], keys: set[str], clock: str = "time") -> float:
