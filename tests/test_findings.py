@@ -41,7 +41,8 @@ def _write(path: Path, rows: list[dict]) -> None:
 def study_rows(reps=(1, 2, 3), with_rotation=True) -> list[dict]:
     """F1 holds (rotation ≈ labels, both above random, gap widening 0.005 per level), F2 holds
     (+0.03), F3 fails (rotation's boost +0.06), F5 holds on cifar10 and fails on caltech (L10 far
-    below L0), F8: S4L above rotation, 10% labels below it."""
+    below L0), F6: labels' masks fine-tuned 0.03 above caltech()'s pruning during transfer,
+    rotation's 0.03 below, F8: S4L above rotation, 10% labels below it."""
     rows = []
     lab, rot = E["labels"], E["rotation"]
     for r in reps:
@@ -50,19 +51,28 @@ def study_rows(reps=(1, 2, 3), with_rotation=True) -> list[dict]:
             rows += [_row(lab, "labels", "reinit", r, lv, "retrain", reinit),
                      _row(lab, "labels", "rewind", r, lv, "retrain", reinit + 0.03 + NOISE2[r]),
                      _row(lab, "labels", "random", r, lv, "retrain", 0.40 - 0.01 * lv + NOISE2[r]),
-                     _row(lab, "labels", "rewind", r, lv, "probe cifar10-images [ab]", 0.5, "test_mean_class_acc")]
+                     _row(lab, "labels", "rewind", r, lv, "probe cifar10-images [ab]", 0.5, "test_mean_class_acc"),
+                     _row(lab, "labels", "finetune [ef]", r, lv, "transfer caltech101-subset",
+                          during(r, lv, "labels") + 0.03, "test_mean_class_acc")]
             if with_rotation:
                 rows += [_row(rot, "rotation", "reinit", r, lv, "retrain", reinit + 0.002 + NOISE2[r] / 2),
                          _row(rot, "rotation", "rewind", r, lv, "retrain", reinit + 0.06 + NOISE2[r]),
                          _row(rot, "rotation", "rewind", r, lv, "probe cifar10-images [ab]",
                               {13: 0.38, 14: 0.35, 15: 0.30}.get(lv, 0.40 + 0.005 * (lv > 0)) + NOISE[r], "test_mean_class_acc"),
                          _row(rot, "rotation", "rewind", r, lv, "probe caltech101-subset [cd]",
-                              0.40 - 0.01 * lv + NOISE[r], "test_mean_class_acc")]
+                              0.40 - 0.01 * lv + NOISE[r], "test_mean_class_acc"),
+                         _row(rot, "rotation", "finetune [ef]", r, lv, "transfer caltech101-subset",
+                              during(r, lv, "rotation") - 0.03, "test_mean_class_acc")]
             if with_rotation and r <= 2 and lv <= 10:
                 rot_rewind = reinit + 0.06 + NOISE2[r]
                 rows += [_row(E["s4l 10%"], "s4l 10% of images", "rewind", r, lv, "retrain", rot_rewind + 0.05 + NOISE[r]),
                          _row(E["labels 10%"], "labels 10% of images", "rewind", r, lv, "retrain", rot_rewind - 0.05 + NOISE[r])]
     return rows
+
+
+def during(r, lv, objective) -> float:
+    """caltech()'s pruning during transfer from the network pre-trained by `objective`."""
+    return 0.30 - 0.01 * lv + NOISE[r] + {"labels": 0.05, "rotation": -0.05}[objective] + NOISE2[r]
 
 
 def caltech(tmp: Path, with_runs=True) -> Path:
@@ -72,9 +82,9 @@ def caltech(tmp: Path, with_runs=True) -> Path:
         for lv in range(11):
             scratch = 0.30 - 0.01 * lv + NOISE[r]
             rows += [_row("pre_lab", "labels", "pruned during transfer", r, lv, "transfer caltech101-subset",
-                          scratch + 0.05 + NOISE2[r], "test_mean_class_acc"),
+                          during(r, lv, "labels"), "test_mean_class_acc"),
                      _row("pre_rot", "rotation", "pruned during transfer", r, lv, "transfer caltech101-subset",
-                          scratch - 0.05 + NOISE2[r], "test_mean_class_acc"),
+                          during(r, lv, "rotation"), "test_mean_class_acc"),
                      _row("scratch_0it", "labels (rewind 0it)", "rewind", r, lv, "task", scratch - 0.02, "test_mean_class_acc")]
             if with_runs:
                 rows.append(_row("scratch_1ep", "labels (rewind 1ep)", "rewind", r, lv, "task", scratch, "test_mean_class_acc"))
@@ -114,6 +124,7 @@ def test_full_study_gives_the_built_in_verdicts(tmp_path, capsys):
     assert verdicts(md) == {
         "F1": "reproduced", "F2": "reproduced", "F3": "not reproduced", "F4": "reproduced",
         "F5 (caltech101-subset)": "not reproduced", "F5 (cifar10-images)": "reproduced",
+        "F6 (labels)": "reproduced", "F6 (rotation)": "not reproduced",
         "F8 (S4L-rotation, 10% of labels)": "reproduced", "F8 (labels alone, 10% of labels)": "not reproduced",
         "Hubens et al. (pre-trained on CIFAR-10 by labels, rewind to it)": "reproduced",
         "Hubens et al. (pre-trained on CIFAR-10 by rotation, rewind to it)": "not reproduced"}
@@ -124,6 +135,9 @@ def test_full_study_gives_the_built_in_verdicts(tmp_path, capsys):
     assert "labels: fraction 0.8000 ± 0.0000 (n=3)" in row["F4"] and "1.2e-07" in row["F4"]
     assert "boost rotation +0.0580" in row["F3"] and "excess +0.0280" in row["F3"]
     assert "rewind 1ep" in row["Hubens et al. (pre-trained on CIFAR-10 by labels, rewind to it)"]
+    # F6 pairs this study's fine-tuning with the other study's pruning during transfer, at level 10 only
+    assert "L10 (10.7%); n = 3" in row["F6 (labels)"] and "diff +0.0300 ± 0.0000 (n=3)" in row["F6 (labels)"]
+    assert "L0, the same dense fine-tuning (not judged)" in row["F6 (rotation)"]
     assert "| labels | 0it | 4 | 41.0% | 0.2000 |" in md and "labels L4: earliest stable rewind point 1ep" in md
 
 
@@ -134,7 +148,8 @@ def test_one_replicate_is_inconclusive(tmp_path):
     v = verdicts(md)
     assert v["F1"] == v["F2"] == v["F3"] == "inconclusive"
     assert "(n=1)" in _table(md)["F1"]
-    assert v["Hubens et al."] == "not tested"
+    assert v["Hubens et al."] == v["F6 (labels)"] == "not tested"
+    assert "Missing: the caltech-pretrained report (--caltech)" in md
 
 
 def test_missing_arms_are_not_tested_and_named(tmp_path):
@@ -149,6 +164,8 @@ def test_missing_arms_are_not_tested_and_named(tmp_path):
     # no runs beside the caltech report and no 1ep arm: the 0it arm, said so
     assert v["Hubens et al. (pre-trained on CIFAR-10 by labels, rewind to it)"] == "reproduced"
     assert "rewind 0it used" in md
+    assert v["F6 (labels)"] == "reproduced" and v["F6 (rotation)"] == "not tested"
+    assert f"Missing: {E['rotation']}: transfer caltech101-subset finetune" in md
 
 
 def test_report_without_results_fails_in_one_line(tmp_path):

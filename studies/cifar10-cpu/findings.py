@@ -1,4 +1,4 @@
-"""The study's report turned into the findings table: each claim of the paper (F1-F5, F8; PAPER.md),
+"""The study's report turned into the findings table: each claim of the paper (F1-F6, F8; PAPER.md),
 Hubens et al.'s (from the caltech-pretrained report) and the rewind point, with the numbers that
 decide it and a verdict.
 
@@ -37,6 +37,12 @@ VERDICT RULES (fixed before any data was seen; applied mechanically)
   test_mean_class_acc, else test_acc). (a) level 10 - level 0: holds if n >= 2 and d - 2 s.e. >= -T;
   fails if beyond noise and d < -T; else inconclusive. (b) deepest of levels 13, 15 - level 10
   negative. The labels experiment's probe is shown, not judged.
+- F6 (added before its data existed): per objective (labels, rotation), this study's masks fine-tuned
+  on the Caltech-101 subset (eval 'transfer caltech101-subset', reset 'finetune [...]') minus
+  caltech-pretrained's 'pre-trained on CIFAR-10 by <objective>, rewind to it' (pruned during
+  transfer), test_mean_class_acc, positive at the compared levels (the caltech arm stops at 10).
+  Level 0, where both arms are the same dense fine-tuning, is shown, not judged. No --caltech: not
+  tested.
 - F8: one verdict per semi.toml arm (s4l, labels, 10% of the labels): retrain/rewind at level 10
   minus rotation/rewind at level 10, positive. The mean over levels 1-10 per replicate (replicates
   with all of them) is shown, not judged.
@@ -62,6 +68,18 @@ from sslprune.sweep import load_spec
 HERE = Path(__file__).resolve().parent
 LEVELS, T, STABLE, EPS = (10, 13, 15), 0.02, 0.02, 2.0 ** -23
 VERDICT = {"holds": "reproduced", "fails": "not reproduced", "missing": "not tested", "inconclusive": "inconclusive"}
+
+
+def _compare():
+    """studies/caltech-pretrained/compare.py (studies/ is no package): its arm() names the arms its table shows."""
+    spec = importlib.util.spec_from_file_location("caltech_compare", HERE.parent / "caltech-pretrained" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COMPARE = _compare()
+CALTECH_METRIC = COMPARE.METRIC  # mean per-class accuracy: Caltech-101's test split is unbalanced
 
 
 def specs() -> dict:
@@ -146,6 +164,13 @@ class Results:
             if (k := key(r)) is not None:
                 self.cells[k][int(r["level"])][int(r["replicate"])] = float(r["value"])
                 self.rem[(k, int(r["level"]))].append(float(r["remaining"]))
+
+    def __or__(self, other: Results) -> Results:
+        """Both reports' cells (their keys do not collide: tuples here, arm names in caltech's)."""
+        out = Results([], None)
+        out.cells.update(self.cells | other.cells)
+        out.rem.update(self.rem | other.rem)
+        return out
 
     def get(self, a, level) -> dict:
         return self.cells.get(a[1], {}).get(level, {})
@@ -340,36 +365,63 @@ def f8(res, E) -> list[Finding]:
     return out
 
 
-def hubens(caltech: Path | None) -> list[Finding]:
-    claim = "pre-trained networks prune better than the same network trained from scratch"
+def caltech_results(caltech: Path | None):
+    """caltech-pretrained's results.csv keyed by its arms (compare.py's arm()), or None without it."""
     if caltech is None or not (caltech / "results.csv").exists():
-        f = Finding("Hubens et al.", claim, "caltech-pretrained report, test_mean_class_acc")
-        f.missing.append("the caltech-pretrained report (--caltech REPORT with results.csv)")
-        return [f]
-    spec = importlib.util.spec_from_file_location("caltech_compare", HERE.parent / "caltech-pretrained" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)  # its arm(): the arms are the ones its table shows
+        return None
     rows, runs = read_csv(caltech / "results.csv"), caltech.parent / "runs"
     configs = {d.name: json.loads((d / "config.json").read_text())["config"] for d in runs.iterdir()
                if (d / "config.json").exists()} if runs.is_dir() else {}
     for r in rows:  # no runs folder beside the report: a from-scratch rewind point from the objective name
         point = re.search(r"rewind (\w+)", r["objective"])
         configs.setdefault(r["experiment"], {"model": {"pretrained": ""}, "prune": {"rewind": point[1] if point else "?"}})
-    res = Results(rows, lambda r: compare.arm(r, configs) if r["metric"] == compare.METRIC else None)
-    arms = {k: (k, k, k) for k in res.cells}
+    return Results(rows, lambda r: COMPARE.arm(r, configs) if r["metric"] == CALTECH_METRIC else None)
+
+
+def hubens(cres) -> list[Finding]:
+    claim = "pre-trained networks prune better than the same network trained from scratch"
+    if cres is None:
+        f = Finding("Hubens et al.", claim, f"caltech-pretrained report, {CALTECH_METRIC}")
+        f.missing.append("the caltech-pretrained report (--caltech REPORT with results.csv)")
+        return [f]
+    arms = {k: (k, k, k) for k in cres.cells}
     base = arms.get("from scratch, rewind 1ep") or arms.get("from scratch, rewind 0it")
     out = []
     for name in sorted(k for k in arms if k.startswith("pre-trained")) or ["pre-trained"]:
-        f = Finding(f"Hubens et al. ({name})", claim, f"{name} vs {base[0] if base else 'from scratch'}, {compare.METRIC}")
+        f = Finding(f"Hubens et al. ({name})", claim, f"{name} vs {base[0] if base else 'from scratch'}, {CALTECH_METRIC}")
         if base is None or name not in arms:
             f.missing.append("from-scratch arm (rewind 1ep or 0it)" if base is None else f"arm {name}")
             f.parts.append(("pre-trained better", "missing"))
         else:
-            common = res.levels(arms[name], base, among=sorted(res.cells[name]))
-            near10 = min(common, key=lambda lv: abs(res.fraction(base, lv) - 0.1), default=None)
-            f.parts.append(("pre-trained better", f.compare(res, arms[name], base, positive,
+            common = cres.levels(arms[name], base, among=sorted(cres.cells[name]))
+            near10 = min(common, key=lambda lv: abs(cres.fraction(base, lv) - 0.1), default=None)
+            f.parts.append(("pre-trained better", f.compare(cres, arms[name], base, positive,
                                                             levels=sorted({common[-1], near10}) if common else [])))
             f.note = "" if base[0].endswith("1ep") else "The from-scratch arm rewound to 1 epoch is absent: rewind 0it used."
+        out.append(f)
+    return out
+
+
+def f6(res, cres, E) -> list[Finding]:
+    out = []
+    for obj in ("labels", "rotation"):
+        f = Finding(f"F6 ({obj})", "fine-tuning an already pruned pre-trained network beats pruning during transfer",
+                    f"Caltech-101, {CALTECH_METRIC}: {obj} masks fine-tuned (this study) vs pruned during "
+                    "transfer (caltech-pretrained)")
+        tuned = next((arm("fine-tuned", *k[:3], metric=k[3]) for k in res.cells if k[0] == E[obj] and
+                      k[1] == "transfer caltech101-subset" and k[2].startswith("finetune") and k[3] == CALTECH_METRIC),
+                     None)
+        during = f"pre-trained on CIFAR-10 by {obj}, rewind to it"
+        if tuned is None or cres is None or during not in cres.cells:
+            f.missing += ([f"{E[obj]}: transfer caltech101-subset finetune"] if tuned is None else []) + \
+                         (["the caltech-pretrained report (--caltech)"] if cres is None else
+                          [f"caltech-pretrained arm {during}"] if during not in cres.cells else [])
+            f.parts.append(("fine-tuned better", "missing"))
+        else:
+            both, during = res | cres, ("pruned during transfer", during, during)
+            f.parts.append(("fine-tuned better", f.compare(both, tuned, during, positive)))
+            f.lines.append("L0, the same dense fine-tuning (not judged): fine-tuned "
+                           f"{fmt(ms(both.get(tuned, 0).values()))}, pruned during transfer {fmt(ms(both.get(during, 0).values()))}")
         out.append(f)
     return out
 
@@ -436,7 +488,9 @@ def main(argv=None) -> Path:
     E = study_experiments(sp)
     rows = read_csv(args.report / "results.csv")
     res = Results(rows, lambda r: (r["experiment"], r["eval"], r["reset"], r["metric"]))
-    findings = [f1(res, E), f2(res, E), f3(res, E), f4(args.report, E), *f5(res, E), *f8(res, E), *hubens(args.caltech)]
+    cres = caltech_results(args.caltech)
+    findings = [f1(res, E), f2(res, E), f3(res, E), f4(args.report, E), *f5(res, E), *f6(res, cres, E), *f8(res, E),
+                *hubens(cres)]
     lines = header(args, sp, E, rows)
     lines += ["", "| finding | the paper's claim | what is compared | numbers | verdict |", "|---|---|---|---|---|"]
     for f in findings:
