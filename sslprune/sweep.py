@@ -38,6 +38,7 @@ SPEC_FORMAT = """\
 
     [evaluations]
     retrain = ["rewind", "reinit", "random"]   # the re-trainings (retrain --variants)
+    level = [0, 2, 4, 6]          # the levels every evaluation runs at (default: every one)
 
     [[evaluations.probe]]         # a linear probe of every level (any number of these tables)
     dataset = "imagefolder"       # keys: dataset, data_root, image_size, train_per_class,
@@ -66,6 +67,7 @@ class Spec:
     device: str
     experiments: tuple[Experiment, ...]
     evaluations: dict[str, tuple] = dataclasses.field(default_factory=dict)  # name: its items, registry order
+    evaluated: tuple[int, ...] | None = None  # [evaluations] level: the levels evaluated (None: every one)
 
 
 def load_spec(path: Path) -> Spec:
@@ -99,18 +101,34 @@ def load_spec(path: Path) -> Spec:
         exp.validate()
         check_schedule(exp, int(raw.get("levels", 3)))
         experiments.append(exp)
-    tables = raw.get("evaluations", {})
+    tables = dict(raw.get("evaluations", {}))
+    evaluated = _evaluated(tables.pop("level", None), int(raw.get("levels", 3)), path)
     unknown = set(tables) - set(EVALUATIONS)
     if unknown:
         raise UserError(f"{path}: unknown evaluation(s) {sorted(unknown)}; known: {sorted(EVALUATIONS)}")
     here = path.resolve().parent
     evaluations = {name: e.spec(tables[name], f"{path}: evaluations.{name}", here, experiments)
                    for name, e in EVALUATIONS.items() if name in tables}
+    for name, items in evaluations.items():  # e.g. a stability table's own levels, none of them evaluated
+        if evaluated and not any(EVALUATIONS[name].at(i, x, lv) for i in items for x in experiments for lv in evaluated):
+            raise UserError(f"{path}: evaluations.{name} runs at none of the levels evaluations.level keeps "
+                            f"({list(evaluated)}); add its levels there")
     data_root = raw.get("data_root")
     return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
                 data_root=str(here / data_root) if data_root else None, levels=int(raw.get("levels", 3)),
                 replicates=int(raw.get("replicates", 1)), device=raw.get("device", "cpu"),
-                experiments=tuple(experiments), evaluations=evaluations)
+                experiments=tuple(experiments), evaluations=evaluations, evaluated=evaluated)
+
+
+def _evaluated(value, levels: int, path: Path) -> tuple[int, ...] | None:
+    """[evaluations] level, checked: the levels every evaluation runs at, or None (all of them)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= levels for v in value):
+        raise UserError(f"{path}: evaluations.level must be a non-empty list of levels 0..{levels} (the "
+                        f"spec's levels), got {value!r}")
+    return tuple(sorted(set(value)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +154,7 @@ class Sweep:
         for exp in self.spec.experiments:
             for r in range(1, self.spec.replicates + 1):
                 out.append(Step("lottery", exp, r))
-                for level in range(self.spec.levels + 1):
+                for level in self.spec.evaluated or range(self.spec.levels + 1):
                     out += [Step(name, exp, r, level, i) for name, items in self.spec.evaluations.items()
                             for i, item in enumerate(items) if EVALUATIONS[name].at(item, exp, level)]
         return out

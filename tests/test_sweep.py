@@ -12,7 +12,7 @@ import torch
 from sslprune import layout
 from sslprune.cli import main
 from sslprune.errors import UserError
-from sslprune.sweep import load_spec
+from sslprune.sweep import Sweep, load_spec
 from sslprune.workers import busy_seconds, status
 
 SPEC = """
@@ -169,6 +169,11 @@ points = 3
     ('[evaluations.stability]\nlevels = [1]\n', "evaluations.stability: unknown key 'levels'"),
     ('[evaluations.stability]\nbn = "running"\n', "evaluations.stability.bn must be one of recompute, keep"),
     ('[evaluations.stability]\npoints = "3"\n', "evaluations.stability.points must be int"),
+    ('[evaluations]\nlevel = [2]\n', "evaluations.level must be a non-empty list of levels 0..1"),
+    ('[evaluations]\nlevel = []\n', "evaluations.level must be a non-empty list"),
+    ('[evaluations]\nlevel = [true]\n', "evaluations.level must be a non-empty list"),
+    ('[evaluations]\nlevel = [0]\n[evaluations.stability]\nlevel = [1]\n',
+     "evaluations.stability runs at none of the levels evaluations.level keeps ([0])"),
 ])
 def test_bad_evaluations_fail_in_one_line(tmp_path, capsys, evaluations, message):
     bad = tmp_path / "bad.toml"
@@ -176,6 +181,19 @@ def test_bad_evaluations_fail_in_one_line(tmp_path, capsys, evaluations, message
     assert main(["sweep", str(bad)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_evaluations_run_at_the_levels_the_spec_keeps(tmp_path):
+    """[evaluations] level: every evaluation at those levels only; the lottery chain still makes all;
+    an evaluation's own level list (stability) narrows it further."""
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(SPEC.format(epochs=1, replicates=2, retrain='["rewind", "reinit"]').replace("levels = 1", "levels = 4")
+                    + "level = [0, 2, 4]\n[evaluations.stability]\nlevel = [2, 3]\n")
+    steps = Sweep(load_spec(spec)).steps()
+    evals = {(s.kind, s.level) for s in steps if s.kind != "lottery"}
+    assert evals == {(k, lv) for k in ("retrain",) for lv in (0, 2, 4)} | {("stability", 2)}
+    assert sum(s.kind == "lottery" for s in steps) == 2 * 2 and load_spec(spec).levels == 4   # 2 tasks x 2 replicates
+    assert sum(s.kind == "retrain" for s in steps) == 2 * 2 * 2 * 3
 
 
 class Toy:

@@ -56,9 +56,10 @@ def commands(spec_path: Path, launcher: list[str]) -> list[str]:
             lines.append(shlex.join([*launcher, "sslprune", "lottery", *flags, "--root", str(spec.root), *data,
                                      "--levels", str(spec.levels), "--replicates", only, "--device", spec.device,
                                      "--quiet"]))
+            levels = ["--level", ",".join(map(str, spec.evaluated))] if spec.evaluated else []  # [evaluations] level
             for variant in spec.evaluations.get("retrain", ()):
                 lines.append(shlex.join([*launcher, "sslprune", "retrain", str(run_dir), "--variants", variant,
-                                         "--replicates", only, "--device", spec.device, "--quiet"]))
+                                         "--replicates", only, *levels, "--device", spec.device, "--quiet"]))
     return lines
 
 
