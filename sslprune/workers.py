@@ -107,7 +107,8 @@ def run_local(specs: Path | list[Path], workers: int, threads: int = 0, runtime:
 
     paths = [str(p) for p in ([specs] if isinstance(specs, (str, Path)) else specs)]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(paths, f"local-{i}", threads, runtime), name=f"sweep-{i}")
+    gpus = worker_gpus(workers, (runtime or Runtime()).device)
+    procs = [ctx.Process(target=_worker_main, args=(paths, f"local-{i}", threads, runtime, gpus[i]), name=f"sweep-{i}")
              for i in range(workers)]
     for p in procs:
         p.start()
@@ -118,8 +119,26 @@ def run_local(specs: Path | list[Path], workers: int, threads: int = 0, runtime:
     return [p.exitcode for p in procs]
 
 
-def _worker_main(specs: list[str], worker: str, threads: int = 0, runtime: Runtime | None = None) -> None:
+def worker_gpus(workers: int, device: str) -> list[str | None]:
+    """The GPU each local worker sees (its CUDA_VISIBLE_DEVICES), in turn over the GPUs this process
+    sees, when steps train on 'cuda' and more than one is visible; None: the worker sees what this
+    process does (CPU, one GPU, or a device named by number, 'cuda:1', which stays as asked)."""
+    if device != "cuda":
+        return [None] * workers
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    else:  # indices or UUIDs, as the user gave them
+        gpus = [g.strip() for g in visible.split(",") if g.strip()]
+    return [gpus[i % len(gpus)] for i in range(workers)] if len(gpus) > 1 else [None] * workers
+
+
+def _worker_main(specs: list[str], worker: str, threads: int = 0, runtime: Runtime | None = None,
+                 gpu: str | None = None) -> None:
     import sys
+    if gpu is not None:  # before this process touches CUDA: 'cuda' is then this one GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if threads:   # small networks: one thread per worker, workers side by side, rather than threads fighting
         import torch
         torch.set_num_threads(threads)

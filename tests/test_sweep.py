@@ -13,6 +13,7 @@ from sslprune import layout
 from sslprune.cli import main
 from sslprune.errors import UserError
 from sslprune.sweep import Sweep, load_spec
+from sslprune import workers
 from sslprune.workers import busy_seconds, status
 
 SPEC = """
@@ -96,6 +97,20 @@ def test_busy_seconds_counts_each_workers_time_once():
     assert busy_seconds(ledger, keys, clock="cpu") == 8 + 7 + 5 + 5 + 9
     old = [{k: v for k, v in e.items() if k != "cpu"} for e in ledger]    # a ledger from before 'cpu'
     assert busy_seconds(old, keys) == 40 and busy_seconds(old, keys, clock="cpu") == 0
+
+
+def test_local_workers_take_the_visible_gpus_in_turn(monkeypatch):
+    """`device = "cuda"` with several GPUs: worker i sees GPU i mod n alone (CUDA_VISIBLE_DEVICES set in
+    the worker before it touches CUDA); CPU, one GPU and a GPU named by number are left as they are."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, GPU-ab12,5")
+    assert workers.worker_gpus(4, "cuda") == ["3", "GPU-ab12", "5", "3"]
+    assert workers.worker_gpus(2, "cuda:1") == workers.worker_gpus(2, "cpu") == [None, None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert workers.worker_gpus(3, "cuda") == [None] * 3
+    seen = []
+    monkeypatch.setattr(workers, "work", lambda *a, **k: seen.append(os.environ["CUDA_VISIBLE_DEVICES"]))
+    workers._worker_main([], "local-1", gpu="GPU-ab12")
+    assert seen == ["GPU-ab12"]
 
 
 def test_sweep_through_submitit_local_executor(tmp_path, capsys, monkeypatch):

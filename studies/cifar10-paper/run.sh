@@ -29,15 +29,14 @@ if [ "${SUBMIT:-}" = slurm ]; then
   exit
 fi
 
-# This machine: a worker of every sweep on every GPU (a worker with no step ready waits for one).
+# This machine: a worker of every sweep on every GPU (a worker with no step ready waits for one);
+# a sweep's local workers take the visible GPUs in turn.
 gpus=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}
 mkdir -p "$here/logs"
 pids=()
-for g in ${gpus//,/ }; do
-  for spec in $specs; do
-    CUDA_VISIBLE_DEVICES=$g sslprune sweep "$here/$spec.toml" --workers 1 > "$here/logs/$spec-gpu$g.log" 2>&1 &
-    pids+=($!)
-  done
+for spec in $specs; do
+  sslprune sweep "$here/$spec.toml" --workers "$(echo "$gpus" | tr ',' '\n' | grep -c .)" > "$here/logs/$spec.log" 2>&1 &
+  pids+=($!)
 done
 failed=0
 for p in "${pids[@]}"; do wait "$p" || failed=1; done
