@@ -65,6 +65,7 @@ class Train:
     milestones: Annotated[tuple[int, ...], "epochs at which the step schedule multiplies lr by gamma"] = ()
     gamma: Annotated[float, "lr factor at each milestone"] = 0.1
     warmup_epochs: Annotated[int, "linear warm-up from 0, in epochs (0 = off)"] = 0
+    accumulate: Annotated[int, "micro-batches per update: each batch in N equal parts whose gradients are summed before one step, for batches larger than memory (labels, rotation); batch-norm normalises each part, on any number of processes (1 = off)"] = 1
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,9 @@ class Experiment:
                             ("test_per_class", self.data.test_per_class)):
             if value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.train.accumulate < 1 or self.train.batch_size % self.train.accumulate:
+            raise UserError(f"--accumulate must be >= 1 and divide --batch-size {self.train.batch_size} "
+                            f"into equal parts, got {self.train.accumulate}")
         if self.train.optimizer in ("sgd", "lars") and not 0.0 <= self.train.momentum < 1.0:
             raise UserError(f"--momentum must be in [0, 1) (0.9 is usual), got {self.train.momentum}")
         if self.train.optimizer == "adam" and self.train.momentum:

@@ -30,7 +30,7 @@ from .models.checkpoints import describe
 from .pruning import SCORES, Mask, dense_mask, density, prunable, prune, pruned_layers
 from .pruning import report as density_report
 from .tasks import TASKS, Task, build_task
-from .train import load_weights, rewind_step, train, weights
+from .train import load_weights, micro_batches, rewind_step, train, weights
 
 
 def derive_seed(*parts) -> int:
@@ -335,7 +335,9 @@ def lottery_run(exp: Experiment, root: Path, data_root: str | None, levels: int,
     from .data import load_dataset
     exp.validate()                         # before reading any data
     check_schedule(exp, levels)
-    distributed.check_batch(TASKS[exp.task.task].sampler.width(exp.train.batch_size))
+    width = TASKS[exp.task.task].sampler.width(exp.train.batch_size)
+    distributed.check_batch(width)
+    micro_batches(width, exp.train.accumulate)  # --accumulate's parts split evenly over the processes
     if source_run(exp) is not None:        # every replicate's start exists
         for replicate in replicates:
             pretrained_file(exp, replicate)

@@ -65,6 +65,8 @@ def why_not(jobs: list[Job], data: Dataset, cfg: TrainConfig, runtime: Runtime) 
         return f"--optimizer {cfg.optimizer} is not element-wise"
     if runtime.compile:
         return "--compile"
+    if cfg.accumulate > 1:
+        return "--accumulate"
     if runtime.track in ("wandb", "mlflow"):
         return f"--track {runtime.track} follows one active run per process"
     if not all(j.task.stackable for j in jobs):

@@ -156,6 +156,20 @@ def finish(out: Path, tensors: dict[str, torch.Tensor], history: list[dict], epo
     return final
 
 
+def micro_batches(width: int, parts: int) -> list[slice | None]:
+    """The rows of a (width,) global batch this process trains on, per micro-batch: --accumulate's
+    `parts` equal consecutive parts, of which N processes each take 1/N, so (synchronised)
+    batch-norm normalises one whole part however many processes share it. [rows] for one part."""
+    if parts == 1:
+        return [distributed.rows(width)]  # None on one process: the whole batch
+    n, r = distributed.world(), distributed.rank()
+    if width % (parts * n):
+        raise UserError(f"--accumulate {parts} on {n} process(es) does not split the {width} images of a batch "
+                        f"into equal parts; pass a --batch-size that divides by {parts * n}")
+    part, share = width // parts, width // (parts * n)
+    return [slice(k * part + r * share, k * part + (r + 1) * share) for k in range(parts)]
+
+
 class TrainingStep(nn.Module):
     """Backbone and task as one module whose forward is a training step (Task.step), so that
     DistributedDataParallel sees every parameter a step uses."""
@@ -198,9 +212,11 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
     if snapshot and snapshot[0] > cfg.epochs * per_epoch:
         raise UserError(f"rewind point {snapshot[0]} updates lies past the end of training "
                         f"({cfg.epochs * per_epoch} updates); choose an earlier --rewind")
+    width = task.sampler.batch_width(train_y, cfg.batch_size)        # what epoch_batches draws
     if distributed.world() > 1:  # N processes, one run: see sslprune/distributed.py
-        distributed.check_batch(task.sampler.batch_width(train_y, cfg.batch_size))  # what epoch_batches draws
+        distributed.check_batch(width)
         distributed.sync_batchnorm(backbone, device), distributed.sync_batchnorm(task, device)
+    parts = micro_batches(width, cfg.accumulate)  # this process's rows of each part; unequal parts refused here
     apply_mask(backbone, mask)
     enforce_mask = MaskEnforcer(backbone, mask)
     params = [*backbone.parameters(), *task.parameters()]
@@ -238,8 +254,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
         backbone.train(), task.train()
         t0 = time.perf_counter()
         order = task.sampler.epoch_batches(train_y, cfg.batch_size, generator)  # (per_epoch, B)
-        rows = distributed.rows(order.shape[1])                     # N processes: this one's B/N
-        loaded = stream.epoch(order, epoch, rows) if stream else None
+        loaded = stream.epoch(order, epoch, distributed.rows(width)) if stream else None  # N processes: B/N each
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
@@ -253,18 +268,22 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 x = distributed.gather(next(loaded).to(device, non_blocking=True))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, per_epoch)
-            with rt.autocast():
-                # N processes: the whole batch, and the rows (B/N) this one trains on
-                loss, c, n = step_of(Batch(x, train_y[idx], idx, generator, rows, epoch / cfg.epochs), normalize)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()                                         # N processes: DDP averages the gradients
+            # --accumulate: the parts' gradients sum in .grad. N processes: DDP averages each part's
+            # as it comes (the sum of averages is the average of sums); no_sync() would save those
+            # all-reduces but breaks under static_graph (pytorch/pytorch#143580, #187732)
+            for part in parts:
+                with rt.autocast():
+                    # N processes: the whole batch, and the rows this one trains on (B/N, or its share of a part)
+                    loss, c, n = step_of(Batch(x, train_y[idx], idx, generator, part, epoch / cfg.epochs), normalize)
+                (loss / len(parts)).backward()                      # N processes: DDP averages the gradients
+                loss_sum += loss.detach() * n
+                # on the device, no sync: the epoch's end reads it
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+                correct += c
+                count += n
             optimizer.step()
             enforce_mask()                                          # pruned weights stay exactly 0
-            loss_sum += loss.detach() * n
-            # on the device, no sync: the epoch's end reads it
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-            correct += c
-            count += n
             if snapshot and step + 1 == snapshot[0]:  # the rewind point: never a diverged one
                 check_finite(out, epoch + 1, int(first_bad), float(loss_sum), list(weights(backbone, task).values()))
                 layout.save_tensors(snapshot[1], weights(backbone, task))

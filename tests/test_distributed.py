@@ -29,11 +29,8 @@ def runs(tmp_path_factory):
     return tmp, one, two
 
 
-def test_two_processes_match_one_with_the_same_global_batch(runs):
-    tmp, one, two = runs
-    assert two.stdout.strip().count("\n") == one.stdout.strip().count("\n")   # rank 0 alone prints
-    (a,), (b,) = list((tmp / "one").iterdir()), list((tmp / "two").iterdir())
-    assert a.name == b.name                                   # the same experiment
+def _same_training(a, b) -> None:
+    """Level 0 of experiment folders a and b: the same weights, to float32 rounding."""
     wa = layout.load_tensors(layout.level_dir(a, 1, 0) / "train" / layout.MODEL)
     wb = layout.load_tensors(layout.level_dir(b, 1, 0) / "train" / layout.MODEL)
     assert wa.keys() == wb.keys()
@@ -43,6 +40,14 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
             moved = float((wa[k] - init[k]).abs().max())
             diff = float((wa[k] - wb[k]).abs().max())
             assert diff <= 1e-5 + 1e-2 * moved, k
+
+
+def test_two_processes_match_one_with_the_same_global_batch(runs):
+    tmp, one, two = runs
+    assert two.stdout.strip().count("\n") == one.stdout.strip().count("\n")   # rank 0 alone prints
+    (a,), (b,) = list((tmp / "one").iterdir()), list((tmp / "two").iterdir())
+    assert a.name == b.name                                   # the same experiment
+    _same_training(a, b)
     ma = layout.load_tensors(layout.level_dir(a, 1, 1) / layout.MASK)
     mb = layout.load_tensors(layout.level_dir(b, 1, 1) / layout.MASK)
     assert abs(density(mb) - 0.8) < 1e-3
@@ -61,6 +66,21 @@ def test_a_distributed_run_resumes(runs):
     bad = _sslprune(tmp / "bad", 2, "--batch-size", "33")
     assert bad.returncode != 0 and "does not divide by the 2 processes" in bad.stderr
     assert not (tmp / "bad").exists()
+
+
+def test_accumulated_parts_are_the_same_on_two_processes(tmp_path):
+    """--accumulate 2 on two processes: each takes half of each part, so synchronised batch-norm
+    normalises the same 16 images as one process does; the weights match the one-process run's.
+    Without that interleaving each rank's first part would be another set of images."""
+    one = _sslprune(tmp_path / "one", 1, "--accumulate", "2", "--levels", "0")
+    two = _sslprune(tmp_path / "two", 2, "--accumulate", "2", "--levels", "0")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    (a,), (b,) = list((tmp_path / "one").iterdir()), list((tmp_path / "two").iterdir())
+    assert a.name == b.name and "accumulate" in (a / layout.CONFIG).read_text()
+    _same_training(a, b)
+    bad = _sslprune(tmp_path / "bad", 2, "--accumulate", "4", "--batch-size", "36")
+    assert bad.returncode != 0 and "pass a --batch-size that divides by 8" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 TASK_OPTIONS = {"labels": {}, "rotation": {}, "exemplar": {"embedding_dim": 8},

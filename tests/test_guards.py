@@ -71,6 +71,10 @@ def test_pruning_refuses_non_finite_scores():
     (["--optimizer", "adam", "--lr", "1e-3", "--task", "npid", "--nce-negatives", "64", "--knn", "100000"],
      "--knn 100000 exceeds the 1437 rows"),
     (["--optimizer", "adam", "--lr", "1e-3", "--data-root", "somewhere"], "reads no --data-root"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--accumulate", "3"], "--accumulate must be >= 1 and divide --batch-size"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--accumulate", "0"], "--accumulate must be >= 1"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--task", "exemplar", "--accumulate", "2"],
+     "--task exemplar computes its loss across the batch or keeps state"),
 ])
 def test_nonsense_flags_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
     assert main([*DIGITS, *flags, "--root", str(tmp_path / "runs")]) == 2

@@ -140,3 +140,34 @@ def test_the_gated_vicreg_preset_is_the_papers():
     p = PRESETS["cifar10-resnet18-vicreg-gated"]
     assert (p["optimizer"], p["lr"], p["batch_size"], p["epochs"], p["budget"], p["levels"]) == ("lars", 0.3, 256, 500, 0.3, 0)
     Experiment.from_flat(p).validate()
+
+
+@pytest.mark.parametrize("task_name", ["labels", "rotation"])
+def test_accumulated_micro_batches_make_the_whole_batch_update(tmp_path, data, task_name, monkeypatch):
+    """--accumulate 4: each batch of 32 goes through the task in 4 parts of 8 images, and without
+    batch-norm the trained weights are the un-accumulated run's, to float rounding (SGD + momentum,
+    2 epochs, 6 updates); RotNet's 4 rotations of each part included."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from sslprune.tasks import TASKS
+
+    exp = tiny_experiment(task=task_name, optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant", crop_pad=1)
+    finals, sizes = [], []
+    for parts in (1, 4):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        task = TASKS[task_name](exp.task, 8, data.num_classes, len(data.train))
+        step = task.step
+        monkeypatch.setattr(task, "step", lambda b, batch, n: sizes.append(len(batch.local().images)) or step(b, batch, n))
+        train(backbone, task, data, replace(exp.train, accumulate=parts), exp.data, dense_mask(backbone),
+              tmp_path / f"parts{parts}", seed=3, progress=False)
+        finals.append(layout.load_tensors(tmp_path / f"parts{parts}" / layout.MODEL))
+    train_sizes = [s for s in sizes if s in (8, 32)]
+    assert train_sizes[:3] == [32, 32, 32] and 8 in train_sizes     # the runs really differ in how they step
+    a, b = finals
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert any(not torch.equal(a[k], b[k]) for k in a)                # two computations, one result

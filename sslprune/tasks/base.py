@@ -22,7 +22,8 @@ class Batch:
     labels: torch.Tensor            # (B,) int64; UNLABELLED where the label is hidden
     index: torch.Tensor             # (B,) rows of these images in the training split (NPID's bank)
     generator: torch.Generator      # randomness of the task's own views (resumable)
-    rows: slice | None = None       # N processes: the rows of the (global) batch this one trains on
+    rows: slice | None = None       # the rows of the (global) batch this step trains on: N processes'
+                                    # share, or a micro-batch of it (--accumulate); None: all of them
     progress: float = 0.0           # epochs done / epochs at this step's epoch (schedules inside a loss: VICReg's gate band)
 
     @property
@@ -56,6 +57,8 @@ class Task(nn.Module):
     square = False           # True: its views need square images (rotations)
     stackable = False        # True: step() draws nothing from batch.generator, reads no batch.index and keeps
                              # no state, so K copies can train as one network (sslprune/stacked.py)
+    accumulable = False      # True: step()'s loss is the mean of per-image losses over batch.local() (no
+                             # gather, no state), so equal micro-batches' mean gradients sum to the batch's
     demo_options: dict = {}  # what the demo's 1,437 digits need (sslprune/demo.py)
 
     def identity(self) -> str:
@@ -71,6 +74,9 @@ class Task(nn.Module):
     def check_data(cls, cfg, train, data) -> None:
         """Refuse, before anything is written, data (a Dataset) or training settings (config.Train)
         this objective cannot train on. One line each, naming the fix."""
+        if train.accumulate > 1 and not cls.accumulable:
+            raise UserError(f"--task {cls.name} computes its loss across the batch or keeps state, so micro-batches "
+                            f"would change what it computes; drop --accumulate (or use more GPUs)")
         h, w = data.train.image_shape[-2:]
         if cls.square and h != w:
             raise UserError(f"--task {cls.name} needs square images, these are {h}x{w}; pass --image-size N")

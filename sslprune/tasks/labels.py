@@ -14,6 +14,7 @@ class Labels(Task):
     options = ("label_fraction", "label_split", "label_seed")
     unlabelled = "drop"       # a fraction of the labels: train on those images only
     stackable = True          # cross-entropy on the batch as it comes
+    accumulable = True        # its mean over the images of a micro-batch
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()

@@ -25,6 +25,7 @@ class Rotation(Task):
     name = "rotation"
     metric = "rotation accuracy"
     square = True
+    accumulable = True   # the 4 rotations of each image of a micro-batch, one mean
 
     def __init__(self, cfg, feature_dim: int, num_classes: int, num_train: int):
         super().__init__()
