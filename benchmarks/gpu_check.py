@@ -5,7 +5,7 @@
 
 Each check is a separate process (the CLI as a user runs it), so one failure is a row of the table,
 not the end of the check. Rows: every objective for a few steps (in-memory data on the device,
-bf16 autocast where the device has it, channels_last), torch.compile, a ResNet-18 (CIFAR) lottery
+bf16 autocast where the device has it, channels_last), torch.compile, --accumulate, a ResNet-18 (CIFAR) lottery
 killed mid-run and resumed, a streamed ImageFolder run (pinned memory, loader workers), the measured
 cost of its levels (CUDA latency next to CPU), benchmarks/train_speed.py at batch 512 (our loop
 against a bare loop, the data pipeline against training), a small study by 1 worker, 2 workers and
@@ -101,6 +101,12 @@ def main() -> None:
     rc, out, s = c.sslprune("lottery", *base, "--task", "rotation", "--epochs", "2", "--levels", "0", "--compile",
                             "--root", str(c.root / "compile"))
     c.row("rotation: torch.compile", rc == 0, s, f"test acc {_done(_experiment(out))['test_acc']:.3f}" if rc == 0
+          else out.strip().splitlines()[-1][:120])
+
+    # 2b. --accumulate on the device (bf16 parts summed in fp32 .grad)
+    rc, out, s = c.sslprune("lottery", *base, "--task", "rotation", "--epochs", "2", "--levels", "0", "--accumulate", "4",
+                            "--root", str(c.root / "accumulate"))
+    c.row("rotation: --accumulate 4", rc == 0, s, f"test acc {_done(_experiment(out))['test_acc']:.3f}" if rc == 0
           else out.strip().splitlines()[-1][:120])
 
     # 3. ResNet-18 (CIFAR) lottery, killed mid-run and resumed
