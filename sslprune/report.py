@@ -304,19 +304,30 @@ def provenance(exp_dirs: list[Path]) -> str:
     lines = ["## Experiments", "",
              "From each experiment's config.json, which also keeps every command run on it and the package "
              "versions. The revision is the code that created the experiment; later steps (retrain, eval) "
-             "record their command there, not their revision.", "",
-             "| experiment | objective | model | data | training | pruning | code (git) |",
-             "|---|---|---|---|---|---|---|"]
+             "record their command there, not their revision. Compute: the sweep ledger's time of its finished "
+             "steps, summed over workers (and their CPU time where logged); '-' when no sweep ran it.", "",
+             "| experiment | objective | model | data | training | pruning | code (git) | compute |",
+             "|---|---|---|---|---|---|---|---|"]
+    from . import workers  # the ledger's reader; at import time it would be circular (workers -> sweep -> evaluations)
     tasks = set()
     for exp_dir in exp_dirs:
         exp, saved = load_experiment(exp_dir)
         tasks.add(exp.task.task)
         cells = [Path(exp_dir).name, objective_label(exp), exp.model.model, _data_text(exp, saved),
-                 _schedule_text(exp.train), _pruning_text(exp.prune), _git_text(saved.get("git"))]
+                 _schedule_text(exp.train), _pruning_text(exp.prune), _git_text(saved.get("git")),
+                 _cost_text(workers.cost(Path(exp_dir).parent, Path(exp_dir).name))]
         lines.append("| " + " | ".join(cells) + " |")
     known = sorted(tasks & set(TASKS))
     lines += ["", "Each objective's own metric: " + "; ".join(f"{t}: {TASKS[t].metric}" for t in known) + ".", ""]
     return "\n".join(lines)
+
+
+def _cost_text(spent) -> str:
+    """'3.2 worker-h, 2.9 CPU-h' from workers.cost(), '-' without it."""
+    if spent is None:
+        return "-"
+    wall, cpu = spent
+    return f"{wall / 3600:.1f} worker-h" + (f", {cpu / 3600:.1f} CPU-h" if cpu is not None else "")
 
 
 def _data_text(exp, saved: dict) -> str:
@@ -337,7 +348,8 @@ def _schedule_text(t) -> str:
     schedule = (f"step x{t.gamma:g} at {'/'.join(map(str, t.milestones))}" if t.schedule == "step" and t.milestones
                 else t.schedule)
     warmup = f", warm-up {t.warmup_epochs}" if t.warmup_epochs else ""
-    return f"{lr}, batch {t.batch_size}, epochs {t.epochs}, lr {schedule}{warmup}"
+    parts = f" in {t.accumulate} parts" if t.accumulate > 1 else ""
+    return f"{lr}, batch {t.batch_size}{parts}, epochs {t.epochs}, lr {schedule}{warmup}"
 
 
 def _pruning_text(p) -> str:

@@ -224,6 +224,17 @@ def busy_seconds(ledger: list[dict], keys: set[str], clock: str = "time") -> flo
     return total
 
 
+def cost(root: Path, experiment: str) -> tuple[float, float | None] | None:
+    """What the finished sweep steps of one experiment under `root` took, from the ledger: (worker
+    seconds, workers' CPU seconds or None where not logged); None when no sweep ran it."""
+    ledger = _read_ledger(root)
+    keys = {e["step"] for e in ledger if e["step"].split("/", 1)[0] == experiment}  # Sweep.key's first part
+    if not keys:
+        return None
+    logged = any("cpu" in e for e in ledger if e["step"] in keys)
+    return busy_seconds(ledger, keys), busy_seconds(ledger, keys, clock="cpu") if logged else None
+
+
 def _read_ledger(root: Path) -> list[dict]:
     path = root / LEDGER
     if not path.exists():

@@ -38,6 +38,8 @@ def test_report_columns_remaining_and_stats(tmp_path, data):
     for r in rows:
         assert abs(float(r["remaining"]) - 0.8 ** int(r["level"])) < 1e-3
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    provenance = [line for line in paths["md"].read_text().splitlines() if line.startswith(("| labels_", "| rotation_"))]
+    assert len(provenance) == 2 and all(line.endswith("| - |") for line in provenance)   # no sweep: no compute
     md = paths["md"].read_text()
     assert "± " in md
     # every plot also as SVG beside it

@@ -172,6 +172,10 @@ points = 3
     assert main(["report", str(exp), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "results.csv").read_text()
     assert "probe" in table and "finetune" in table
+    spent = workers.cost(tmp_path / "runs", exp.name)     # from the ledger, as the report's compute column
+    assert spent is not None and 0 < spent[1] and workers.cost(tmp_path / "runs", "other_experiment") is None
+    row = next(line for line in (tmp_path / "report" / "summary.md").read_text().splitlines() if line.startswith(f"| {exp.name}"))
+    assert row.endswith(f"| {spent[0] / 3600:.1f} worker-h, {spent[1] / 3600:.1f} CPU-h |")
     n = len(_ledger(tmp_path / "runs"))
     assert main(["sweep", str(spec)]) == 0 and len(_ledger(tmp_path / "runs")) == n   # nothing re-run
 
