@@ -130,8 +130,19 @@ def level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: in
     out = layout.stability_dir(ldir)
     with layout.step_guard(layout.step_lock(ldir, out.name)):   # one writer at a time
         if layout.is_done(out):
-            return layout.load_json(out / layout.DONE)
+            return _same_options(layout.load_json(out / layout.DONE), points, bn, bn_batches, out)
         return _level_stability(exp, exp_dir, data, replicate, level, runtime, points, bn, bn_batches, progress, out)
+
+
+def _same_options(done: dict, points: int, bn: str, bn_batches: int, out: Path) -> dict:
+    """A finished measurement, if it was made with the options asked for now; else refused (never
+    another path's numbers under these options)."""
+    had = (len(done["alphas"]), done["bn"], done["bn_batches"] if done["bn"] == "recompute" else None)
+    if had != (points, bn, bn_batches if bn == "recompute" else None):
+        made = f"--points {had[0]} --bn {had[1]}" + (f" --bn-batches {had[2]}" if had[2] is not None else "")
+        raise UserError(f"{out} was measured with {made}; ask for those, or move {out} away to measure again "
+                        f"(its second training is redone too)")
+    return done
 
 
 def _start(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int, level: int) -> tuple[nn.Module, Task]:

@@ -4,6 +4,7 @@ import torch
 
 from sslprune import layout
 from sslprune.data.augment import Normalize
+from sslprune.errors import UserError
 from sslprune.lottery import build, prepare, run_replicate
 from sslprune.stability import instability, interpolate, level_stability, path_metrics, recompute_batchnorm
 from sslprune.train import weights
@@ -58,8 +59,11 @@ def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path
     assert any(not torch.equal(second[k], first[k]) for k in first)        # another data order: another network
     mask = layout.load_mask(layout.level_dir(exp_dir, 1, 1) / layout.MASK)
     assert all(torch.all(second[f"backbone.{n}"][~m] == 0) for n, m in mask.items())
-    # idempotent: the result is read back, nothing retrained
+    # idempotent: the result is read back, nothing retrained; other options are refused, not served it
     assert level_stability(exp, exp_dir, data, 1, 1, points=5, bn="keep", progress=False) == kept
+    for other in ({"points": 3, "bn": "keep"}, {"points": 5, "bn": "recompute"}):
+        with pytest.raises(UserError, match="was measured with --points 5 --bn keep; ask for those"):
+            level_stability(exp, exp_dir, data, 1, 1, progress=False, **other)
     # level 0 with a rewind point after the init trains both copies from it (the dense run started at the init)
     dense = level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
     assert dense["copies"] == ["replicate_1/level_0/stability/copy_1", "replicate_1/level_0/stability/copy_2"]
