@@ -142,6 +142,7 @@ def export(exp_dir: Path, replicate: int, level: int, out: Path, formats=("safet
         raise UserError(f"unknown --format {unknown[0]}; choose from {', '.join(FORMATS)}")
     if "onnx" in formats:
         _need_onnx()
+    _check_out(Path(out))
     net, info = level_network(Path(exp_dir), replicate, level, reset, path)
     masked, mask = net, info.pop("_mask")
     shape = tuple(info["input"]["shape"])
@@ -160,6 +161,17 @@ def export(exp_dir: Path, replicate: int, level: int, out: Path, formats=("safet
     info |= {"cost": count(net, shape), "dense_cost": count(build_dense({**info, "path": None}, "meta"), shape),
              "note": note}
     return write_export(net, info, Path(out), formats, x)
+
+
+def _check_out(out: Path) -> None:
+    """--out is a new or empty folder, or an earlier export's: never a folder of other files (a run's
+    train/ folder also holds a model.safetensors, which the export would replace)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder")
+    others = sorted(p.name for p in out.iterdir()) if out.is_dir() and not (out / layout.EXPORT_INFO).exists() else []
+    if others:
+        raise UserError(f"--out {out} holds files that are no sslprune export ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); pass a new or empty folder")
 
 
 def _compact_gated(exp_dir: Path, net: Standalone, info: dict) -> tuple[Standalone, torch.Tensor, str]:

@@ -176,6 +176,15 @@ def test_bad_exports_are_one_line_errors_and_write_nothing(channel_run, tmp_path
         export.load_exported(tmp_path / "ok")
     with pytest.raises(UserError, match="another network"):
         export.export(exp_dir, 1, 2, tmp_path / "ok")
+    # a run's own folder (its model.safetensors) or a file is no --out: refused, nothing replaced
+    train_dir = layout.run_dir(layout.level_dir(exp_dir, 1, 0))
+    sealed = (train_dir / layout.MODEL).read_bytes()
+    assert main(["export", str(exp_dir), "--level", "1", "--out", str(train_dir)]) == 2
+    assert "holds files that are no sslprune export (done.json, log.jsonl, model.safetensors)" in capsys.readouterr().err
+    assert (train_dir / layout.MODEL).read_bytes() == sealed
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(exp_dir), "--level", "1", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; pass a folder" in capsys.readouterr().err
     # a weight mask is not whole channels: no compact network from it
     bb = build_model("convnet")
     mask = {n: torch.rand(m.shape) > 0.5 for n, m in channels.channel_mask(bb, [], []).items()}
