@@ -417,10 +417,14 @@ def _sha256(path: Path) -> str:
 
 def check_seal(path: Path, record: dict | list | None) -> None:
     """`path` against the seal `record` (a done-file's content); files from before sealing pass."""
-    sealed = record.get("files", {}).get(Path(path).name) if isinstance(record, dict) else None
+    files = record.get("files", {}) if isinstance(record, dict) else {}
+    sealed = files.get(Path(path).name) if isinstance(files, dict) else files
     if sealed is None:
         return
     path = Path(path)
+    if not (isinstance(sealed, dict) and isinstance(sealed.get("size"), int) and isinstance(sealed.get("sha256"), str)):
+        raise UserError(f"the seal of {path} in its done-file is damaged ({str(sealed)[:40]!r}); move the folder "
+                        f"{path.parent} away and re-run the command that wrote it: that step is recomputed")
     size = path.stat().st_size if path.exists() else None
     same = size == sealed["size"] and _sha256(path) == sealed["sha256"]
     if not same:

@@ -1,4 +1,5 @@
 """Nothing silently wrong: divergence stops a run, nonsense input is refused before anything is written."""
+import json
 import math
 
 import pytest
@@ -248,6 +249,10 @@ def test_damaged_finished_files_are_detected_and_recomputed_exactly(tmp_path, ca
     _flip(rewind)
     assert main(["retrain", str(exp_dir), "--variants", "rewind", "--level", "2", "--quiet"]) == 2
     assert f"{rewind} is truncated or corrupt" in _one_line(capsys)
+    done = layout.level_dir(exp_dir, 1, 1) / "train" / layout.DONE   # a seal that is no seal: refused, not skipped
+    done.write_text(json.dumps({**json.loads(done.read_text()), "files": {"model.safetensors": 5}}))
+    assert main(["export", str(exp_dir), "--level", "1", "--out", str(tmp_path / "e2")]) == 2
+    assert "the seal of" in _one_line(capsys) and not (tmp_path / "e2").exists()
 
 
 def test_a_truncated_done_json_is_not_done(tmp_path, capsys):
