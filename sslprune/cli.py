@@ -357,6 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sslprune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # what the system refuses of a path given: a file where a folder goes, permissions, length
+        where = f": {e.filename}" if e.filename else ""
+        print(f"sslprune: error: {e.strerror or e}{where}; check this path (a file where a folder belongs or "
+              f"the reverse, permissions, length)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sslprune: interrupted; finished steps and the last finished epoch are kept: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
     finally:
         distributed.close()
 

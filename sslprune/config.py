@@ -201,8 +201,9 @@ class Experiment:
                 if kind is float and isinstance(value, int) and not isinstance(value, bool):
                     continue  # 1 for 1.0
                 if kind is tuple:
-                    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                        raise UserError(f"{flag} takes whole numbers, got {list(value)!r}")
+                    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                       for v in value):
+                        raise UserError(f"{flag} takes a list of whole numbers (e.g. [80, 120]), got {value!r}")
                     continue
                 if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                     what = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}[kind]

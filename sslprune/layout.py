@@ -382,10 +382,15 @@ def save_checkpoint(path: Path, obj: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """weights_only=True: a checkpoint never runs code, even one a user was handed."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for bad files
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}); move it away to "
                         f"resume from the start of that step") from None
+    missing = {"fingerprint", "epoch", "history", "weights"} - (set(ckpt) if isinstance(ckpt, dict) else set())
+    if missing:  # something else saved under this name, or damaged
+        raise UserError(f"{path} is no sslprune checkpoint (no {', '.join(sorted(missing))}); move it away to "
+                        f"resume from the start of that step")
+    return ckpt
 
 
 def is_done(run_dir: Path) -> bool:

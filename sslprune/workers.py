@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -157,6 +158,9 @@ def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dic
         import submitit
     except ImportError:
         raise UserError("--submit needs submitit: pip install 'sslprune[cluster]'") from None
+    if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):  # before submitit writes anything
+        raise UserError("--submit slurm needs SLURM's sbatch and srun on this machine (not on the PATH); run the command "
+                        "on the cluster's login node, or use --workers N without --submit here")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params = {"timeout_min": slurm.get("time", 60)}
     if cluster == "slurm":

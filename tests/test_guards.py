@@ -276,3 +276,34 @@ def test_an_experiment_keeps_one_runtime(tmp_path, capsys):
     err = _one_line(capsys)
     assert "trains under cpu, fp32, channels_last, not cpu, bf16, channels_last" in err
     assert not layout.level_dir(next((tmp_path / "runs").iterdir()), 1, 1).exists()
+
+
+def test_paths_the_system_refuses_are_one_line_errors(tmp_path, capsys):
+    """A file where a folder goes (--root), a folder where a file goes (--config, a spec), a
+    plain number for a list, no SLURM: one line and exit 2, never a traceback."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "1e-3", "--epochs", "1", "--levels", "0"]
+    for argv, message in (([*flags, "--root", str(tmp_path / "afile")], "Not a directory"),
+                          ([*flags, "--root", str(tmp_path / "r"), "--config", str(tmp_path / "adir")], "Is a directory"),
+                          (["sweep", str(tmp_path / "adir")], "Is a directory")):
+        assert main(argv) == 2, argv
+        assert message in _one_line(capsys)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('levels = 0\n[base]\npreset = "demo"\ntask = "labels"\nmilestones = 3\n')
+    assert main(["sweep", str(spec)]) == 2
+    assert "--milestones takes a list of whole numbers" in _one_line(capsys)
+    spec.write_text('levels = 0\n[base]\npreset = "demo"\ntask = "labels"\n')
+    assert main(["sweep", str(spec), "--submit", "slurm"]) == 2   # no SLURM on a test machine
+    assert "needs SLURM's sbatch and srun" in _one_line(capsys)
+
+
+def test_a_checkpoint_of_something_else_is_refused(tmp_path, capsys):
+    flags = [*DIGITS, "--optimizer", "adam", "--lr", "1e-3", "--epochs", "1", "--levels", "0", "--root", str(tmp_path)]
+    assert main([*flags, "--print-config"]) == 0
+    name = capsys.readouterr().out.strip().splitlines()[-1].split(": ")[-1]
+    train_dir = layout.level_dir(tmp_path / name, 1, 0) / "train"
+    train_dir.mkdir(parents=True)
+    torch.save({"epoch": 5}, train_dir / layout.CHECKPOINT)
+    assert main(flags) == 2
+    assert "is no sslprune checkpoint (no fingerprint, history, weights)" in _one_line(capsys)
