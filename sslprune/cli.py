@@ -140,10 +140,12 @@ def _numbers(text: str) -> list[int]:
         out = []
         for part in text.split(","):
             a, _, b = part.partition("-")
+            if b and int(b) < int(a):
+                raise ValueError(part)   # '3-1' would silently mean nothing
             out += list(range(int(a), int(b) + 1)) if b else [int(a)]
         return out
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like '3', '0-5' or '1,3', got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected numbers like '3', '0-5' (ascending) or '1,3', got '{text}'") from None
 
 
 def words(*choices: str):

@@ -164,6 +164,11 @@ def check_data(exp: Experiment, data: Dataset) -> None:
         raise UserError(f"--batch-size {exp.train.batch_size} exceeds the {len(data.train)} training images; "
                         f"pass at most {len(data.train)}")
     TASKS[exp.task.task].check_data(exp.task, exp.train, data)
+    # the rewind point within training, before anything is written (train() checks the exact count)
+    per_epoch = TASKS[exp.task.task].sampler.steps_per_epoch(data.train.labels, exp.train.batch_size)
+    if rewind_step(exp.prune.rewind, per_epoch) > exp.train.epochs * per_epoch:
+        raise UserError(f"--rewind {exp.prune.rewind} lies past the end of training ({exp.train.epochs} epochs); "
+                        f"choose an earlier --rewind")
     if exp.task.label_fraction:
         labelled_subset_checked(exp, data)
     if source_run(exp) is not None:  # a run: same architecture; its replicates are checked as they start
@@ -217,8 +222,14 @@ def open_run(exp_dir: Path, data_root: str | None = None) -> tuple[Experiment, d
 
 def pick_levels(exp_dir: Path, replicates: list[int] | None, levels: list[int] | None) -> list[tuple[int, int]]:
     """(replicate, level) of the trained levels an evaluation runs on (None = all of them)."""
-    pairs = [(r, lv) for r, lv in layout.trained_levels(exp_dir)
+    trained = layout.trained_levels(exp_dir)
+    pairs = [(r, lv) for r, lv in trained
              if (replicates is None or r in replicates) and (levels is None or lv in levels)]
+    for what, asked, have in (("replicate", replicates, {r for r, _ in trained}), ("level", levels, {lv for r, lv in trained if replicates is None or r in replicates})):
+        missing = sorted(set(asked or ()) - have)
+        if missing:  # asked for by name: never skipped in silence
+            raise UserError(f"{exp_dir} has no trained {what} {', '.join(map(str, missing))} (trained: "
+                            f"{', '.join(map(str, sorted(have))) or 'none'}); ask for those, or run 'sslprune lottery' further")
     if not pairs:
         raise UserError(f"no trained level matches in {exp_dir}; run 'sslprune lottery' first")
     return pairs

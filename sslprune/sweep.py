@@ -102,13 +102,19 @@ def load_spec(path: Path) -> Spec:
         check_schedule(exp, int(raw.get("levels", 3)))
         experiments.append(exp)
     tables = dict(raw.get("evaluations", {}))
-    evaluated = _evaluated(tables.pop("level", None), int(raw.get("levels", 3)), path)
+    levels = int(raw.get("levels", 3))
+    evaluated = _evaluated(tables.pop("level", None), levels, path)
     unknown = set(tables) - set(EVALUATIONS)
     if unknown:
         raise UserError(f"{path}: unknown evaluation(s) {sorted(unknown)}; known: {sorted(EVALUATIONS)}")
     here = path.resolve().parent
     evaluations = {name: e.spec(tables[name], f"{path}: evaluations.{name}", here, experiments)
                    for name, e in EVALUATIONS.items() if name in tables}
+    for name, items in evaluations.items():  # a table's own levels (stability's): within the spec's
+        beyond = sorted({lv for i in items if isinstance(i, dict) for lv in i.get("level", ()) if not 0 <= lv <= levels})
+        if beyond:
+            raise UserError(f"{path}: evaluations.{name}.level names level(s) {beyond} outside the spec's 0..{levels}; "
+                            f"drop them or raise levels")
     for name, items in evaluations.items():  # e.g. a stability table's own levels, none of them evaluated
         if evaluated and not any(EVALUATIONS[name].at(i, x, lv) for i in items for x in experiments for lv in evaluated):
             raise UserError(f"{path}: evaluations.{name} runs at none of the levels evaluations.level keeps "

@@ -72,6 +72,8 @@ def test_pruning_refuses_non_finite_scores():
     (["--optimizer", "adam", "--lr", "1e-3", "--task", "npid", "--nce-negatives", "64", "--knn", "100000"],
      "--knn 100000 exceeds the 1437 rows"),
     (["--optimizer", "adam", "--lr", "1e-3", "--data-root", "somewhere"], "reads no --data-root"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--rewind", "100ep"], "--rewind 100ep lies past the end of training"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--rewind", "100000it"], "--rewind 100000it lies past the end"),
     (["--optimizer", "adam", "--lr", "1e-3", "--accumulate", "3"], "--accumulate must be >= 1 and divide --batch-size"),
     (["--optimizer", "adam", "--lr", "1e-3", "--accumulate", "0"], "--accumulate must be >= 1"),
     (["--optimizer", "adam", "--lr", "1e-3", "--task", "exemplar", "--accumulate", "2"],
@@ -307,3 +309,20 @@ def test_a_checkpoint_of_something_else_is_refused(tmp_path, capsys):
     torch.save({"epoch": 5}, train_dir / layout.CHECKPOINT)
     assert main(flags) == 2
     assert "is no sslprune checkpoint (no fingerprint, history, weights)" in _one_line(capsys)
+
+
+def test_levels_and_replicates_asked_for_are_never_skipped_in_silence(tmp_path, capsys):
+    from .conftest import digits_lottery
+    exp_dir = digits_lottery(tmp_path / "runs", 1)
+    capsys.readouterr()
+    for argv, message in ((["retrain", str(exp_dir), "--level", "7"], "has no mask for replicate 1 level 7"),
+                          (["retrain", str(exp_dir), "--level", "0,9"], "has no mask for replicate 1 level 9"),
+                          (["retrain", str(exp_dir), "--replicates", "3"], "has no replicate 2, 3 (it has 1)"),
+                          (["eval", "probe", str(exp_dir), "--level", "0,9"], "has no trained level 9 (trained: 0, 1)"),
+                          (["eval", "stability", str(exp_dir), "--replicates", "2-2"], "has no trained replicate 2")):
+        assert main([*argv, "--quiet"]) == 2, argv
+        assert message in _one_line(capsys)
+    assert not (exp_dir / "replicate_1" / "level_7").exists() and not (exp_dir / "replicate_1" / "level_9").exists()
+    with pytest.raises(SystemExit):   # a reversed range is no range
+        main(["retrain", str(exp_dir), "--level", "3-1"])
+    assert "(ascending)" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def test_probe_of_an_intermediate_stage(tmp_path, run_dir, capsys):
 
 def test_probe_errors_are_one_line(tmp_path, run_dir, capsys):
     assert main(["eval", "probe", str(run_dir), "--level", "7"]) == 2
-    assert "no trained level matches" in capsys.readouterr().err
+    assert "has no trained level 7" in capsys.readouterr().err
     assert main(["eval", "probe", str(run_dir), "--dataset", "imagefolder", "--data-root", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     folder = _imagefolder(tmp_path / "down")

@@ -189,6 +189,7 @@ points = 3
     ('[evaluations.stability]\nbn = "running"\n', "evaluations.stability.bn must be one of recompute, keep"),
     ('[evaluations.stability]\npoints = "3"\n', "evaluations.stability.points must be int"),
     ('[evaluations]\nlevel = [2]\n', "evaluations.level must be a non-empty list of levels 0..1"),
+    ('[evaluations.stability]\nlevel = [0, 9]\n', "evaluations.stability.level names level(s) [9] outside the spec's 0..1"),
     ('[evaluations]\nlevel = []\n', "evaluations.level must be a non-empty list"),
     ('[evaluations]\nlevel = [true]\n', "evaluations.level must be a non-empty list"),
     ('[evaluations]\nlevel = [0]\n[evaluations.stability]\nlevel = [1]\n',

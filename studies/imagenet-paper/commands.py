@@ -9,7 +9,8 @@ reads them as a sweep's runs.
 
 Per (experiment, replicate) it prints one lottery line (its chain of levels 0..levels), then one
 line per re-training variant. A re-training line re-trains the levels trained so far and skips finished
-ones. Run it after the lottery line, or run it again until every level is done. Lines resume when
+ones. Run it after the lottery line, or run it again until every level is done; with `level = [...]`
+under the spec's [evaluations] it names those levels and refuses to start before they all have masks. Lines resume when
 run again and lock their steps, so any number of machines can take them in any order.
 
 Usage: python commands.py [--launcher 'torchrun --standalone --nproc_per_node 8 -m'] SPEC.toml...
