@@ -178,6 +178,9 @@ class Experiment:
             raise UserError("--momentum applies to --optimizer sgd or lars only (Adam has its own betas); drop it")
         if not self.train.gamma > 0:
             raise UserError(f"--gamma must be > 0, got {self.train.gamma}")
+        if self.train.schedule == "step" and not self.train.milestones:
+            raise UserError("--schedule step needs --milestones (the epochs where lr is multiplied by --gamma, "
+                            "e.g. --milestones 80,120); without them lr would stay constant: say --schedule constant")
         if self.train.warmup_epochs > self.train.epochs:
             raise UserError(f"--warmup-epochs {self.train.warmup_epochs} exceeds --epochs {self.train.epochs}")
         if self.data.stream and self.data.dataset != "imagefolder":

@@ -72,6 +72,7 @@ def test_pruning_refuses_non_finite_scores():
     (["--optimizer", "adam", "--lr", "1e-3", "--task", "npid", "--nce-negatives", "64", "--knn", "100000"],
      "--knn 100000 exceeds the 1437 rows"),
     (["--optimizer", "adam", "--lr", "1e-3", "--data-root", "somewhere"], "reads no --data-root"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--schedule", "step"], "--schedule step needs --milestones"),
     (["--optimizer", "adam", "--lr", "1e-3", "--rewind", "100ep"], "--rewind 100ep lies past the end of training"),
     (["--optimizer", "adam", "--lr", "1e-3", "--rewind", "100000it"], "--rewind 100000it lies past the end"),
     (["--optimizer", "adam", "--lr", "1e-3", "--accumulate", "3"], "--accumulate must be >= 1 and divide --batch-size"),

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,12 @@ def test_a_new_evaluation_is_its_module_and_one_registry_line(tmp_path, capsys, 
     assert main(["sweep", str(bad)]) == 2
     assert "evaluations.toy must be a table with an optional scale" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("spec", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*/*.toml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_study_spec_loads(spec):
+    """The committed studies are specs a user runs as they are: each one is read and checked whole
+    (every experiment valid, every evaluation's table) without running anything."""
+    loaded = load_spec(spec)
+    assert loaded.experiments
