@@ -9,6 +9,7 @@ trains. Every step is idempotent: re-running the same command resumes where it s
 from __future__ import annotations
 
 import hashlib
+import math
 import subprocess
 import sys
 import time
@@ -57,6 +58,15 @@ def check_schedule(exp: Experiment, levels: int) -> None:
                         "pass --levels 0")
     if exp.prune.granularity == "channel":
         channels.check_levels(build_model(exp.model.model), exp.prune.fraction, levels, exp.prune.channel_round)
+    else:  # whole weights: a level that keeps less than one is no level
+        backbone = build_model(exp.model.model)
+        convs = sum(isinstance(m, nn.Conv2d) for m in backbone.modules())
+        names = pruned_layers(backbone, min(exp.prune.layers, convs))  # too many --layers: check_data says so
+        n = sum(w.numel() for name, w in prunable(backbone).items() if names is None or name in names)
+        if n * (1 - exp.prune.fraction) ** levels < 1:
+            most = math.floor(math.log(1 / n) / math.log(1 - exp.prune.fraction))
+            raise UserError(f"--levels {levels} would keep {n * (1 - exp.prune.fraction) ** levels:.2g} of the "
+                            f"{n} prunable weights, less than one; pass at most --levels {most}")
 
 
 def prepare(exp: Experiment, root: Path, data: Dataset, data_root: str | None, argv: list[str],
@@ -326,6 +336,11 @@ def _run_replicate(exp: Experiment, exp_dir: Path, data: Dataset, replicate: int
         mask = level_mask(exp, exp_dir, replicate, level, backbone)
         if layout.is_done(out):
             continue
+        empty = [n for n, m in mask.items() if not bool(m.any())]
+        if empty and distributed.is_main():  # magnitude ranks globally: a small layer can go whole
+            print(f"warning: replicate {replicate} level {level} ({density(mask):.2%} left): no weight left in "
+                  f"{', '.join(empty)}; the network passes no signal there, and this level and deeper ones "
+                  f"measure a disconnected network", file=sys.stderr)
         if level == 0:
             load_weights(backbone, task, layout.load_tensors(init_path))
         elif exp.prune.reset == "rewind":

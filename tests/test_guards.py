@@ -73,6 +73,7 @@ def test_pruning_refuses_non_finite_scores():
      "--knn 100000 exceeds the 1437 rows"),
     (["--optimizer", "adam", "--lr", "1e-3", "--data-root", "somewhere"], "reads no --data-root"),
     (["--optimizer", "adam", "--lr", "1e-3", "--schedule", "step"], "--schedule step needs --milestones"),
+    (["--optimizer", "adam", "--lr", "1e-3", "--levels", "100000"], "less than one; pass at most --levels 51"),
     (["--optimizer", "adam", "--lr", "1e-3", "--rewind", "100ep"], "--rewind 100ep lies past the end of training"),
     (["--optimizer", "adam", "--lr", "1e-3", "--rewind", "100000it"], "--rewind 100000it lies past the end"),
     (["--optimizer", "adam", "--lr", "1e-3", "--accumulate", "3"], "--accumulate must be >= 1 and divide --batch-size"),
@@ -327,3 +328,19 @@ def test_levels_and_replicates_asked_for_are_never_skipped_in_silence(tmp_path, 
     with pytest.raises(SystemExit):   # a reversed range is no range
         main(["retrain", str(exp_dir), "--level", "3-1"])
     assert "(ascending)" in capsys.readouterr().err
+
+
+def test_a_level_that_empties_a_layer_says_so(tmp_path, capsys):
+    """Global magnitude pruning can take a whole layer: the lottery warns at every such level
+    (here 90% a level on 100 digits: the last conv empties by level 2 or 3)."""
+    assert main(["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels", "--optimizer", "adam",
+                 "--lr", "1e-3", "--batch-size", "32", "--epochs", "1", "--train-per-class", "10", "--test-per-class",
+                 "5", "--fraction", "0.9", "--levels", "3", "--quiet", "--root", str(tmp_path)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warned and all("no weight left in" in line and "disconnected" in line for line in warned)
+    level = int(warned[0].split(" level ")[1].split()[0])
+    exp_dir = next(tmp_path.iterdir())
+    mask = layout.load_mask(layout.level_dir(exp_dir, 1, level) / layout.MASK)
+    assert any(not m.any() for m in mask.values())                       # the warning is true
+    before = layout.load_mask(layout.level_dir(exp_dir, 1, level - 1) / layout.MASK)
+    assert all(m.any() for m in before.values())                          # and said at the first such level
