@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import channels, distributed, layout, tracking
-from .config import Experiment
+from .config import Experiment, parse_rewind
 from .config import Task as TaskConfig
 from .data import Dataset
 from .errors import UserError
@@ -174,9 +174,11 @@ def check_data(exp: Experiment, data: Dataset) -> None:
         raise UserError(f"--batch-size {exp.train.batch_size} exceeds the {len(data.train)} training images; "
                         f"pass at most {len(data.train)}")
     TASKS[exp.task.task].check_data(exp.task, exp.train, data)
-    # the rewind point within training, before anything is written (train() checks the exact count)
-    per_epoch = TASKS[exp.task.task].sampler.steps_per_epoch(data.train.labels, exp.train.batch_size)
-    if rewind_step(exp.prune.rewind, per_epoch) > exp.train.epochs * per_epoch:
+    # the rewind point within training, before anything is written: in epochs exactly, in updates against
+    # a bound (at most one update per image: the objective's own share of the data is taken later, and
+    # train() checks the exact count)
+    count, unit = parse_rewind(exp.prune.rewind)
+    if count > exp.train.epochs * (1 if unit == "ep" else len(data.train)):
         raise UserError(f"--rewind {exp.prune.rewind} lies past the end of training ({exp.train.epochs} epochs); "
                         f"choose an earlier --rewind")
     if exp.task.label_fraction:
