@@ -219,7 +219,7 @@ def runtime_of(args) -> Runtime:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sslprune", description="Prune convnets trained with or without "
+    p = _Parser(prog="sslprune", description="Prune convnets trained with or without "
                                 "labels (Caron et al. 2020) and measure what the pruned networks are worth.")
     from . import __version__
     from .evaluations import EVALUATIONS
@@ -326,6 +326,13 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", type=Path, nargs="+", help="experiment directories (or a root holding them)")
     rep.add_argument("--out", type=Path, default=Path("report"), help="output folder [default: report]")
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """Its errors are one line (argparse prints the whole usage block first); its subcommands' too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _no_abbreviations(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

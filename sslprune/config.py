@@ -158,8 +158,9 @@ class Experiment:
             raise UserError(f"--fraction must be in (0, 1), got {self.prune.fraction}")
         unset = [n for n in REQUIRED if getattr(self.train, n) == 0]
         if unset:  # no default fits every model and dataset: a preset or the user gives them
-            raise UserError(f"no {', '.join('--' + n.replace('_', '-') for n in unset)}: set "
-                            f"{'it' if len(unset) == 1 else 'them'} or pick a --preset ({', '.join(sorted(PRESETS))})")
+            raise UserError(f"no {', '.join('--' + n.replace('_', '-') for n in unset)} (unset or 0): set "
+                            f"{'it' if len(unset) == 1 else 'them'} above 0, or start 'sslprune lottery' from a --preset "
+                            f"({', '.join(sorted(PRESETS))})")
         for name in REQUIRED:
             if getattr(self.train, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self.train, name)}")

@@ -157,7 +157,7 @@ GOLDEN = "dc100d129ad6"
     (["lottery", "--preset", "demo", "--task", "jigsaw"], "unknown task 'jigsaw'"),
     (["lottery", "--preset", "demo"], "--task is required; choose one of: exemplar, labels, npid, rotation, s4l"),
     (["lottery", "--preset", "demo", "--task", "labels", "--fraction", "1.5"], "--fraction must be in (0, 1)"),
-    (["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels"], "no --lr, --batch-size, --epochs: set them"),
+    (["lottery", "--dataset", "digits", "--model", "convnet", "--task", "labels"], "no --lr, --batch-size, --epochs (unset or 0): set them above 0"),
     (["lottery", "--preset", "demo", "--task", "labels", "--dataset", "imagefolder"], "--data-root is required"),
     (["lottery", "--preset", "demo", "--task", "labels", "--rewind", "3x"], "--rewind must look like"),
     (["lottery", "--preset", "demo", "--task", "labels", "--crop-pad", "-1"], "--crop-pad must be >= 0"),
@@ -178,6 +178,9 @@ def test_cli_process_exit_code_and_preset_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sslprune", "lottery", "--preset", "demo", "--task", "x",
                           "--root", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    for flag in ("--preset", "--replicates"):   # argparse's own errors: one line too, not the usage block
+        bad = subprocess.run([sys.executable, "-m", "sslprune", "lottery", flag, "-2"], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "(see 'sslprune lottery --help')" in bad.stderr
     usage = subprocess.run([sys.executable, "-m", "sslprune", "lottery", "--levels", "x"],
                            capture_output=True, text=True)
     assert usage.returncode == 2

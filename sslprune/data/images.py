@@ -3,6 +3,7 @@ in-memory ImageFolder reader (imagefolder.py) and the on-disk training split (st
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -16,8 +17,9 @@ def open_image(blob: bytes, name: str) -> Image.Image:
     """Encoded bytes -> an RGB image; a file Pillow cannot read is a one-line error naming it."""
     try:
         return Image.open(io.BytesIO(blob)).convert("RGB")
-    except Exception as e:
-        raise UserError(f"cannot decode image {name} ({e}); remove it from the dataset") from None
+    except Exception as e:  # Pillow names the in-memory buffer ('<_io.BytesIO object at 0x...>'): not a path
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__
+        raise UserError(f"cannot decode image {name} ({why}); remove it from the dataset") from None
 
 
 def decode(blob: bytes, size: int, name: str) -> np.ndarray:
