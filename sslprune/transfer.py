@@ -115,8 +115,11 @@ def sweep_target(sweep, step) -> Dataset:
 
     def load():
         size = table.get("image_size") or sweep.dataset(step.experiment).train.image_shape[-1]
-        return load_dataset(DataConfig(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table}
-                                       | {"image_size": size}), table.get("data_root"))
+        try:
+            return load_dataset(DataConfig(**{k: table[k] for k in DATA_KEYS - {"data_root"} if k in table}
+                                           | {"image_size": size}), table.get("data_root"))
+        except UserError as e:  # its fix is in the spec, not in a flag
+            raise UserError(f"{sweep.spec.path}: evaluations.{step.kind} table {step.item + 1}: {e}") from None
     return sweep.cached((step.kind, step.experiment.name(), step.item), load)
 
 
