@@ -247,6 +247,19 @@ class Experiment:
             raise UserError(f"--rotation-weight must be >= 0, got {t.rotation_weight}")
 
 
+# Fields added to a section after a folder name was hashed from its repr (transfer.py's fine-tuning
+# folders): stable_repr leaves them out at their defaults, so folders made before keep their names.
+ADDED_LATER = ("accumulate",)
+
+
+def stable_repr(section) -> str:
+    """repr(section) without the ADDED_LATER fields that hold their defaults."""
+    default = type(section)()
+    kept = [f"{g.name}={getattr(section, g.name)!r}" for g in fields(section)
+            if not (g.name in ADDED_LATER and getattr(section, g.name) == getattr(default, g.name))]
+    return f"{type(section).__qualname__}({', '.join(kept)})"
+
+
 def non_default(section) -> dict:
     """The fields of one config section that differ from their defaults (JSON values): what defines
     a computation, unchanged when a field is added whose default keeps the old behaviour."""

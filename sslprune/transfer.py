@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import layout
 from .config import Data as DataConfig
-from .config import Experiment
+from .config import Experiment, stable_repr
 from .config import Task as TaskConfig
 from .config import Train as TrainConfig
 from .data import Dataset, load_dataset
@@ -51,7 +51,7 @@ def finetune_config(exp: Experiment, overrides: dict) -> tuple[TrainConfig, Data
 
 def finetune_out(level: Path, data: Dataset, cfg: TrainConfig, aug: DataConfig) -> Path:
     """The folder of a level's fine-tuning on `data` with these settings (named by layout.finetune_dir)."""
-    key = f"{data.fingerprint()}|{cfg!r}|{aug.crop_pad}|{aug.flip}"
+    key = f"{data.fingerprint()}|{stable_repr(cfg)}|{aug.crop_pad}|{aug.flip}"  # repr: the names of older folders
     return layout.finetune_dir(level, data.name, hashlib.sha256(key.encode()).hexdigest())
 
 

@@ -171,3 +171,15 @@ def test_accumulated_micro_batches_make_the_whole_batch_update(tmp_path, data, t
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     assert any(not torch.equal(a[k], b[k]) for k in a)                # two computations, one result
+
+
+def test_fine_tuning_folders_keep_their_names_when_train_gains_a_field():
+    """A fine-tuning's folder is a hash of its Train settings' repr (transfer.finetune_out): a field
+    added later (accumulate) is left out at its default, so folders made before keep their names."""
+    from dataclasses import replace
+
+    from sslprune.config import Train, stable_repr
+    t = Train(optimizer="adam", lr=1e-3, weight_decay=1e-4, batch_size=128, epochs=20, schedule="cosine")
+    assert stable_repr(t) == ("Train(optimizer='adam', lr=0.001, momentum=0.0, weight_decay=0.0001, batch_size=128, "
+                              "epochs=20, schedule='cosine', milestones=(), gamma=0.1, warmup_epochs=0)")
+    assert stable_repr(replace(t, accumulate=2)) == repr(replace(t, accumulate=2))
