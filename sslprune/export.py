@@ -164,11 +164,13 @@ def export(exp_dir: Path, replicate: int, level: int, out: Path, formats=("safet
 
 
 def _check_out(out: Path) -> None:
-    """--out is a new or empty folder, or an earlier export's: never a folder of other files (a run's
-    train/ folder also holds a model.safetensors, which the export would replace)."""
+    """--out is a new or empty folder, or an earlier (or interrupted) export's: never a folder of other
+    files (a run's train/ folder also holds a model.safetensors, which the export would replace)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
-    others = sorted(p.name for p in out.iterdir()) if out.is_dir() and not (out / layout.EXPORT_INFO).exists() else []
+    ours = {layout.EXPORT_MODEL, layout.EXPORT_ONNX, layout.EXPORT_INFO}   # an interrupted export's, redone
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not
+                    (p.name.startswith(".") and p.name.endswith(".tmp"))) if out.is_dir() else []
     if others:
         raise UserError(f"--out {out} holds files that are no sslprune export ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}); pass a new or empty folder")

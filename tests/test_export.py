@@ -180,8 +180,12 @@ def test_bad_exports_are_one_line_errors_and_write_nothing(channel_run, tmp_path
     train_dir = layout.run_dir(layout.level_dir(exp_dir, 1, 0))
     sealed = (train_dir / layout.MODEL).read_bytes()
     assert main(["export", str(exp_dir), "--level", "1", "--out", str(train_dir)]) == 2
-    assert "holds files that are no sslprune export (done.json, log.jsonl, model.safetensors)" in capsys.readouterr().err
+    assert "holds files that are no sslprune export (done.json, log.jsonl)" in capsys.readouterr().err
     assert (train_dir / layout.MODEL).read_bytes() == sealed
+    (tmp_path / "cut").mkdir()   # an export killed before its export.json: the same command redoes it
+    (tmp_path / "cut" / layout.EXPORT_MODEL).write_bytes(b"half")
+    export.export(exp_dir, 1, 1, tmp_path / "cut")
+    assert (tmp_path / "cut" / layout.EXPORT_INFO).exists()
     (tmp_path / "afile").write_text("x")
     assert main(["export", str(exp_dir), "--level", "1", "--out", str(tmp_path / "afile")]) == 2
     assert "is a file; pass a folder" in capsys.readouterr().err
