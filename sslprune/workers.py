@@ -148,6 +148,8 @@ def _worker_main(specs: list[str], worker: str, threads: int = 0, runtime: Runti
     except UserError as e:
         print(f"sslprune sweep: worker {worker}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the parent says it once
+        sys.exit(130)
 
 
 def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dict,
@@ -194,25 +196,27 @@ def status(spec: Spec) -> dict:
     return {"steps": len(steps), "done": len(done), "pending": [sweep.key(s) for s in steps if not sweep.done(s)],
             "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice,
             "worker_seconds": busy_seconds(ledger, keys := {sweep.key(s) for s in steps}),
-            # None: a ledger written before the CPU time was logged
-            "worker_cpu_seconds": busy_seconds(ledger, keys, clock="cpu") if any("cpu" in e for e in ledger) else None}
+            "worker_cpu_seconds": busy_seconds(ledger, keys, clock="cpu")}   # None: not logged for every step
 
 
-def busy_seconds(ledger: list[dict], keys: set[str], clock: str = "time") -> float:
+def busy_seconds(ledger: list[dict], keys: set[str], clock: str = "time") -> float | None:
     """Seconds workers spent on the finished attempts at these steps, summed over workers: what a
     sweep cost. clock 'time': wall time (GPU-hours with a GPU a worker); 'cpu': the workers' own CPU
-    time, which holds when they share the cores (entries from before 'cpu' was logged are left out).
+    time (their processes', DataLoader workers not included), which holds when they share the cores;
+    None when a finished attempt was logged without it (before it was logged): never a part as the whole.
     A worker's steps that overlap (a stack claims several at once) count once; an attempt cut short
     (a killed worker) has no 'done' and is not counted, its successor is."""
     spans, began = {}, {}  # (worker, pid) -> [(wall start, wall end, clock start, clock end)]
     for e in ledger:
-        if e["step"] not in keys or clock not in e:
-            continue  # another spec sharing the run root, or an entry from before 'cpu' was logged
+        if e["step"] not in keys:
+            continue  # another spec sharing the run root
         who = (e.get("worker"), e["pid"], e["step"])
         if e["event"] == "start":
             began[who] = e
         elif who in began:
             s = began.pop(who)
+            if clock not in s or clock not in e:
+                return None
             spans.setdefault(who[:2], []).append((s["time"], e["time"], s[clock], e[clock]))
     total = 0.0
     for intervals in spans.values():
@@ -235,12 +239,19 @@ def cost(root: Path, experiment: str) -> tuple[float, float | None] | None:
     keys = {e["step"] for e in ledger if e["step"].split("/", 1)[0] == experiment}  # Sweep.key's first part
     if not keys:
         return None
-    logged = any("cpu" in e for e in ledger if e["step"] in keys)
-    return busy_seconds(ledger, keys), busy_seconds(ledger, keys, clock="cpu") if logged else None
+    return busy_seconds(ledger, keys), busy_seconds(ledger, keys, clock="cpu")
 
 
 def _read_ledger(root: Path) -> list[dict]:
     path = root / LEDGER
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short (a full disk): left out, never a traceback
+            continue
+        if isinstance(entry, dict) and {"step", "event", "pid", "time"} <= entry.keys():
+            out.append(entry)
+    return out

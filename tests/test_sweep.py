@@ -97,7 +97,8 @@ def test_busy_seconds_counts_each_workers_time_once():
     assert busy_seconds(ledger, keys) == 10 + 8 + 6 + 6 + 10
     assert busy_seconds(ledger, keys, clock="cpu") == 8 + 7 + 5 + 5 + 9
     old = [{k: v for k, v in e.items() if k != "cpu"} for e in ledger]    # a ledger from before 'cpu'
-    assert busy_seconds(old, keys) == 40 and busy_seconds(old, keys, clock="cpu") == 0
+    assert busy_seconds(old, keys) == 40 and busy_seconds(old, keys, clock="cpu") is None
+    assert busy_seconds(old[:2] + ledger[2:], keys, clock="cpu") is None     # part logged: no total from a part
 
 
 def test_local_workers_take_the_visible_gpus_in_turn(monkeypatch):
