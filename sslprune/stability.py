@@ -242,7 +242,11 @@ class Stability:
         return self.out(sweep, step).name
 
     def out(self, sweep, step) -> Path:
-        return layout.stability_dir(sweep.level_dir(step))
+        out = layout.stability_dir(sweep.level_dir(step))
+        if layout.is_done(out):  # measured under other options: no result of this table, refused
+            t = {"points": 11, "bn": "recompute", "bn_batches": 20} | sweep.item(step)   # level_stability's defaults
+            _same_options(layout.load_json(out / layout.DONE), t["points"], t["bn"], t["bn_batches"], out)
+        return out
 
     def train_dirs(self, sweep, step) -> list[Path]:
         return [c for c in (layout.stability_copy(sweep.level_dir(step), i) for i in (1, 2)) if c.exists()]

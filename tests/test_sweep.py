@@ -180,6 +180,11 @@ points = 3
     assert row.endswith(f"| {spent[0] / 3600:.1f} worker-h, {spent[1] / 3600:.1f} CPU-h |")
     n = len(_ledger(tmp_path / "runs"))
     assert main(["sweep", str(spec)]) == 0 and len(_ledger(tmp_path / "runs")) == n   # nothing re-run
+    # the same spec asking stability for other options is refused, not served the 3-point path
+    spec.write_text(spec.read_text().replace("points = 3", "points = 5"))
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--status"]) == 2
+    assert "was measured with --points 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("evaluations, message", [
