@@ -138,13 +138,15 @@ def retrain_run(exp_dir: Path, variants: list[str], replicates: list[int] | None
     have = layout.replicates(exp_dir)
     reps = [r for r in have if not replicates or r in replicates]
     if not reps or set(replicates or ()) - set(have):
-        raise UserError(f"{exp_dir} has no replicate {', '.join(map(str, sorted(set(replicates or ()) - set(have))))} "
-                        f"(it has {', '.join(map(str, have)) or 'none'}); run 'sslprune lottery' for it first")
+        missing = sorted(set(replicates or ()) - set(have))
+        raise UserError(f"{exp_dir} has no replicate {', '.join(map(str, missing)) or 'at all'} (it has "
+                        f"{', '.join(map(str, have)) or 'none'}); run 'sslprune lottery' for it first")
     trained = layout.trained_levels(exp_dir)
     items = [(r, level, variant) for r in reps
              for level in (levels if levels is not None else [lv for rr, lv in trained if rr == r])
              for variant in variants]
-    unmasked = sorted({(r, lv) for r, lv, _ in items if not (layout.level_dir(exp_dir, r, lv) / layout.MASK).exists()})
+    unmasked = sorted({(r, lv) for r, lv, v in items if v not in RANDOM_MASKS    # random masks need no lottery level
+                       and not (layout.level_dir(exp_dir, r, lv) / layout.MASK).exists()})
     if unmasked:  # before any lock: a lock file would make the level's folder
         raise UserError(f"{exp_dir} has no mask for " + ", ".join(f"replicate {r} level {lv}" for r, lv in unmasked[:4])
                         + (", ..." if len(unmasked) > 4 else "") + "; run 'sslprune lottery' up to those levels first")
