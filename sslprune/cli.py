@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -366,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sslprune: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # what the system refuses of a path given: a file where a folder goes, permissions, length
+    except OSError as e:  # what the system refuses: a path given (a file where a folder goes, ...), a full disk
         where = f": {e.filename}" if e.filename else ""
-        print(f"sslprune: error: {e.strerror or e}{where}; check this path (a file where a folder belongs or "
-              f"the reverse, permissions, length)", file=sys.stderr)
+        fix = {errno.ENOSPC: "free disk space and run the same command again (it resumes)",
+               errno.EDQUOT: "free disk space and run the same command again (it resumes)"}.get(
+            e.errno, "check this path (a file where a folder belongs or the reverse, permissions, length)")
+        print(f"sslprune: error: {e.strerror or e}{where}; {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sslprune: interrupted; finished steps and the last finished epoch are kept: run the same command "

@@ -338,7 +338,9 @@ def test_a_level_that_empties_a_layer_says_so(tmp_path, capsys):
                  "5", "--fraction", "0.9", "--levels", "3", "--quiet", "--root", str(tmp_path)]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warned and all("no weight left in" in line and "disconnected" in line for line in warned)
-    level = int(warned[0].split(" level ")[1].split()[0])
+    levels = [int(line.split(" level ")[1].split()[0]) for line in warned]
+    level = levels[0]
+    assert levels == list(range(level, 4))                                  # at that level and every deeper one
     exp_dir = next(tmp_path.iterdir())
     mask = layout.load_mask(layout.level_dir(exp_dir, 1, level) / layout.MASK)
     assert any(not m.any() for m in mask.values())                       # the warning is true

@@ -154,18 +154,20 @@ def test_accumulated_micro_batches_make_the_whole_batch_update(tmp_path, data, t
     from sslprune.tasks import TASKS
 
     exp = tiny_experiment(task=task_name, optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant", crop_pad=1)
-    finals, sizes = [], []
+    finals, sizes = [], {}
     for parts in (1, 4):
+        sizes[parts] = []
         torch.manual_seed(0)
         backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         task = TASKS[task_name](exp.task, 8, data.num_classes, len(data.train))
         step = task.step
-        monkeypatch.setattr(task, "step", lambda b, batch, n: sizes.append(len(batch.local().images)) or step(b, batch, n))
+        monkeypatch.setattr(task, "step", lambda b, batch, n, seen=sizes[parts]: seen.append(len(batch.local().images))
+                            or step(b, batch, n))
         train(backbone, task, data, replace(exp.train, accumulate=parts), exp.data, dense_mask(backbone),
               tmp_path / f"parts{parts}", seed=3, progress=False)
         finals.append(layout.load_tensors(tmp_path / f"parts{parts}" / layout.MODEL))
-    train_sizes = [s for s in sizes if s in (8, 32)]
-    assert train_sizes[:3] == [32, 32, 32] and 8 in train_sizes     # the runs really differ in how they step
+    # 96 images, batch 32, 2 epochs: 6 updates; in 4 parts, 24 forward passes of 8 (evaluation's batches are larger)
+    assert [s for s in sizes[1] if s <= 32] == [32] * 6 and [s for s in sizes[4] if s <= 32] == [8] * 24
     a, b = finals
     assert a.keys() == b.keys()
     for k in a:
