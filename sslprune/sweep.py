@@ -115,10 +115,11 @@ def load_spec(path: Path) -> Spec:
         if beyond:
             raise UserError(f"{path}: evaluations.{name}.level names level(s) {beyond} outside the spec's 0..{levels}; "
                             f"drop them or raise levels")
-    for name, items in evaluations.items():  # e.g. a stability table's own levels, none of them evaluated
-        if evaluated and not any(EVALUATIONS[name].at(i, x, lv) for i in items for x in experiments for lv in evaluated):
-            raise UserError(f"{path}: evaluations.{name} runs at none of the levels evaluations.level keeps "
-                            f"({list(evaluated)}); add its levels there")
+        dropped = sorted({lv for i in items if isinstance(i, dict) for lv in i.get("level", ())
+                          if evaluated and lv not in evaluated})
+        if dropped:  # never run: say so rather than skip them
+            raise UserError(f"{path}: evaluations.{name}.level names level(s) {dropped} that evaluations.level "
+                            f"({list(evaluated)}) leaves out; add them there or drop them")
     data_root = raw.get("data_root")
     return Spec(path=path.resolve(), root=here / raw.get("root", "runs"),
                 data_root=str(here / data_root) if data_root else None, levels=int(raw.get("levels", 3)),

@@ -200,7 +200,7 @@ points = 3
     ('[evaluations]\nlevel = []\n', "evaluations.level must be a non-empty list"),
     ('[evaluations]\nlevel = [true]\n', "evaluations.level must be a non-empty list"),
     ('[evaluations]\nlevel = [0]\n[evaluations.stability]\nlevel = [1]\n',
-     "evaluations.stability runs at none of the levels evaluations.level keeps ([0])"),
+     "evaluations.stability.level names level(s) [1] that evaluations.level ([0]) leaves out"),
 ])
 def test_bad_evaluations_fail_in_one_line(tmp_path, capsys, evaluations, message):
     bad = tmp_path / "bad.toml"
@@ -215,7 +215,7 @@ def test_evaluations_run_at_the_levels_the_spec_keeps(tmp_path):
     an evaluation's own level list (stability) narrows it further."""
     spec = tmp_path / "sweep.toml"
     spec.write_text(SPEC.format(epochs=1, replicates=2, retrain='["rewind", "reinit"]').replace("levels = 1", "levels = 4")
-                    + "level = [0, 2, 4]\n[evaluations.stability]\nlevel = [2, 3]\n")
+                    + "level = [0, 2, 4]\n[evaluations.stability]\nlevel = [2]\n")
     steps = Sweep(load_spec(spec)).steps()
     evals = {(s.kind, s.level) for s in steps if s.kind != "lottery"}
     assert evals == {(k, lv) for k in ("retrain",) for lv in (0, 2, 4)} | {("stability", 2)}
