@@ -386,7 +386,7 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for bad files
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}); move it away to "
                         f"resume from the start of that step") from None
-    missing = {"fingerprint", "epoch", "history", "weights"} - (set(ckpt) if isinstance(ckpt, dict) else set())
+    missing = {"fingerprint", "epoch"} - (set(ckpt) if isinstance(ckpt, dict) else set())  # the rest: train.read_checkpoint
     if missing:  # something else saved under this name, or damaged
         raise UserError(f"{path} is no sslprune checkpoint (no {', '.join(sorted(missing))}); move it away to "
                         f"resume from the start of that step")

@@ -134,6 +134,10 @@ def read_checkpoint(ckpt_path: Path, fingerprint: dict) -> dict | None:
         raise UserError(f"{ckpt_path} belongs to a different configuration or runtime (device, precision, "
                         f"memory format, compile, stacking); move {ckpt_path.parent} away or resume with the "
                         f"ones that wrote it")
+    missing = {"history", "weights", "optimizer", "generator", "torch_rng"} - set(ckpt)
+    if missing:
+        raise UserError(f"{ckpt_path} is no sslprune checkpoint (no {', '.join(sorted(missing))}); move it away to "
+                        f"resume from the start of that step")
     return ckpt
 
 

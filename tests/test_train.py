@@ -185,3 +185,10 @@ def test_fine_tuning_folders_keep_their_names_when_train_gains_a_field():
     assert stable_repr(t) == ("Train(optimizer='adam', lr=0.001, momentum=0.0, weight_decay=0.0001, batch_size=128, "
                               "epochs=20, schedule='cosine', milestones=(), gamma=0.1, warmup_epochs=0)")
     assert stable_repr(replace(t, accumulate=2)) == repr(replace(t, accumulate=2))
+
+
+def test_a_checkpoint_missing_its_state_is_refused(tmp_path):
+    """A checkpoint.pt whose fingerprint matches but which lacks the state a resume reads: one line."""
+    layout.save_checkpoint(tmp_path / layout.CHECKPOINT, {"fingerprint": {"seed": 1}, "epoch": 1})
+    with pytest.raises(UserError, match="no generator, history, optimizer, torch_rng, weights"):
+        train_mod.read_checkpoint(tmp_path / layout.CHECKPOINT, {"seed": 1})
