@@ -323,11 +323,12 @@ def provenance(exp_dirs: list[Path]) -> str:
 
 
 def _cost_text(spent) -> str:
-    """'3.2 worker-h, 2.9 CPU-h' from workers.cost(), '-' without it."""
+    """'3.2 worker-h, 2.9 CPU-h' (minutes under 6 min) from workers.cost(), '-' without it."""
     if spent is None:
         return "-"
     wall, cpu = spent
-    return f"{wall / 3600:.1f} worker-h" + (f", {cpu / 3600:.1f} CPU-h" if cpu is not None else "")
+    scale, unit = (3600, "h") if wall >= 360 else (60, "min")   # a demo's minutes are no '0.0 h'
+    return f"{wall / scale:.1f} worker-{unit}" + (f", {cpu / scale:.1f} CPU-{unit}" if cpu is not None else "")
 
 
 def _data_text(exp, saved: dict) -> str:

@@ -177,7 +177,7 @@ points = 3
     spent = workers.cost(tmp_path / "runs", exp.name)     # from the ledger, as the report's compute column
     assert spent is not None and 0 < spent[1] and workers.cost(tmp_path / "runs", "other_experiment") is None
     row = next(line for line in (tmp_path / "report" / "summary.md").read_text().splitlines() if line.startswith(f"| {exp.name}"))
-    assert row.endswith(f"| {spent[0] / 3600:.1f} worker-h, {spent[1] / 3600:.1f} CPU-h |")
+    assert row.endswith(f"| {spent[0] / 60:.1f} worker-min, {spent[1] / 60:.1f} CPU-min |")   # a tiny sweep: minutes
     n = len(_ledger(tmp_path / "runs"))
     assert main(["sweep", str(spec)]) == 0 and len(_ledger(tmp_path / "runs")) == n   # nothing re-run
     # the same spec asking stability for other options is refused, not served the 3-point path
