@@ -9,8 +9,9 @@ reads them as a sweep's runs.
 
 Per (experiment, replicate) it prints one lottery line (its chain of levels 0..levels), then one
 line per re-training variant. A re-training line re-trains the levels trained so far and skips finished
-ones. Run it after the lottery line, or run it again until every level is done; with `level = [...]`
-under the spec's [evaluations] it names those levels and refuses to start before they all have masks. Lines resume when
+ones. Run it after the lottery line, or run it again until every level is done. With `level = [...]`
+under the spec's [evaluations] there is one line per variant and listed level instead, which runs once
+that level has its mask. Lines resume when
 run again and lock their steps, so any number of machines can take them in any order.
 
 Usage: python commands.py [--launcher 'torchrun --standalone --nproc_per_node 8 -m'] SPEC.toml...
@@ -57,10 +58,11 @@ def commands(spec_path: Path, launcher: list[str]) -> list[str]:
             lines.append(shlex.join([*launcher, "sslprune", "lottery", *flags, "--root", str(spec.root), *data,
                                      "--levels", str(spec.levels), "--replicates", only, "--device", spec.device,
                                      "--quiet"]))
-            levels = ["--level", ",".join(map(str, spec.evaluated))] if spec.evaluated else []  # [evaluations] level
+            # [evaluations] level: a line per level, which can run as soon as that level has its mask
+            levels = [["--level", str(lv)] for lv in spec.evaluated] if spec.evaluated else [[]]
             for variant in spec.evaluations.get("retrain", ()):
-                lines.append(shlex.join([*launcher, "sslprune", "retrain", str(run_dir), "--variants", variant,
-                                         "--replicates", only, *levels, "--device", spec.device, "--quiet"]))
+                lines += [shlex.join([*launcher, "sslprune", "retrain", str(run_dir), "--variants", variant,
+                                      "--replicates", only, *level, "--device", spec.device, "--quiet"]) for level in levels]
     return lines
 
 
