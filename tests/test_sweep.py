@@ -305,3 +305,23 @@ def test_every_study_spec_loads(spec):
     (every experiment valid, every evaluation's table) without running anything."""
     loaded = load_spec(spec)
     assert loaded.experiments
+
+
+def test_imagenet_commands_follow_the_spec_levels(tmp_path):
+    """studies/imagenet-paper/commands.py: a lottery line per replicate; with [evaluations] level a
+    re-training line per variant and listed level (each runnable once its mask exists), which the
+    CLI parses back to those levels."""
+    import importlib.util
+
+    from sslprune.cli import parser
+    here = Path(__file__).resolve().parents[1] / "studies" / "imagenet-paper"
+    spec = importlib.util.spec_from_file_location("imagenet_commands", here / "commands.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    toml = tmp_path / "labels.toml"
+    toml.write_text((here / "labels.toml").read_text().replace("[evaluations]", "[evaluations]\nlevel = [0, 10, 30]"))
+    lines = mod.commands(toml, [])
+    retrain = [line.split()[1:] for line in lines if line.split()[1] == "retrain"]
+    assert sum(line.split()[1] == "lottery" for line in lines) == 3
+    assert len(retrain) == 3 * 3 * 3                          # 3 replicates x 3 variants x 3 levels
+    assert sorted({parser().parse_args(r).level[0] for r in retrain}) == [0, 10, 30]
