@@ -484,7 +484,9 @@ def cmd_sweep(args, argv) -> int:
             for j in jobs:
                 j.result()
         else:
-            codes = workers.run_local(spec.path, args.workers, runtime=runtime)
+            # on a CPU, one torch thread a worker (as the demo): N workers of all the cores would fight
+            threads = 1 if runtime.device.split(":")[0] == "cpu" and args.workers > 1 else 0
+            codes = workers.run_local(spec.path, args.workers, threads=threads, runtime=runtime)
             if any(codes):
                 print(f"worker exit codes {codes}", file=sys.stderr)
     st = workers.status(spec)
