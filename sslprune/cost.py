@@ -153,10 +153,9 @@ def cost_levels(exp_dir: Path, replicates: list[int] | None = None, levels: list
     if onnx:
         from .export import _need_onnx
         _need_onnx()
-    pairs = [(r, lv) for r, lv, ldir in layout.levels(exp_dir) if (ldir / layout.MASK).exists()
-             and (replicates is None or r in replicates) and (levels is None or lv in levels)]
-    if not pairs:
-        raise UserError(f"no level with a mask matches in {exp_dir}; run 'sslprune lottery' first")
+    from .lottery import pick_levels
+    masked = [(r, lv) for r, lv, ldir in layout.levels(exp_dir) if (ldir / layout.MASK).exists()]
+    pairs = pick_levels(exp_dir, replicates, levels, available=masked, what="masked")
     return cost_run(exp_dir, pairs, repeats, onnx), len(pairs)
 
 

@@ -232,18 +232,20 @@ def open_run(exp_dir: Path, data_root: str | None = None) -> tuple[Experiment, d
     return exp, saved, data
 
 
-def pick_levels(exp_dir: Path, replicates: list[int] | None, levels: list[int] | None) -> list[tuple[int, int]]:
-    """(replicate, level) of the trained levels an evaluation runs on (None = all of them)."""
-    trained = layout.trained_levels(exp_dir)
-    pairs = [(r, lv) for r, lv in trained
-             if (replicates is None or r in replicates) and (levels is None or lv in levels)]
-    for what, asked, have in (("replicate", replicates, {r for r, _ in trained}), ("level", levels, {lv for r, lv in trained if replicates is None or r in replicates})):
-        missing = sorted(set(asked or ()) - have)
-        if missing:  # asked for by name: never skipped in silence
-            raise UserError(f"{exp_dir} has no trained {what} {', '.join(map(str, missing))} (trained: "
-                            f"{', '.join(map(str, sorted(have))) or 'none'}); ask for those, or run 'sslprune lottery' further")
+def pick_levels(exp_dir: Path, replicates: list[int] | None, levels: list[int] | None,
+                available: list[tuple[int, int]] | None = None, what: str = "trained") -> list[tuple[int, int]]:
+    """(replicate, level) of the `available` levels (default: the trained ones) an evaluation runs on,
+    None = all of them; a replicate or level asked for by name and not there is refused, never skipped."""
+    have = layout.trained_levels(exp_dir) if available is None else available
+    pairs = [(r, lv) for r, lv in have if (replicates is None or r in replicates) and (levels is None or lv in levels)]
+    for kind, asked, there in (("replicate", replicates, {r for r, _ in have}),
+                               ("level", levels, {lv for r, lv in have if replicates is None or r in replicates})):
+        missing = sorted(set(asked or ()) - there)
+        if missing:
+            raise UserError(f"{exp_dir} has no {what} {kind} {', '.join(map(str, missing))} ({what}: "
+                            f"{', '.join(map(str, sorted(there))) or 'none'}); ask for those, or run 'sslprune lottery' further")
     if not pairs:
-        raise UserError(f"no trained level matches in {exp_dir}; run 'sslprune lottery' first")
+        raise UserError(f"no {what} level matches in {exp_dir}; run 'sslprune lottery' first")
     return pairs
 
 
