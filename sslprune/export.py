@@ -169,8 +169,8 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder")
     ours = {layout.EXPORT_MODEL, layout.EXPORT_ONNX, layout.EXPORT_INFO}   # an interrupted export's, redone
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not
-                    (p.name.startswith(".") and p.name.endswith(".tmp"))) if out.is_dir() else []
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not layout.is_temporary(p)) \
+        if out.is_dir() else []
     if others:
         raise UserError(f"--out {out} holds files that are no sslprune export ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}); pass a new or empty folder")

@@ -276,10 +276,15 @@ def experiment_lock(exp_dir: Path) -> Path:
     return Path(exp_dir) / ".config.lock"
 
 
+def is_temporary(path: Path) -> bool:
+    """A half-written file of an atomic write (.<name>.*.tmp, made by mkstemp below)."""
+    return Path(path).name.startswith(".") and Path(path).name.endswith(".tmp")
+
+
 def clean_temporaries(folder: Path) -> list[Path]:
     """Remove the half-written temporaries (.<name>.*.tmp) a killed writer left in `folder`; call it
     only under the lock of the step that writes there. Returns what was removed."""
-    gone = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    gone = sorted(p for p in Path(folder).iterdir() if is_temporary(p)) if Path(folder).is_dir() else []
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
