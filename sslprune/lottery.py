@@ -244,6 +244,17 @@ def pick_levels(exp_dir: Path, replicates: list[int] | None, levels: list[int] |
         if missing:
             raise UserError(f"{exp_dir} has no {what} {kind} {', '.join(map(str, missing))} ({what}: "
                             f"{', '.join(map(str, sorted(there))) or 'none'}); ask for those, or run 'sslprune lottery' further")
+    # Each level asked for, in each replicate taken: a replicate still on its way is named, not dropped.
+    gaps = [(r, lv) for r in sorted({r for r, _ in have if replicates is None or r in replicates})
+            for lv in sorted(set(levels or ())) if (r, lv) not in have]
+    if gaps:
+        whole = sorted({r for r, _ in have} - {r for r, _ in gaps})
+        # '--replicates 2' would mean 1..2: one replicate alone is written '2-2'
+        ask = (f"--replicates {whole[0]}-{whole[0]}" if len(whole) == 1 else
+               f"--replicates {','.join(map(str, whole))}" if whole else "other levels")
+        raise UserError(f"{exp_dir} has no {what} level {gaps[0][1]} in replicate {gaps[0][0]}"
+                        f"{f' (and {len(gaps) - 1} more pairs)' if len(gaps) > 1 else ''}; ask for {ask}, "
+                        f"or run 'sslprune lottery' further")
     if not pairs:
         raise UserError(f"no {what} level matches in {exp_dir}; run 'sslprune lottery' first")
     return pairs

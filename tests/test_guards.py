@@ -331,6 +331,20 @@ def test_levels_and_replicates_asked_for_are_never_skipped_in_silence(tmp_path, 
     assert "(ascending)" in capsys.readouterr().err
 
 
+def test_a_level_one_replicate_lacks_is_named_not_dropped(tmp_path):
+    """A lottery on its way: replicate 2 has not reached level 1. Asking level 1 names that gap
+    instead of evaluating replicate 1 alone and calling it the level's mean."""
+    from sslprune.lottery import pick_levels
+    have = [(1, 0), (1, 1), (2, 0)]
+    with pytest.raises(UserError, match=r"no trained level 1 in replicate 2; ask for --replicates 1-1,"):
+        pick_levels(tmp_path, None, [1], available=have)
+    with pytest.raises(UserError, match=r"level 1 in replicate 2"):
+        pick_levels(tmp_path, [1, 2], [0, 1], available=have)
+    assert pick_levels(tmp_path, [1], [1], available=have) == [(1, 1)]
+    assert pick_levels(tmp_path, None, [0], available=have) == [(1, 0), (2, 0)]
+    assert pick_levels(tmp_path, None, None, available=have) == have
+
+
 def test_a_level_that_empties_a_layer_says_so(tmp_path, capsys):
     """Global magnitude pruning can take a whole layer: the lottery warns at every such level
     (here 90% a level on 100 digits: the last conv empties by level 2 or 3)."""
