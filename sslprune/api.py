@@ -124,8 +124,10 @@ def apply_mask(model: nn.Module, mask: Mask) -> nn.Module:
 @contextlib.contextmanager
 def enforce_mask(model: nn.Module, mask: Mask, optimizer: torch.optim.Optimizer) -> Iterator[MaskEnforcer]:
     """Keep pruned weights at exactly zero in your own training loop: zeroes them on entry, then
-    after every `optimizer.step()` inside the block (an optimizer step hook, removed on exit).
-    Without it, weight decay, momentum and Adam's running moments revive pruned weights.
+    after every `optimizer.step()` inside the block, and their gradients before it (optimizer step
+    hooks, removed on exit). Without it, weight decay, momentum and Adam's running moments revive
+    pruned weights, and a layer-wise optimizer (LARS) lets pruned gradients scale the kept weights'
+    steps. Gradient clipping runs before step(): call `enforcer.gradients()` before clipping.
 
         with sslprune.enforce_mask(model, mask, optimizer):
             for x, y in loader:
@@ -135,11 +137,13 @@ def enforce_mask(model: nn.Module, mask: Mask, optimizer: torch.optim.Optimizer)
     entering. Yields the MaskEnforcer (call it to re-zero by hand, e.g. after loading weights)."""
     apply_mask(model, mask)
     enforcer = MaskEnforcer(model, _check_mask(model, mask))
-    handle = optimizer.register_step_post_hook(lambda *_: enforcer())
+    handles = (optimizer.register_step_pre_hook(lambda *_: enforcer.gradients()),
+               optimizer.register_step_post_hook(lambda *_: enforcer()))
     try:
         yield enforcer
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,7 +94,10 @@ def apply_mask(backbone: nn.Module, mask: Mask) -> None:
 
 class MaskEnforcer:
     """Keeps pruned weights at exactly zero after each optimizer step: one multi-tensor multiply.
-    Built once per run so the float masks live on the training device."""
+    Built once per run so the float masks live on the training device. gradients(), before the
+    step, takes the pruned weights' gradients out too: an element-wise optimizer (SGD, Adam) never
+    lets them reach a kept weight, but a layer-wise one does (LARS's trust ratio divides by the
+    whole layer's gradient norm), and the pruned sub-network must train as if alone."""
 
     def __init__(self, backbone: nn.Module, mask: Mask):
         weights = prunable(backbone)
@@ -110,6 +113,12 @@ class MaskEnforcer:
     def __call__(self) -> None:
         if self.weights:
             torch._foreach_mul_(self.weights, self.masks)
+
+    @torch.no_grad()
+    def gradients(self) -> None:
+        grads = [(w.grad, m) for w, m in zip(self.weights, self.masks) if w.grad is not None]
+        if grads:
+            torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
 
 
 def density(mask: Mask, layers: list[str] | None = None) -> float:

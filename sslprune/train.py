@@ -286,6 +286,7 @@ def train(backbone: nn.Module, task: Task, data: Dataset, cfg: TrainConfig, aug:
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
                 correct += c
                 count += n
+            enforce_mask.gradients()                                # LARS: no pruned weight's gradient in a layer's norm
             optimizer.step()
             enforce_mask()                                          # pruned weights stay exactly 0
             if snapshot and step + 1 == snapshot[0]:  # the rewind point: never a diverged one

@@ -108,6 +108,8 @@ def test_enforce_mask_holds_pruned_weights_at_zero_in_a_users_loop():
         for _ in range(3):
             step()
             assert pruned_zero(model, mask)
+            weights = dict(model.named_parameters())      # and no pruned gradient reached the step
+            assert all(bool((weights[n].grad[~m] == 0).all()) for n, m in mask.items())
     step()                                                # the hook is gone: Adam's moments revive them
     assert not pruned_zero(model, mask)
 

@@ -30,6 +30,30 @@ def test_learns_and_pruned_weights_stay_zero(tmp_path, data):
     assert len(log) == 10 and not (tmp_path / "run" / layout.CHECKPOINT).exists()
 
 
+@pytest.mark.parametrize("optimizer", ["lars", "sgd", "adam"])
+def test_a_pruned_network_trains_as_if_alone(tmp_path, data, optimizer):
+    """The kept weights never feel the pruned ones: junk added to the pruned weights' gradients
+    changes nothing (LARS's layer-wise trust ratio would carry it into every kept weight's step),
+    and the pruned weights stay exactly zero under each optimizer (momentum and decay included)."""
+    exp = tiny_experiment(optimizer=optimizer, lr=0.05 if optimizer != "adam" else 3e-3, momentum=0.9,
+                          weight_decay=1e-3, epochs=1)
+
+    def run(out, junk):
+        backbone, task = build(exp, data, seed=0)
+        mask = _pruned_mask(backbone)
+        if junk:
+            for n, w in prunable(backbone).items():
+                w.register_hook(lambda g, m=mask[n]: g + 100.0 * (~m))   # (out, in, kh, kw), pruned entries only
+        train(backbone, task, data, exp.train, exp.data, mask, out, seed=0, progress=False)
+        return prunable(backbone), mask
+
+    clean, mask = run(tmp_path / "clean", junk=False)
+    noisy, _ = run(tmp_path / "junk", junk=True)
+    for n, w in clean.items():
+        assert (w[~mask[n]] == 0).all() and (noisy[n][~mask[n]] == 0).all()
+        torch.testing.assert_close(noisy[n], w, rtol=0, atol=0)
+
+
 def test_resume_after_kill_is_bitwise_identical(tmp_path, data, monkeypatch):
     exp = tiny_experiment(epochs=3)
 
