@@ -168,6 +168,16 @@ def test_missing_arms_are_not_tested_and_named(tmp_path):
     assert f"Missing: {E['rotation']}: transfer caltech101-subset finetune" in md
 
 
+def test_f3_without_the_labels_arms_is_not_tested(tmp_path):
+    """F3's excess is rotation's boost minus labels': without labels' re-trainings it is no verdict."""
+    report = tmp_path / "report"
+    _write(report / "results.csv", [r for r in study_rows() if not (r["experiment"] == E["labels"]
+                                                                     and r["eval"] == "retrain")])
+    md = F.main([str(report)]).read_text()
+    assert verdicts(md)["F3"] == "not tested" and verdicts(md)["F2"] == "not tested"
+    assert f"Missing: {E['labels']}: retrain rewind" in md
+
+
 def test_report_without_results_fails_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no results.csv"):
         F.main([str(tmp_path)])

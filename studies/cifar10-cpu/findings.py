@@ -269,9 +269,10 @@ def f3(res, E) -> Finding:
     f = Finding("F3", "RotNet pruning: winning tickets give little or no boost over re-init",
                 "retrain, test_acc; boost = rewind - reinit, excess = rotation's boost - labels'")
     arms = {(o, r): arm(f"{o}/{r}", E[o], reset=r) for o in ("labels", "rotation") for r in ("rewind", "reinit")}
-    levels, statuses = res.levels(arms["rotation", "rewind"], arms["rotation", "reinit"]), []
-    if not levels:  # names what is missing
-        f.parts.append(("little or no boost", f.compare(res, arms["rotation", "rewind"], arms["rotation", "reinit"], positive)))
+    levels, statuses = res.levels(*arms.values()), []   # the excess needs labels' boost too
+    if not levels:
+        f.missing += [a[2] for a in arms.values() if not res.cells.get(a[1])] or [f"the four arms at {LEVELS}"]
+        f.parts.append(("little or no boost", "missing"))
         return f
     for lv in levels:
         boost = {o: sub(res.get(arms[o, "rewind"], lv), res.get(arms[o, "reinit"], lv)) for o in ("labels", "rotation")}
