@@ -307,6 +307,35 @@ def test_every_study_spec_loads(spec):
     assert loaded.experiments
 
 
+def test_the_paper_study_specs_build_the_presets_experiments():
+    """studies/cifar10-paper spells every value out, and its README says a user's `--preset` run is
+    the same experiment (same folder name): each spec experiment is its preset's, with the spec's
+    dataset, model and task."""
+    from sslprune.config import PRESETS, Experiment
+    here = Path(__file__).resolve().parents[1] / "studies" / "cifar10-paper"
+    preset_of = {"labels": "cifar10-resnet18-paper", "rotation": "cifar10-resnet18-paper",
+                 "exemplar": "cifar10-resnet18-exemplar-paper", "npid": "cifar10-resnet18-npid",
+                 "s4l": "cifar10-resnet18-s4l"}
+    for spec in sorted(here.glob("*.toml")):
+        for exp in load_spec(spec).experiments:
+            name = ("cifar10-resnet18-10pct-labels" if exp.task.label_fraction and exp.task.task == "labels"
+                    else preset_of[exp.task.task])
+            values = {k: v for k, v in PRESETS[name].items() if k not in ("levels", "replicates")}
+            built = Experiment.from_flat({**values, "dataset": exp.data.dataset, "model": exp.model.model,
+                                          "task": exp.task.task})
+            assert built == exp and built.name() == exp.name(), (spec.name, name)
+
+
+def test_the_cpu_studys_masks_are_all_retrained_under_one_schedule():
+    """cifar10-cpu compares re-trained masks across its specs (F1-F3, F8): whatever each arm trains
+    with (10% labels: 195 epochs), every mask is re-trained on labels with the same settings."""
+    from sslprune.retrain import retrain_settings
+    here = Path(__file__).resolve().parents[1] / "studies" / "cifar10-cpu"
+    settings = {(spec.name, exp.name()): retrain_settings(exp)
+                for spec in sorted(here.glob("*.toml")) for exp in load_spec(spec).experiments}
+    assert len(settings) >= 6 and len(set(settings.values())) == 1, settings
+
+
 def test_imagenet_commands_follow_the_spec_levels(tmp_path):
     """studies/imagenet-paper/commands.py: a lottery line per replicate; with [evaluations] level a
     re-training line per variant and listed level (each runnable once its mask exists), which the

@@ -7,7 +7,7 @@ Reads REPORT/results.csv (sslprune report), REPORT/natural_sparsity.csv (sslprun
 REPORT/stability.csv (sslprune report, eval stability) where present, and CALTECH_REPORT/results.csv
 (its arms as caltech-pretrained/compare.py's arm(), configs from CALTECH_REPORT/../runs); writes
 REPORT/findings.md and prints its path. An arm is an experiment named by this study's specs
-(labels/rotation/rewind/semi.toml beside this file, through sslprune.sweep.load_spec): the objective
+(labels/rotation/rewind/semi/labels-10pct.toml beside this file, through sslprune.sweep.load_spec): the objective
 column of results.csv changes with which other experiments a report holds ('labels (rewind 1ep)').
 
 VERDICT RULES (fixed before any data was seen; applied mechanically)
@@ -43,7 +43,7 @@ VERDICT RULES (fixed before any data was seen; applied mechanically)
   transfer), test_mean_class_acc, positive at the compared levels (the caltech arm stops at 10).
   Level 0, where both arms are the same dense fine-tuning, is shown, not judged. No --caltech: not
   tested.
-- F8: one verdict per semi.toml arm (s4l, labels, 10% of the labels): retrain/rewind at level 10
+- F8: one verdict per semi-supervised arm (semi.toml's s4l, labels-10pct.toml's labels, 10% of the labels): retrain/rewind at level 10
   minus rotation/rewind at level 10, positive. The mean over levels 1-10 per replicate (replicates
   with all of them) is shown, not judged.
 - Hubens et al.: one verdict per pre-trained arm, minus 'from scratch, rewind 1ep' ('rewind 0it' if
@@ -84,13 +84,14 @@ CALTECH_METRIC = COMPARE.METRIC  # mean per-class accuracy: Caltech-101's test s
 
 def specs() -> dict:
     """{spec name: load_spec(...)}: this study's specs, which name every arm's experiment."""
-    return {n: load_spec(HERE / f"{n}.toml") for n in ("labels", "rotation", "rewind", "semi")}
+    return {n: load_spec(HERE / f"{n}.toml") for n in ("labels", "rotation", "rewind", "semi", "labels-10pct")}
 
 
 def study_experiments(sp: dict) -> dict:
     """Arm key -> experiment name: 'labels', 'rotation', 's4l 10%', 'labels 10%', ('rewind', task, point)."""
     out = {"labels": sp["labels"].experiments[0].name(), "rotation": sp["rotation"].experiments[0].name()}
-    out |= {f"{e.task.task} {e.task.label_fraction:.0%}": e.name() for e in sp["semi"].experiments}
+    out |= {f"{e.task.task} {e.task.label_fraction:.0%}": e.name()
+            for e in (*sp["semi"].experiments, *sp["labels-10pct"].experiments)}
     return out | {("rewind", e.task.task, e.prune.rewind): e.name() for e in sp["rewind"].experiments}
 
 

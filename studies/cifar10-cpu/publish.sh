@@ -23,7 +23,7 @@ sslprune report "$studies/caltech-pretrained/runs" --out "$out/caltech-pretraine
 python "$repo/studies/caltech-pretrained/compare.py" "$studies/caltech-pretrained/runs" "$out/caltech-pretrained"
 python "$here/findings.py" "$out" --caltech "$out/caltech-pretrained"
 # the specs beside the runs: they name the runs' folder (root) relative to themselves
-{ for spec in cifar10-cpu/labels cifar10-cpu/rotation cifar10-cpu/rewind cifar10-cpu/semi \
+{ for spec in cifar10-cpu/labels cifar10-cpu/rotation cifar10-cpu/rewind cifar10-cpu/semi cifar10-cpu/labels-10pct \
               caltech-pretrained/pruning caltech-pretrained/baselines; do
     echo "$spec.toml: $(sslprune sweep "$studies/$spec.toml" --status 2>&1 | tr '\n' ' ')"
   done; } > "$out/budget.txt"

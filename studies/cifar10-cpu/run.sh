@@ -1,5 +1,5 @@
 #!/bin/bash
-# The cifar10-cpu study, start to finish: the four sweeps, then the report and natural sparsity.
+# The cifar10-cpu study, start to finish: the five sweeps, then the report and natural sparsity.
 # Re-running resumes; finished steps are read back. Usage: bash studies/cifar10-cpu/run.sh
 # WORKERS (default 2) sweep workers, each on one thread: small networks gain nothing from a second
 # core, so two trainings side by side use the machine better than one on two threads.
@@ -7,7 +7,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export PATH="$here/../../.venv/bin:$PATH" OMP_NUM_THREADS=1
 workers=${WORKERS:-2}
-for spec in labels rotation rewind semi; do
+for spec in labels rotation rewind semi labels-10pct; do
   s=$(date +%s)
   sslprune sweep "$here/$spec.toml" --workers "$workers"
   echo "$spec sweep: $(( $(date +%s) - s )) s"
