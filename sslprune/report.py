@@ -222,7 +222,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups[(r["eval"], objective, r["reset"], r["level"], r["metric"])].append(r)
     out = []
     for (ev, obj, reset, level, metric), rs in sorted(groups.items()):
-        mean, se, n = _mean_se([r["value"] for r in rs])
+        mean, se, n = mean_se([r["value"] for r in rs])
         out.append(dict(eval=ev, objective=obj, reset=reset, level=level,
                         remaining=sum(r["remaining"] for r in rs) / n, metric=metric,
                         measure=rs[0].get("measure", metric), mean=mean, se=se, n=n))
@@ -557,7 +557,8 @@ def collect_stability(exp_dirs: list[Path]) -> list[dict]:
     return rows
 
 
-def _mean_se(vals: list[float]) -> tuple[float, float, int]:
+def mean_se(vals: list[float]) -> tuple[float, float, int]:
+    """Mean, standard error (sample std / sqrt(n); nan for n = 1) and n."""
     n = len(vals)
     mean = sum(vals) / n
     return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan"), n
@@ -573,8 +574,8 @@ def stability_summary(rows: list[dict]) -> list[dict]:
         acc = [r["retrained_acc"] for r in rs if r["retrained_acc"] != ""]
         out.append(dict(objective=obj, level=level, rewind_epochs=epochs, rewind=rs[0]["rewind"],
                         remaining=sum(r["remaining"] for r in rs) / len(rs),
-                        instability=_mean_se([r["instability"] for r in rs]),
-                        retrained=_mean_se(acc) if acc else None))
+                        instability=mean_se([r["instability"] for r in rs]),
+                        retrained=mean_se(acc) if acc else None))
     return out
 
 

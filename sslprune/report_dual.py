@@ -61,7 +61,7 @@ def _without_budget(exp):
 
 def _mean_se(values: list[float]) -> str:
     """'0.7000 ± 0.0200', or '0.7000' from one seed (the report's own mean and standard error)."""
-    from .report import _mean_se as stats
+    from .report import mean_se as stats
     mean, se, n = stats(values)
     return f"{mean:.4f} ± {se:.4f}" if n > 1 else f"{mean:.4f}"
 
@@ -141,5 +141,5 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _se(values: list[float]) -> float:
-    from .report import _mean_se as stats
+    from .report import mean_se as stats
     return stats(values)[1] if len(values) > 1 else 0.0

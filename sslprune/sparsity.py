@@ -20,7 +20,7 @@ from .errors import UserError
 from .lottery import load_experiment
 from .models import build_backbone
 from .pruning import prunable
-from .report import save_png
+from .report import mean_se, save_png
 
 
 def threshold_for(weights: dict[str, torch.Tensor], threshold: float | None) -> float:
@@ -104,17 +104,12 @@ def write_report(exp_dirs, out, thresholds=(None,), levels=(0,), with_init: bool
     for r in rows:
         groups[(r["experiment"], str(r["level"]), r["threshold"], r["layer"])].append(r["fraction"])
 
-    def mean_se(v):
-        m = sum(v) / len(v)
-        se = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else float("nan")
-        return m, se
-
     lines = ["# Natural sparsity", "", "Fraction of prunable weights with |w| <= threshold (machine epsilon of the "
              "dtype unless given), among the weights the level's mask keeps; mean ± s.e. over replicates.", "",
              "| experiment | level | threshold | total | n |", "|---|---|---|---|---|"]
     for (e, lv, t, layer), v in sorted(groups.items()):
         if layer == "total":
-            m, se = mean_se(v)
+            m, se, _ = mean_se(v)
             lines.append(f"| {e} | {lv} | {t:.3g} | {m:.2%}" + ("" if math.isnan(se) else f" ± {se:.2%}") + f" | {len(v)} |")
     lines += ["", "## Per layer (mean over replicates)", "", "| experiment | level | threshold | layer | fraction |",
               "|---|---|---|---|---|"]

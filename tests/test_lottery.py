@@ -67,11 +67,31 @@ def test_resume_at_any_point_equals_uninterrupted(tmp_path, data, monkeypatch):
         assert all(torch.equal(ta[n], tb[n]) for n in ta), k
 
 
-def test_reinit_reset_draws_fresh_weights(tmp_path, data):
+def test_reinit_reset_draws_fresh_weights(tmp_path, data, monkeypatch):
+    """--reset reinit: each level starts from a new draw of the init scheme under its mask: not the
+    init, not the rewind point, not another level's draw; and the same draw on every re-run."""
+    from sslprune.lottery import build, derive_seed
     exp = tiny_experiment(reset="reinit")
     exp_dir = prepare(exp, tmp_path, data, None, ["t"])
-    run_replicate(exp, exp_dir, data, 1, 1, progress=False)
-    assert layout.is_done(layout.level_dir(exp_dir, 1, 1) / "train")
+    starts, real_enforcer = [], train_mod.MaskEnforcer
+
+    def spy(backbone, mask):  # built once per training run, just before the first step
+        starts.append({n: v.clone() for n, v in backbone.state_dict().items()})
+        return real_enforcer(backbone, mask)
+
+    monkeypatch.setattr(train_mod, "MaskEnforcer", spy)
+    run_replicate(exp, exp_dir, data, 1, 2, progress=False)
+    init = layout.load_tensors(layout.replicate_dir(exp_dir, 1) / layout.INIT)
+    rewind = layout.load_tensors(layout.replicate_dir(exp_dir, 1) / layout.REWIND)
+    conv = "features.0.weight"
+    for level in (1, 2):
+        mask = layout.load_tensors(layout.level_dir(exp_dir, 1, level) / layout.MASK)
+        fresh = build(exp, data, seed=derive_seed("reinit", 1, level))[0].state_dict()
+        for n in mask:
+            assert torch.equal(starts[level][n], fresh[n] * mask[n])
+        assert not torch.equal(starts[level][conv], init[f"backbone.{conv}"] * mask[conv])
+        assert not torch.equal(starts[level][conv], rewind[f"backbone.{conv}"] * mask[conv])
+    assert not torch.equal(starts[1][conv], starts[2][conv])
 
 
 def test_config_mismatch_is_refused_and_nothing_touched(tmp_path, data):

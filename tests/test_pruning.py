@@ -67,6 +67,19 @@ def test_random_scores_are_seeded():
     assert any(not torch.equal(a[n], d[n]) for n in a)
 
 
+def test_random_pruning_thins_every_layer_alike():
+    """The random baseline is random *global* pruning: every layer keeps about the global density
+    (a binomial draw per layer, within 5 s.d.), level after level, never magnitude's uneven cut."""
+    import math
+    b = build_model("convnet")
+    mask, g = dense_mask(b), torch.Generator().manual_seed(0)
+    for _ in range(10):
+        mask = prune(SCORES["random"](prunable(b), g), mask, 0.2)
+        d = density(mask)
+        for n, m in mask.items():
+            assert abs(float(m.float().mean()) - d) <= 5 * math.sqrt(d * (1 - d) / m.numel()), n
+
+
 def test_enforcer_and_apply_zero_pruned_weights():
     b = build_model("convnet")
     mask = magnitude_levels(b, 3)[-1]

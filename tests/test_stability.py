@@ -44,11 +44,27 @@ def test_recomputed_batchnorm_is_the_exact_average_in_train_mode(data):
     assert all(torch.equal(v, task.state_dict()[k]) for k, v in bank.items() if "running" not in k)
 
 
-def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path, data):
+def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path, data, monkeypatch):
+    import sslprune.stability as stability_mod
     exp = tiny_experiment(task="rotation", epochs=2, rewind="1it")
     exp_dir = prepare(exp, tmp_path, data, None, ["t"])
     run_replicate(exp, exp_dir, data, 1, 1, progress=False)
+    starts, real_train = {}, stability_mod.train
+
+    def spy(backbone, task, data, cfg, aug, mask, out, seed, **k):  # where each copy really starts
+        starts[str(out.relative_to(exp_dir))] = ({n: v.clone() for n, v in weights(backbone, task).items()}, mask, seed)
+        return real_train(backbone, task, data, cfg, aug, mask, out, seed=seed, **k)
+
+    monkeypatch.setattr(stability_mod, "train", spy)
     kept = level_stability(exp, exp_dir, data, 1, 1, points=5, bn="keep", progress=False)
+    # copy 2 starts from the ticket (the rewind point, head and batch-norm included; train() applies the
+    # level's mask), with another seed than copy 1, the level's own run
+    rewind = layout.load_tensors(layout.replicate_dir(exp_dir, 1) / layout.REWIND)
+    start, given, seed = starts["replicate_1/level_1/stability/copy_2"]
+    mask = layout.load_mask(layout.level_dir(exp_dir, 1, 1) / layout.MASK)
+    assert start.keys() == rewind.keys() and all(torch.equal(start[n], rewind[n]) for n in rewind)
+    assert given.keys() == mask.keys() and all(torch.equal(given[n], mask[n]) for n in mask)
+    assert kept["seeds"][0] == 1 and seed == kept["seeds"][1] != 1
     # bn keep: the ends are exactly the two trained networks, so their accuracies are the runs' own
     assert kept["test_acc"][0] == kept["ends_trained_acc"][0] and kept["test_acc"][-1] == kept["ends_trained_acc"][1]
     assert kept["copies"][0] == "replicate_1/level_1/train"                # level 1 started at the rewind point
@@ -57,7 +73,6 @@ def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path
     second = layout.load_model(layout.stability_dir(layout.level_dir(exp_dir, 1, 1)) / "copy_2")
     first = layout.load_model(layout.level_dir(exp_dir, 1, 1) / "train")
     assert any(not torch.equal(second[k], first[k]) for k in first)        # another data order: another network
-    mask = layout.load_mask(layout.level_dir(exp_dir, 1, 1) / layout.MASK)
     assert all(torch.all(second[f"backbone.{n}"][~m] == 0) for n, m in mask.items())
     # idempotent: the result is read back, nothing retrained; other options are refused, not served it
     assert level_stability(exp, exp_dir, data, 1, 1, points=5, bn="keep", progress=False) == kept
