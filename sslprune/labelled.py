@@ -11,6 +11,7 @@ task or training code sees them, and the "10% labels" dataset simply drops them.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -67,6 +68,12 @@ def task_data(exp: Experiment, exp_dir: Path, data: Dataset) -> Dataset:
                             f"this data; move {exp_dir} away or restore the code that made it")
     else:
         layout.save_tensors(path, {"index": subset})
+        kept = len(subset) / len(data.train)
+        if abs(kept - t.label_fraction) > 0.1 * t.label_fraction:   # rounding per class, at least one each
+            rule = "round(f C) classes" if t.label_split == "classes" else "round(f n_c) images of each class"
+            print(f"warning: --label-fraction {t.label_fraction} keeps {len(subset)} of {len(data.train)} training "
+                  f"labels ({kept:.1%}): {rule}, at least one; the report names it by {t.label_fraction:.0%}",
+                  file=sys.stderr)
     return restrict_labels(data, subset, drop_unlabelled=TASKS[t.task].unlabelled == "drop")
 
 

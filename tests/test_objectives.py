@@ -228,6 +228,17 @@ def test_labels_task_trains_on_the_subset_alone_and_the_subset_is_saved(tmp_path
         task_data(exp, exp_dir, data)
 
 
+def test_a_fraction_rounding_makes_far_from_its_value_is_said(tmp_path, capsys):
+    """3 classes of 40 at 1%: round(0.4) = 0, at least one each: 3 labels (2.5%), not 1%."""
+    data = _full_data()
+    exp = tiny_experiment(task="labels", label_fraction=0.01)
+    task_data(exp, prepare(exp, tmp_path, data, None, ["t"]), data)
+    assert "keeps 3 of 120 training labels (2.5%)" in capsys.readouterr().err
+    exp = tiny_experiment(task="labels", label_fraction=0.25)   # exact: silent
+    task_data(exp, prepare(exp, tmp_path, data, None, ["t"]), data)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_s4l_hides_the_labels_of_unlabelled_images(tmp_path):
     exp = tiny_experiment(task="s4l", label_fraction=0.25, epochs=1)
     data = _full_data()
