@@ -40,8 +40,9 @@ def test_every_path_of_a_finished_run_is_one_layout_names(tmp_path, capsys):
 def test_no_module_but_layout_spells_a_run_folder_name():
     """Folder names are made and parsed in layout.py alone (grep, so a new one cannot creep in)."""
     import re
-    # a name's prefix in a string ('level_', f"retrain_{reset}"), or a run folder joined onto a path
-    pattern = re.compile(r"""["'](?:replicate_|level_|retrain_|probe_|finetune_|copy_)|/\s*["'](?:train|stability)["']""")
+    # a name's prefix in a string ('level_', f"retrain_{reset}"; not the config field "retrain_as"), or a
+    # run folder joined onto a path
+    pattern = re.compile(r"""["'](?:replicate_|level_|retrain_(?!as["'])|probe_|finetune_|copy_)|/\s*["'](?:train|stability)["']""")
     offenders = []
     for path in sorted(Path(layout.__file__).parent.rglob("*.py")):
         if path.name == "layout.py" or path.parent.name == "data":   # data/: a dataset's own train/ folder
