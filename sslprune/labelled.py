@@ -68,12 +68,14 @@ def task_data(exp: Experiment, exp_dir: Path, data: Dataset) -> Dataset:
                             f"this data; move {exp_dir} away or restore the code that made it")
     else:
         layout.save_tensors(path, {"index": subset})
-        kept = len(subset) / len(data.train)
-        if abs(kept - t.label_fraction) > 0.1 * t.label_fraction:   # rounding per class, at least one each
-            rule = "round(f C) classes" if t.label_split == "classes" else "round(f n_c) images of each class"
-            print(f"warning: --label-fraction {t.label_fraction} keeps {len(subset)} of {len(data.train)} training "
-                  f"labels ({kept:.1%}): {rule}, at least one; the report names it by {t.label_fraction:.0%}",
-                  file=sys.stderr)
+        # rounding (per class, or of the classes), at least one each, can keep far from the fraction asked
+        if t.label_split == "classes":
+            unit, n, total = "classes", len(data.train.labels[subset].unique()), len(data.train.labels.unique())
+        else:
+            unit, n, total = "training labels", len(subset), len(data.train)
+        if abs(n / total - t.label_fraction) > 0.1 * t.label_fraction:
+            print(f"warning: --label-fraction {t.label_fraction} keeps {n} of {total} {unit} ({n / total:.1%}): "
+                  f"rounded, at least one; the report names it by {t.label_fraction:.0%}", file=sys.stderr)
     return restrict_labels(data, subset, drop_unlabelled=TASKS[t.task].unlabelled == "drop")
 
 

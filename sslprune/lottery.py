@@ -237,24 +237,30 @@ def pick_levels(exp_dir: Path, replicates: list[int] | None, levels: list[int] |
     """(replicate, level) of the `available` levels (default: the trained ones) an evaluation runs on,
     None = all of them; a replicate or level asked for by name and not there is refused, never skipped."""
     have = layout.trained_levels(exp_dir) if available is None else available
-    pairs = [(r, lv) for r, lv in have if (replicates is None or r in replicates) and (levels is None or lv in levels)]
-    for kind, asked, there in (("replicate", replicates, {r for r, _ in have}),
-                               ("level", levels, {lv for r, lv in have if replicates is None or r in replicates})):
-        missing = sorted(set(asked or ()) - there)
-        if missing:
-            raise UserError(f"{exp_dir} has no {what} {kind} {', '.join(map(str, missing))} ({what}: "
-                            f"{', '.join(map(str, sorted(there))) or 'none'}); ask for those, or run 'sslprune lottery' further")
-    # Each level asked for, in each replicate taken: a replicate still on its way is named, not dropped.
-    gaps = [(r, lv) for r in sorted({r for r, _ in have if replicates is None or r in replicates})
-            for lv in sorted(set(levels or ())) if (r, lv) not in have]
-    if gaps:
-        whole = sorted({r for r, _ in have} - {r for r, _ in gaps})
+    ready = {r for r, _ in have}
+
+    def refuse(kind, missing, there):
+        raise UserError(f"{exp_dir} has no {what} {kind} {', '.join(map(str, missing))} ({what}: "
+                        f"{', '.join(map(str, sorted(there))) or 'none'}); ask for those, or run 'sslprune lottery' further")
+
+    if missing := sorted(set(replicates or ()) - ready):
+        refuse("replicate", missing, ready)
+    # the replicates taken: those asked for, else all, one still training its level 0 included
+    taken = sorted(set(replicates) if replicates is not None else
+                   ready | (set(layout.replicates(exp_dir)) if available is None else set()))
+    asked = sorted(set(levels or ()))
+    if nowhere := [lv for lv in asked if not any((r, lv) in have for r in taken)]:
+        refuse("level", nowhere, {lv for r, lv in have if r in taken})
+    # each level asked for in each replicate taken: a replicate still on its way is named, not dropped
+    if gaps := [(r, lv) for r in taken for lv in asked if (r, lv) not in have]:
+        whole = [r for r in taken if all((r, lv) in have for lv in asked)]
         # '--replicates 2' would mean 1..2: one replicate alone is written '2-2'
         ask = (f"--replicates {whole[0]}-{whole[0]}" if len(whole) == 1 else
                f"--replicates {','.join(map(str, whole))}" if whole else "other levels")
         raise UserError(f"{exp_dir} has no {what} level {gaps[0][1]} in replicate {gaps[0][0]}"
                         f"{f' (and {len(gaps) - 1} more pairs)' if len(gaps) > 1 else ''}; ask for {ask}, "
                         f"or run 'sslprune lottery' further")
+    pairs = [(r, lv) for r, lv in have if r in taken and (levels is None or lv in levels)]
     if not pairs:
         raise UserError(f"no {what} level matches in {exp_dir}; run 'sslprune lottery' first")
     return pairs

@@ -209,8 +209,9 @@ def _train_stack(jobs: list[Job], resumed: list[dict | None], data: Dataset, cfg
                 loss, c = forward(params, buffers, x, y)             # (K,), (K,)
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()                                   # network k's gradient is its own loss's
-            if kept:                                                # as train(): pruned gradients out first
-                torch._foreach_mul_([params[n].grad for n in kept], list(kept.values()))
+            grads = [(params[n].grad, m) for n, m in kept.items() if params[n].grad is not None]
+            if grads:                                               # as train(): pruned gradients out first
+                torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
             optimizer.step()
             if kept:                                                # pruned weights stay exactly 0
                 with torch.no_grad():

@@ -108,7 +108,9 @@ def fingerprint(seed: int, cfg: TrainConfig, aug: DataConfig, n_train: int, task
     """What defines a training's computation: a resumed run must match it (RNG streams and rounding
     differ between devices and runtimes)."""
     return {"seed": seed, "train": non_default(cfg), "data": non_default(aug), "n_train": n_train,
-            "task": task.identity(), **rt.fingerprint()}
+            "task": task.identity(), **rt.fingerprint(),
+            # LARS steps changed when pruned gradients were first zeroed: its older checkpoints are not resumed
+            **({"pruned_gradients": "zeroed"} if cfg.optimizer == "lars" else {})}
 
 
 def draw_images(train_x: torch.Tensor, idx: torch.Tensor, aug: DataConfig, generator: torch.Generator) -> torch.Tensor:

@@ -331,7 +331,7 @@ def test_levels_and_replicates_asked_for_are_never_skipped_in_silence(tmp_path, 
     assert "(ascending)" in capsys.readouterr().err
 
 
-def test_a_level_one_replicate_lacks_is_named_not_dropped(tmp_path):
+def test_a_level_one_replicate_lacks_is_named_not_dropped(tmp_path, monkeypatch):
     """A lottery on its way: replicate 2 has not reached level 1. Asking level 1 names that gap
     instead of evaluating replicate 1 alone and calling it the level's mean."""
     from sslprune.lottery import pick_levels
@@ -341,6 +341,14 @@ def test_a_level_one_replicate_lacks_is_named_not_dropped(tmp_path):
     with pytest.raises(UserError, match=r"level 1 in replicate 2"):
         pick_levels(tmp_path, [1, 2], [0, 1], available=have)
     assert pick_levels(tmp_path, [1], [1], available=have) == [(1, 1)]
+    # the advice names only replicates that have every level asked for
+    with pytest.raises(UserError, match=r"level 1 in replicate 3; ask for --replicates 2-2,"):
+        pick_levels(tmp_path, [2, 3], [1], available=[(1, 0), (2, 0), (2, 1), (3, 0)])
+    # a replicate with no finished level yet (its level 0 training) is named too
+    (tmp_path / "replicate_1").mkdir(), (tmp_path / "replicate_2").mkdir()
+    monkeypatch.setattr(layout, "trained_levels", lambda d: [(1, 0)])
+    with pytest.raises(UserError, match=r"no trained level 0 in replicate 2; ask for --replicates 1-1,"):
+        pick_levels(tmp_path, None, [0])
     assert pick_levels(tmp_path, None, [0], available=have) == [(1, 0), (2, 0)]
     assert pick_levels(tmp_path, None, None, available=have) == have
 

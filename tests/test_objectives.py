@@ -234,6 +234,9 @@ def test_a_fraction_rounding_makes_far_from_its_value_is_said(tmp_path, capsys):
     exp = tiny_experiment(task="labels", label_fraction=0.01)
     task_data(exp, prepare(exp, tmp_path, data, None, ["t"]), data)
     assert "keeps 3 of 120 training labels (2.5%)" in capsys.readouterr().err
+    exp = tiny_experiment(task="labels", label_fraction=0.5, label_split="classes")   # round(1.5) = 2 of 3
+    task_data(exp, prepare(exp, tmp_path, data, None, ["t"]), data)
+    assert "keeps 2 of 3 classes (66.7%)" in capsys.readouterr().err
     exp = tiny_experiment(task="labels", label_fraction=0.25)   # exact: silent
     task_data(exp, prepare(exp, tmp_path, data, None, ["t"]), data)
     assert "warning" not in capsys.readouterr().err

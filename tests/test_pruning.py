@@ -68,8 +68,8 @@ def test_random_scores_are_seeded():
 
 
 def test_random_pruning_thins_every_layer_alike():
-    """The random baseline is random *global* pruning: every layer keeps about the global density
-    (a binomial draw per layer, within 5 s.d.), level after level, never magnitude's uneven cut."""
+    """The random baseline thins every layer alike: each keeps about the global density (a binomial
+    draw per layer, within 5 s.d.), level after level, never magnitude's uneven cut."""
     import math
     b = build_model("convnet")
     mask, g = dense_mask(b), torch.Generator().manual_seed(0)
