@@ -153,11 +153,8 @@ def export(exp_dir: Path, replicate: int, level: int, out: Path, formats=("safet
         x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
         note = ("channels removed: a smaller dense network" if info["granularity"] == "channel" else
                 "weight granularity: the dense network with pruned weights at zero; same kernels, no speed-up")
-    with torch.no_grad():  # the invariant, checked on every export: compact computes what masked does
-        want = masked(x)
-        err = float((net(x) - want).abs().max())
-    if not err <= 1e-4 * max(1.0, float(want.abs().max())):
-        raise UserError(f"the compact network differs from the masked one by {err:.3g}; please report this")
+    if net is not masked:  # the invariant, checked on every export: compact computes what masked does
+        _check_outputs("the compact network", net, masked, x)
     info |= {"cost": count(net, shape), "dense_cost": count(build_dense({**info, "path": None}, "meta"), shape),
              "note": note}
     return write_export(net, info, Path(out), formats, x)
@@ -203,6 +200,9 @@ def write_export(net: Standalone, info: dict, out: Path, formats=("safetensors",
         raise UserError(f"{out} holds the export of another network; pass another --out or move it away")
     files = {}
     layout.save_tensors(out / layout.EXPORT_MODEL, net.tensors())
+    # the file as a user loads it computes what `net` does (layer widths read back from the tensors)
+    _check_outputs(f"{out / layout.EXPORT_MODEL}, read back,", _network(info, layout.load_tensors(out / layout.EXPORT_MODEL)),
+                   net, x)
     files[layout.EXPORT_MODEL] = _sha256(out / layout.EXPORT_MODEL)
     if "onnx" in formats:
         layout.save_bytes(out / layout.EXPORT_ONNX, onnx_bytes(net, shape))
@@ -234,7 +234,11 @@ def load_exported(folder: str | Path) -> Standalone:
     if _sha256(path) != info["files"].get(layout.EXPORT_MODEL):
         raise UserError(f"{path} does not match the sha256 in {layout.EXPORT_INFO}: it was damaged or replaced; "
                         f"export it again")
-    tensors = layout.load_tensors(path)
+    return _network(info, layout.load_tensors(path))
+
+
+def _network(info: dict, tensors: dict[str, torch.Tensor]) -> Standalone:
+    """The export's architecture (info) holding `tensors`, each layer as wide as its tensors, in eval mode."""
     net = build_dense(info)
     body = {k: v for k, v in tensors.items() if not k.startswith(f"{HEAD}.")}
     _resize(net.backbone, body)
@@ -308,12 +312,17 @@ def onnx_session(path: Path, threads: int = 0):
 
 def check_onnx(path: Path, net: nn.Module, x: torch.Tensor) -> None:
     """onnxruntime runs the file and gives what PyTorch gives (fp32 tolerance)."""
-    got = onnx_session(path).run(None, {"images": x.numpy()})[0]
+    _check_outputs(f"{path} under onnxruntime",
+                   lambda v: torch.from_numpy(onnx_session(path).run(None, {"images": v.numpy()})[0]), net, x)
+
+
+def _check_outputs(what: str, got, net: nn.Module, x: torch.Tensor) -> None:
+    """got(x) is net(x) to fp32 tolerance, or the export stops before export.json marks it complete."""
     with torch.no_grad():
-        want = net(x)
-    err = float((torch.from_numpy(got) - want).abs().max())
+        want, have = net(x), got(x)
+    err = float((have - want).abs().max())
     if not err <= 1e-4 * max(1.0, float(want.abs().max())):
-        raise UserError(f"{path}: onnxruntime's output differs from PyTorch's by {err:.3g}; please report this")
+        raise UserError(f"{what} differs from the network it was made from by {err:.3g}; please report this")
 
 
 def _sha256(path: Path) -> str:

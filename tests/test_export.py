@@ -186,6 +186,15 @@ def test_bad_exports_are_one_line_errors_and_write_nothing(channel_run, tmp_path
     (tmp_path / "cut" / layout.EXPORT_MODEL).write_bytes(b"half")
     export.export(exp_dir, 1, 1, tmp_path / "cut")
     assert (tmp_path / "cut" / layout.EXPORT_INFO).exists()
+    # a file that does not compute, read back, what was exported (a buffer lost on the way) is never
+    # marked complete: the check runs before export.json
+    real_tensors = export.Standalone.tensors
+    monkeypatch.setattr(export.Standalone, "tensors", lambda self: {
+        k: (v + 1 if k.endswith("running_mean") else v) for k, v in real_tensors(self).items()})
+    assert main(["export", str(exp_dir), "--level", "1", "--out", str(tmp_path / "lossy")]) == 2
+    assert "read back, differs from the network it was made from" in capsys.readouterr().err
+    assert not (tmp_path / "lossy" / layout.EXPORT_INFO).exists()
+    monkeypatch.setattr(export.Standalone, "tensors", real_tensors)
     (tmp_path / "afile").write_text("x")
     assert main(["export", str(exp_dir), "--level", "1", "--out", str(tmp_path / "afile")]) == 2
     assert "is a file; pass a folder" in capsys.readouterr().err
