@@ -106,6 +106,15 @@ def lightly_sequential(sd):  # backbone = nn.Sequential(*list(resnet.children())
     return {**body, **mlp("prediction_head.layers.", 2048, 128)}
 
 
+def lightly_dino(sd):  # lightly's examples/pytorch/dino.py: backbone = nn.Sequential(*resnet.children()[:-1])
+    teacher = {k.replace("backbone.", "teacher_backbone.", 1): v for k, v in lightly_sequential(sd).items()
+               if k.startswith("backbone.")}
+    student = {k.replace("teacher_", "student_", 1): (torch.zeros_like(v) if k.endswith(".0.weight") and v.dim() == 4
+                                                      and k.count(".") == 2 else v) for k, v in teacher.items()}
+    return {"state_dict": {**student, **teacher, **mlp("student_head.layer.", 2048, 256),
+                           **mlp("teacher_head.layer.", 2048, 256)}, "epoch": 3}
+
+
 def vissl(sd):
     trunk = under("_feature_blocks.", sd)
     heads = mlp("0.clf.0.", 2048, 128)
@@ -131,6 +140,8 @@ CASES = {  # name: (writer, file name, layout, prefix, wrapper, dropped key grou
                 ["backbone_momentum.*", "projection_head.*", "projection_head_momentum.*"]),
     "lightly-sequential": (lightly_sequential, "lightly.pth", "lightly-sequential", "backbone.", "",
                            ["prediction_head.*"]),
+    "lightly-dino": (lightly_dino, "dino.ckpt", "lightly-dino-sequential", "teacher_backbone.", "state_dict",
+                     ["student_backbone.*", "student_head.*", "teacher_head.*"]),
     "vissl": (vissl, "model_final_checkpoint_phase199.torch", "vissl", "_feature_blocks.",
               "classy_state_dict.base_model.model.trunk", []),
 }
@@ -199,6 +210,18 @@ def test_prefix_override_and_ambiguity(tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in fresh.state_dict().items())
 
 
+def test_a_given_prefix_over_a_sequential_resnet_loads(tmp_path):
+    """nn.Sequential(*resnet.children()[:-1]) under a prefix no project registers: --pretrained-prefix
+    names it and the children's numbers map back to conv1, bn1, layer1..4."""
+    ref = small()
+    seq = {k.replace("backbone.", "net.encoder.", 1): v for k, v in lightly_sequential(ref).items()
+           if k.startswith("backbone.")}
+    torch.save(seq, tmp_path / "seq.pth")
+    fresh = build_model("resnet20")
+    assert load_pretrained(fresh, tmp_path / "seq.pth", prefix="net.encoder.")["loaded"] == len(ref)
+    assert all(torch.equal(v, ref[k]) for k, v in fresh.state_dict().items())
+
+
 def test_file_matching_no_layout_names_found_and_expected_prefixes(tmp_path):
     # leftthomas/SimCLR: the backbone as an nn.Sequential `f`, keys that fit no ResNet
     torch.save({"f.0.weight": torch.randn(64, 3, 3, 3), "f.1.weight": torch.ones(64), "g.0.weight": torch.randn(8, 64),
@@ -226,8 +249,51 @@ class Config:  # a pickled object: not a tensor, a container or a number
 
 def test_files_that_need_full_unpickling_are_refused(tmp_path):
     torch.save({"state_dict": {"conv1.weight": torch.ones(1)}, "cfg": Config()}, tmp_path / "ckpt.pth")
-    with pytest.raises(UserError, match=r"holds a pickled .*Config.*weights_only=True"):
+    with pytest.raises(UserError, match=r"holds a pickled .*Config.*weights_only=True") as e:
         load_pretrained(build_model("resnet18"), tmp_path / "ckpt.pth")
+    assert "['state_dict']" not in str(e.value)   # advice that holds for files without that key too
+    import numpy as np                             # an object array could hold anything: refused too
+    torch.save({**small(), "objs": np.array([Config(), 1], dtype=object)}, tmp_path / "obj.pth")
+    with pytest.raises(UserError, match=r"holds a pickled .*ObjectDType"):
+        load_pretrained(build_model("resnet20"), tmp_path / "obj.pth")
+
+
+def test_numpy_numbers_beside_the_weights_load_under_numpy_2_and_1_names(tmp_path):
+    """Training scripts store best accuracies as numpy scalars and arrays: weights_only allows those
+    (numpy numbers, numeric arrays), also when the file was written under numpy 1 (numpy.core)."""
+    import io
+    import zipfile
+    import numpy as np
+    ref = small()
+    torch.save({"state_dict": ref, "best_acc1": np.float64(71.2), "accs": np.zeros(3, dtype=np.float32)},
+               tmp_path / "np2.pth")
+    fresh = build_model("resnet20")
+    assert load_pretrained(fresh, tmp_path / "np2.pth")["loaded"] == len(ref)
+    assert all(torch.equal(v, ref[k]) for k, v in fresh.state_dict().items())
+    # the same file as numpy 1 writes it: its pickle names numpy.core.multiarray
+    old, new = zipfile.ZipFile(tmp_path / "np2.pth"), io.BytesIO()
+    with zipfile.ZipFile(new, "w") as z:
+        for item in old.infolist():
+            data = old.read(item.filename)
+            z.writestr(item, data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+                       if item.filename.endswith("data.pkl") else data)
+    assert b"numpy.core.multiarray" in zipfile.ZipFile(new).read("np2/data.pkl")
+    (tmp_path / "np1.pth").write_bytes(new.getvalue())
+    assert load_pretrained(build_model("resnet20"), tmp_path / "np1.pth")["loaded"] == len(ref)
+
+
+def test_solo_learn_cifar_stem_loads_with_a_note(tmp_path):
+    """solo-learn's CIFAR ResNet-18 pads its 3x3 stem by 2 (solo/methods/base.py), ours by 1: nothing in
+    the shapes tells, so the load line says it."""
+    torch.manual_seed(2)
+    ref = build_model("resnet18_cifar").state_dict()
+    torch.save({"epoch": 3, "state_dict": {**under("backbone.", ref), **mlp("projector.", 512, 128),
+                                           **mlp("classifier.", 512, 10)}}, tmp_path / "simclr-cifar10.ckpt")
+    report = load_pretrained(build_model("resnet18_cifar"), tmp_path / "simclr-cifar10.ckpt")
+    assert report["layout"] == "solo-learn" and "pads by 2" in describe(report)
+    imagenet = build_model("resnet50").state_dict()   # a 7x7 stem: nothing to say
+    torch.save({"state_dict": {**under("backbone.", imagenet), **mlp("projector.", 2048, 128)}}, tmp_path / "in.ckpt")
+    assert "note" not in load_pretrained(build_model("resnet50"), tmp_path / "in.ckpt")
 
 
 def test_lottery_starts_from_a_public_checkpoint_and_records_what_it_loaded(tmp_path, capsys):

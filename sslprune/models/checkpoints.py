@@ -16,7 +16,8 @@ dict and key prefix are peeled off. Who writes what (ResNet-50 examples):
 - solo-learn (Lightning): {"state_dict": {`backbone.*`, `projector.*`, `predictor.*`,
   `momentum_backbone.*`, `momentum_projector.*`, `classifier.*`}, "epoch", "global_step", ...}
 - lightly: `backbone.*` (torchvision ResNet, fc = Identity) or `backbone.0.*`, `backbone.4.0.*`
-  (nn.Sequential of the ResNet's children), `projection_head.*`, `prediction_head.*`, `backbone_momentum.*`
+  (nn.Sequential of the ResNet's children), `projection_head.*`, `prediction_head.*`, `backbone_momentum.*`;
+  its DINO example: `teacher_backbone.*` and `student_backbone.*` (either form), `*_head.*`
 - VISSL (facebookresearch/vissl): {"classy_state_dict": {"base_model": {"model": {"trunk":
   {`_feature_blocks.conv1.weight`, `_feature_blocks.layer1.0.conv1.weight`, ...}, "heads": {...}}}}}
 
@@ -32,7 +33,6 @@ Files are read with torch.load(weights_only=True) or safetensors: nothing else i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,11 @@ LAYOUTS: dict[str, Layout] = {
     "lightly": Layout(keep=("backbone.",), drop=_LIGHTLY_DROP, wrappers=("state_dict",)),
     "lightly-sequential": Layout(keep=("backbone.",), drop=_LIGHTLY_DROP, wrappers=("state_dict",),
                                  rename=_SEQUENTIAL_RESNET),
+    # lightly's DINO: teacher and student backbones (the teacher is the released one: tried first)
+    "lightly-dino": Layout(keep=("teacher_backbone.", "student_backbone."), wrappers=("state_dict",),
+                           drop=("teacher_head.", "student_head.")),
+    "lightly-dino-sequential": Layout(keep=("teacher_backbone.", "student_backbone."), wrappers=("state_dict",),
+                                      drop=("teacher_head.", "student_head."), rename=_SEQUENTIAL_RESNET),
     "vissl": Layout(keep=("_feature_blocks.", "trunk._feature_blocks."), drop=("heads.",),
                     wrappers=("classy_state_dict", "base_model", "model", "trunk")),
 }
@@ -105,18 +110,30 @@ def read(path: Path) -> object:
             raise UserError(f"cannot read {path} as safetensors ({e}); pass an intact .safetensors or "
                             f".pth file") from None
     try:
-        safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():  # DINO's "args"
+        with torch.serialization.safe_globals(_safe_types()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        found = re.search(r"(?:GLOBAL |got <class ')([\w.]+)", str(e))
         if found:
             raise UserError(f"{path} holds a pickled {found.group(1)}, and sslprune loads checkpoints only "
-                            f"with torch.load(weights_only=True); if you trust the file, re-save its "
-                            f"tensors: torch.save(torch.load(f, weights_only=False)['state_dict'], "
-                            f"'weights.pth')") from None
+                            f"with torch.load(weights_only=True); if you trust the file, load it yourself "
+                            f"(torch.load(f, weights_only=False)), drop the entry holding that object, keep "
+                            f"the dicts of tensors and torch.save the rest") from None
         raise UserError(f"cannot load {path} ({type(e).__name__}); expected a .pth/.pt/.pth.tar written by "
                         f"torch.save(...) or a .safetensors file") from None
+
+
+def _safe_types() -> list:
+    """What weights_only=True may build besides tensors and plain containers: DINO's "args" (a
+    Namespace), and numpy numbers and numeric arrays (best-accuracy fields), under numpy 2's module
+    paths and numpy 1's; never a numpy object array (its dtype is not here)."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    numeric = {type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}   # no "O": objects stay refused
+    return [argparse.Namespace, np.dtype, np.ndarray, *numeric,
+            core.multiarray._reconstruct, core.multiarray.scalar,
+            (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (core.multiarray.scalar, "numpy.core.multiarray.scalar")]
 
 
 def candidates(obj: object) -> list[tuple[str, dict[str, torch.Tensor]]]:
@@ -217,7 +234,9 @@ def resolve(backbone: nn.Module, obj: object, path: Path, prefix: str | None = N
             want = prefix[len(wrapper) + 1:]  # the prefix was given with its wrapper path
         pairs, derived = _tried(sd, backbone_keys, want)
         fits = []
-        for p, rename in pairs + [(p, {}) for p in derived]:
+        # a derived prefix over an nn.Sequential of the ResNet's children: its keys start '0.', '4.0.', ...
+        derived_pairs = [(p, _SEQUENTIAL_RESNET if any(k.startswith(p + "0.") for k in sd) else {}) for p in derived]
+        for p, rename in pairs + derived_pairs:
             body, cls, dropped = _split(sd, p, rename, backbone_keys, head)
             m = Match(_name(p, rename, wrapper, dropped), p, wrapper, body, cls, dropped, head)
             if _fits(body, backbone_keys):
@@ -235,7 +254,9 @@ def resolve(backbone: nn.Module, obj: object, path: Path, prefix: str | None = N
         if fits:
             return _checked(fits[0], backbone_keys, path)
     overlap, m = best
-    if overlap >= 2 and overlap >= 0.5 * min(len(m.body), len(backbone_keys)):
+    # another depth of the same family (ResNet-18 weights for ResNet-50) names its first misfit; a
+    # single block of a backbone (a wrongly derived prefix) is no such misfit
+    if overlap >= max(2, 0.5 * min(len(m.body), len(backbone_keys)), 0.2 * len(backbone_keys)):
         _checked(m, backbone_keys, path)  # names the first key that differs
     raise UserError(_no_layout(path, cands, prefix, backbone_keys))
 
@@ -246,7 +267,8 @@ def _checked(m: Match, backbone_keys: dict, path: Path) -> Match:
         if k not in m.body:
             if k.endswith("num_batches_tracked") and _fits(m.body, backbone_keys):
                 continue
-            raise UserError(f"{path} ({where}) does not match the backbone: it has no {k} "
+            some = " (it has other layers' num_batches_tracked: all or none)" if k.endswith("num_batches_tracked") else ""
+            raise UserError(f"{path} ({where}) does not match the backbone: it has no {k}{some} "
                             f"({_diff(m.body, backbone_keys)}); check --model")
         if m.body[k].shape != v.shape:
             raise UserError(f"{path} ({where}) does not match the backbone: {k} is "
@@ -322,6 +344,12 @@ def load(backbone: nn.Module, path: str | Path, prefix: str | None = None) -> tu
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
     report = {"layout": m.layout, "prefix": m.prefix, "wrapper": m.wrapper, "loaded": len(m.body),
               "dropped": dropped_groups(m), "dropped_keys": len(m.dropped)}
+    stem = m.body.get("conv1.weight")
+    if m.layout == "solo-learn" and stem is not None and stem.shape[-1] == 3:   # (64, 3, 3, 3): a CIFAR stem
+        # solo-learn's CIFAR ResNets (solo/methods/base.py) pad their 3x3 stem by 2, ours by 1: the
+        # shapes agree, so nothing else would tell
+        report["note"] = ("solo-learn's CIFAR stem pads by 2 and this network's by 1: its feature maps "
+                          "are 2 pixels smaller than the ones these weights were trained on")
     return report, m.head
 
 
@@ -332,4 +360,5 @@ def describe(report: dict) -> str:
     groups = report["dropped"]
     dropped = (f"{len(groups)} head/projector key group{'s' if len(groups) != 1 else ''} dropped "
                f"({', '.join(groups)})" if groups else "nothing dropped")
-    return f"pretrained: {report['layout']} layout ({where}): {report['loaded']} tensors loaded, {dropped}"
+    note = f"; note: {report['note']}" if report.get("note") else ""
+    return f"pretrained: {report['layout']} layout ({where}): {report['loaded']} tensors loaded, {dropped}{note}"
