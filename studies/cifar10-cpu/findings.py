@@ -199,10 +199,14 @@ class Finding:
         """A - B at each level (default: the compared levels both have), one line and status each."""
         levels = res.levels(a, b) if levels is None else levels
         if not levels:
-            self.missing += [x[2] for x in (a, b) if not res.cells.get(x[1])] or [f"{a[0]} and {b[0]} at {LEVELS}"]
-            return "missing"
+            return self.absent(res, (a, b), f"{a[0]} and {b[0]}")
         return combine([self.judge(f"{tag}L{lv}: {a[0]}", res.get(a, lv), b[0], res.get(b, lv), rule, lv,
                                    res.remaining(a, lv)) for lv in levels])
+
+    def absent(self, res, arms, together) -> str:
+        """No compared level: the arms with no rows at all are named, else the arms `together`."""
+        self.missing += [a[2] for a in arms if not res.cells.get(a[1])] or [f"{together} at {LEVELS}"]
+        return "missing"
 
     def judge(self, la, x, lb, y, rule, lv, rem) -> str:
         """x - y ({replicate: value} each) paired by replicate, judged by rule, written as one line."""
@@ -272,8 +276,7 @@ def f3(res, E) -> Finding:
     arms = {(o, r): arm(f"{o}/{r}", E[o], reset=r) for o in ("labels", "rotation") for r in ("rewind", "reinit")}
     levels, statuses = res.levels(*arms.values()), []   # the excess needs labels' boost too
     if not levels:
-        f.missing += [a[2] for a in arms.values() if not res.cells.get(a[1])] or [f"the four arms at {LEVELS}"]
-        f.parts.append(("little or no boost", "missing"))
+        f.parts.append(("little or no boost", f.absent(res, arms.values(), "the four arms")))
         return f
     for lv in levels:
         boost = {o: sub(res.get(arms[o, "rewind"], lv), res.get(arms[o, "reinit"], lv)) for o in ("labels", "rotation")}
