@@ -585,8 +585,9 @@ def stability_markdown(summary: list[dict]) -> str:
     cell = lambda m: "" if m is None else _value(dict(mean=m[0], se=m[1], n=m[2]), with_n=True)  # noqa: E731
     lines = ["## Stability to SGD noise against the rewind point (sslprune eval stability)", "",
              "Linear-mode-connectivity instability (Frankle et al. 2020): max test error on the straight line "
-             "between two copies trained from the rewind point, minus the mean error of the two; about 0: "
-             "stable. Re-trained: the mask re-trained on labels from the same rewind point.", "",
+             "between two copies trained from the rewind point, minus the mean error of the two, on the "
+             "objective's own task (its metric above); about 0: stable. Re-trained: the mask re-trained on "
+             "labels from the same rewind point.", "",
              "| objective | level | remaining | rewind (epochs) | instability | re-trained accuracy |",
              "|---|---|---|---|---|---|"]
     for s in summary:

@@ -437,7 +437,8 @@ def rewind_section(res, report: Path, sp, E) -> list[str]:
     st = {(r["experiment"], int(r["level"])): r for r in read_csv(path) if r["replicate"] == "1"} if path.exists() else {}
     lines = ["## The rewind point (no paper claim; n = 1)", "",
              "Does a self-supervised ticket become stable later than a label ticket? Instability "
-             "(stability.csv: max test error on the path between two copies minus their mean) and the mask "
+             "(stability.csv: max test error on the path between two copies minus their mean, the error of each "
+             "objective's own task: class error for labels, rotation error for RotNet) and the mask "
              "re-trained on labels from that rewind point (retrain/rewind, test_acc), replicate 1.", "",
              "| objective | rewind | level | remaining | instability | re-trained accuracy |", "|---|---|---|---|---|---|"]
     says, points = [], list(dict.fromkeys(e.prune.rewind for e in sp["rewind"].experiments))  # spec order
