@@ -310,7 +310,7 @@ def test_every_study_spec_loads(spec):
 def test_the_paper_study_specs_build_the_presets_experiments():
     """studies/cifar10-paper spells every value out, and its README says a user's `--preset` run is
     the same experiment (same folder name): each spec experiment is its preset's, with the spec's
-    dataset, model and task."""
+    dataset, model and task (and rewind.toml's rewind point, which it varies)."""
     from sslprune.config import PRESETS, Experiment
     here = Path(__file__).resolve().parents[1] / "studies" / "cifar10-paper"
     preset_of = {"labels": "cifar10-resnet18-paper", "rotation": "cifar10-resnet18-paper",
@@ -321,9 +321,20 @@ def test_the_paper_study_specs_build_the_presets_experiments():
             name = ("cifar10-resnet18-10pct-labels" if exp.task.label_fraction and exp.task.task == "labels"
                     else preset_of[exp.task.task])
             values = {k: v for k, v in PRESETS[name].items() if k not in ("levels", "replicates")}
+            varied = {"rewind": exp.prune.rewind} if spec.stem == "rewind" else {}
             built = Experiment.from_flat({**values, "dataset": exp.data.dataset, "model": exp.model.model,
-                                          "task": exp.task.task})
+                                          "task": exp.task.task, **varied})
             assert built == exp and built.name() == exp.name(), (spec.name, name)
+
+
+def test_the_paper_rewind_study_shares_the_1ep_runs():
+    """studies/cifar10-paper/rewind.toml's cost (README) counts its 1-epoch lotteries as labels.toml's
+    and rotation.toml's own runs: the same experiments, so one folder, trained once."""
+    here = Path(__file__).resolve().parents[1] / "studies" / "cifar10-paper"
+    own = {e.name() for spec in ("labels", "rotation") for e in load_spec(here / f"{spec}.toml").experiments}
+    rewind = load_spec(here / "rewind.toml").experiments
+    shared = {e.name() for e in rewind if e.name() in own}
+    assert len(rewind) == 8 and shared == {e.name() for e in rewind if e.prune.rewind == "1ep"} and len(shared) == 2
 
 
 def test_the_cpu_studys_masks_are_all_retrained_under_one_schedule():

@@ -1,16 +1,16 @@
 #!/bin/bash
-# The cifar10-paper study on GPUs: five sweeps sharing runs/, then the report and natural sparsity.
+# The cifar10-paper study on GPUs: six sweeps sharing runs/, then the report and natural sparsity.
 # Re-running resumes; finished steps are read back, interrupted ones resume from their last epoch.
 #   bash studies/cifar10-paper/run.sh                   this machine: every sweep, one worker per GPU each
 #   SUBMIT=slurm PARTITION=gpu bash studies/cifar10-paper/run.sh    SLURM jobs (submitit), returns at once
 #   REPORT=1 bash studies/cifar10-paper/run.sh          the report only, once the sweeps are done
-# SPECS (default: labels rotation exemplar semi npid) picks the sweeps. SLURM: MINUTES per job (default
+# SPECS (default: labels rotation exemplar semi npid rewind) picks the sweeps. SLURM: MINUTES per job (default
 # 2880), CPUS per job (default 4); the jobs per sweep are below (README.md, "Cost").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export PATH="$here/../../.venv/bin:$PATH"
-specs=${SPECS:-labels rotation exemplar semi npid}
-declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10)
+specs=${SPECS:-labels rotation exemplar semi npid rewind}
+declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10 [rewind]=18)
 
 report() {
   sslprune report "$here/runs" --out "$here/report"
