@@ -6,7 +6,8 @@
 # WORKERS (default 2) sweep workers, each on one thread (as in cifar10-cpu).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-export PATH="$here/../../.venv/bin:$PATH" OMP_NUM_THREADS=1
+source "$here/../env.sh"
+export OMP_NUM_THREADS=1
 workers=${WORKERS:-2}
 # Before anything is written: the source runs pruning.toml names are the experiments cifar10-cpu's
 # specs build today (their names hash their settings: an edited spec builds another), and trained.

@@ -12,7 +12,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 studies="$(cd "${1:-$repo/studies}" && pwd)"
 out="${OUT:-$repo/docs/results/cifar10-cpu}"
-export PATH="$repo/.venv/bin:$PATH"
+source "$repo/studies/env.sh"
 for need in "$studies/cifar10-cpu/runs" "$studies/caltech-pretrained/runs"; do
   [ -d "$need" ] || { echo "publish.sh: $need does not exist; run the studies first (README.md here)" >&2; exit 2; }
 done

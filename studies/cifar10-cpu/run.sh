@@ -5,7 +5,8 @@
 # core, so two trainings side by side use the machine better than one on two threads.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-export PATH="$here/../../.venv/bin:$PATH" OMP_NUM_THREADS=1
+source "$here/../env.sh"
+export OMP_NUM_THREADS=1
 workers=${WORKERS:-2}
 for spec in labels rotation rewind semi labels-10pct; do
   s=$(date +%s)

@@ -8,7 +8,7 @@
 # 2880), CPUS per job (default 4); the jobs per sweep are below (README.md, "Cost").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-export PATH="$here/../../.venv/bin:$PATH"
+source "$here/../env.sh"
 specs=${SPECS:-labels rotation exemplar semi npid rewind}
 declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10 [rewind]=18)
 

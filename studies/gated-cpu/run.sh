@@ -4,6 +4,7 @@
 # WORKERS (default 2) sweep workers, each on one thread.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-export PATH="$here/../../.venv/bin:$PATH" OMP_NUM_THREADS=1
+source "$here/../env.sh"
+export OMP_NUM_THREADS=1
 sslprune sweep "$here/gated.toml" --workers "${WORKERS:-2}"
 sslprune report "$here/runs" --out "$here/report"

@@ -8,7 +8,7 @@
 # exemplar npid s4l labels-10pct) picks the specs, run in that order.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-export PATH="$here/../../.venv/bin:$PATH"
+source "$here/../env.sh"
 : "${IMAGENET:?set IMAGENET to your ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG}"
 for split in train val; do
   if [ ! -d "$IMAGENET/$split" ]; then
