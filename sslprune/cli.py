@@ -13,6 +13,7 @@ import io
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from . import config, distributed
@@ -494,6 +495,9 @@ def cmd_sweep(args, argv) -> int:
           f"{st['epochs_without_reuse']} without reuse of level-0 training and masks; finished steps took "
           f"{st['worker_seconds'] / 3600:.2f} worker-hours" + ("" if st["worker_cpu_seconds"] is None else
                                                                f", {st['worker_cpu_seconds'] / 3600:.2f} h of the workers' CPU time"))
+    for r in st["running"]:  # a worker holds its lock now (on any machine sharing the root)
+        since = "" if r["since"] is None else f" for {(time.time() - r['since']) / 60:.0f} min"
+        print(f"running{since}: {r['step']}" + (f" (at {r['at']})" if r["at"] else ""))
     if st["finished_twice"]:
         print(f"steps finished more than once: {st['finished_twice']}", file=sys.stderr)
     if st["pending"]:

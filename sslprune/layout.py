@@ -313,6 +313,22 @@ def file_lock(path: Path, wait: bool = True):
         os.close(fd)
 
 
+def lock_held(path: Path) -> bool:
+    """Whether a process holds file_lock(path) now: probed without creating the file or keeping a
+    lock (a shared one, taken and dropped at once, only when nobody holds it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the probe's own lock with it
+    return False
+
+
 def _atomic(path: Path, write) -> None:
     """write(tmp_path) then rename over `path`; the temp file lives in the same directory. Under
     several processes only rank 0 writes (the others computed the same thing)."""

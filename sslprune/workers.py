@@ -193,7 +193,11 @@ def status(spec: Spec) -> dict:
     without = ran + sum(s.experiment.train.epochs * (s.level + 1) for s in done if s.level >= 0)
     twice = sorted({e["step"] for e in ledger if e["event"] == "done"
                     and sum(f["event"] == "done" and f["step"] == e["step"] for f in ledger) > 1})
+    started = {e["step"]: e["time"] for e in ledger if e["event"] == "start"}   # the latest start of each
+    running = [{"step": sweep.key(s), "since": started.get(sweep.key(s)), "at": _where(sweep, s)}
+               for s in steps if not sweep.done(s) and layout.lock_held(sweep.lock(s))]
     return {"steps": len(steps), "done": len(done), "pending": [sweep.key(s) for s in steps if not sweep.done(s)],
+            "running": running,
             "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice,
             "worker_seconds": busy_seconds(ledger, keys := {sweep.key(s) for s in steps}),
             "worker_cpu_seconds": busy_seconds(ledger, keys, clock="cpu")}   # None: not logged for every step
@@ -240,6 +244,19 @@ def cost(root: Path, experiment: str) -> tuple[float, float | None] | None:
     if not keys:
         return None
     return busy_seconds(ledger, keys), busy_seconds(ledger, keys, clock="cpu")
+
+
+def _where(sweep: Sweep, step: Step) -> str | None:
+    """How far a running step is: its first unfinished training, within the replicate, and the last
+    epoch it saved, e.g. 'level_6/train, epoch 9 saved' (None: it trains nothing, e.g. a probe)."""
+    replicate = layout.replicate_dir(sweep.spec.root / step.experiment.name(), step.replicate)
+    for d in sweep.train_dirs(step):
+        if not layout.is_done(d):
+            try:
+                return f"{d.relative_to(replicate)}, epoch {_progress(d)} saved"
+            except UserError:  # being replaced as we read it, or damaged: the worker will say
+                return f"{d.relative_to(replicate)}, checkpoint unreadable"
+    return None
 
 
 def _read_ledger(root: Path) -> list[dict]:

@@ -81,6 +81,22 @@ def test_a_worker_killed_mid_step_loses_nothing_and_no_step_runs_twice(tmp_path)
     assert len(_ledger(root)) == n
 
 
+def test_status_says_which_steps_run_now_and_how_far(tmp_path, capsys):
+    """--status names the steps a worker holds (their lock: any machine sharing the root) with the first
+    unfinished training and its last saved epoch; it takes no lock and creates no lock file."""
+    spec = load_spec(_spec(tmp_path, epochs=3, replicates=1, retrain=("rewind",)))
+    sweep = Sweep(spec)
+    lottery, other = [s for s in sweep.steps() if s.kind == "lottery"]      # labels', rotation's chains
+    layout.save_checkpoint(sweep.train_dirs(lottery)[0] / layout.CHECKPOINT, {"fingerprint": "x", "epoch": 2})
+    with layout.file_lock(sweep.lock(lottery)) as mine:   # as a worker holds it
+        assert mine
+        st = status(spec)
+        assert main(["sweep", str(spec.path), "--status"]) == 0
+    assert st["running"] == [{"step": sweep.key(lottery), "since": None, "at": "level_0/train, epoch 2 saved"}]
+    assert f"running: {sweep.key(lottery)} (at level_0/train, epoch 2 saved)" in capsys.readouterr().out
+    assert status(spec)["running"] == [] and not sweep.lock(other).exists()
+
+
 def test_busy_seconds_counts_each_workers_time_once():
     """The cost of a sweep from its ledger: a stack's overlapping steps once, a killed attempt not at
     all, another spec's steps not, and a new process that got an old pid on its own clock."""
