@@ -83,7 +83,7 @@ def test_a_worker_killed_mid_step_loses_nothing_and_no_step_runs_twice(tmp_path)
 
 def test_status_says_which_steps_run_now_and_how_far(tmp_path, capsys):
     """--status names the steps a worker holds (their lock: any machine sharing the root) with the first
-    unfinished training and its last saved epoch; it takes no lock and creates no lock file."""
+    unfinished training and its last saved epoch; it holds no lock and creates no lock file."""
     spec = load_spec(_spec(tmp_path, epochs=3, replicates=1, retrain=("rewind",)))
     sweep = Sweep(spec)
     lottery, other = [s for s in sweep.steps() if s.kind == "lottery"]      # labels', rotation's chains
