@@ -33,7 +33,7 @@ def _progress(train_dir: Path) -> int:
     if layout.is_done(train_dir):
         return layout.load_json(train_dir / layout.DONE)["epochs"]
     if (train_dir / layout.CHECKPOINT).exists():  # the epochs a resumed run will not train again
-        return int(layout.load_checkpoint(train_dir / layout.CHECKPOINT)["epoch"])
+        return int(layout.load_checkpoint(train_dir / layout.CHECKPOINT, mmap=True)["epoch"])
     return 0
 
 
@@ -191,8 +191,7 @@ def status(spec: Spec) -> dict:
             first.setdefault(e["step"], e["epochs_before"])
     ran = sum(sum(_progress(d) for d in sweep.train_dirs(s)) - first[sweep.key(s)] for s in done if sweep.key(s) in first)
     without = ran + sum(s.experiment.train.epochs * (s.level + 1) for s in done if s.level >= 0)
-    twice = sorted({e["step"] for e in ledger if e["event"] == "done"
-                    and sum(f["event"] == "done" and f["step"] == e["step"] for f in ledger) > 1})
+    twice = finished_twice(ledger)
     started = {e["step"]: e["time"] for e in ledger if e["event"] == "start"}   # the latest start of each
     running = [{"step": sweep.key(s), "since": started.get(sweep.key(s)), "at": _where(sweep, s)}
                for s in steps if not sweep.done(s) and layout.lock_held(sweep.lock(s))]
@@ -244,6 +243,24 @@ def cost(root: Path, experiment: str) -> tuple[float, float | None] | None:
     if not keys:
         return None
     return busy_seconds(ledger, keys), busy_seconds(ledger, keys, clock="cpu")
+
+
+def finished_twice(ledger: list[dict]) -> list[str]:
+    """Steps some of whose training was done twice: a finished attempt that started with fewer epochs
+    than an earlier finished one had left. A lottery chain shared by two specs with different levels
+    (a rewind study's 1-epoch chain, to level 12, is the labels study's, to level 30) is finished by
+    each in turn, the second going on from where the first stopped: that is no repeat."""
+    began, had, twice = {}, {}, set()   # had: epochs a step had when an attempt last finished it
+    for e in ledger:
+        who = (e.get("worker"), e["pid"], e["step"])
+        if e["event"] == "start":
+            began[who] = e
+        elif who in began:
+            before = began.pop(who)["epochs_before"]
+            if e["step"] in had and before < had[e["step"]]:
+                twice.add(e["step"])
+            had[e["step"]] = max(had.get(e["step"], 0), before + e["epochs"])
+    return sorted(twice)
 
 
 def _where(sweep: Sweep, step: Step) -> str | None:

@@ -2,6 +2,7 @@
 refuse in one line, naming the fix, before anything is written."""
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ STUDIES = Path(__file__).resolve().parents[1] / "studies"
 SCRIPTS = sorted(STUDIES.glob("*/*.sh"))
 
 
+@pytest.mark.skipif(shutil.which("sslprune", path="/usr/bin:/bin") is not None,
+                    reason="sslprune is installed system-wide here")
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_a_study_script_without_sslprune_says_to_install_it(script, tmp_path):
     copy = tmp_path / "checkout" / "studies"          # a checkout with no .venv beside studies/
@@ -23,8 +26,9 @@ def test_a_study_script_without_sslprune_says_to_install_it(script, tmp_path):
 
 
 def test_with_sslprune_installed_the_script_goes_on(tmp_path):
-    """env.sh lets an installed checkout through: publish.sh gets to its own check (no runs yet)."""
+    """env.sh lets an installed sslprune through (the checkout's .venv, or the environment running
+    these tests): publish.sh gets to its own check (no runs yet)."""
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
     res = subprocess.run(["bash", str(STUDIES / "cifar10-cpu" / "publish.sh"), str(tmp_path)],
-                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-                         timeout=60)
+                         capture_output=True, text=True, env={"PATH": path, "HOME": str(tmp_path)}, timeout=60)
     assert res.returncode == 2 and "cifar10-cpu/runs does not exist; run the studies first" in res.stderr

@@ -10,7 +10,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/../env.sh"
 specs=${SPECS:-labels rotation exemplar semi npid rewind}
-declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10 [rewind]=18)
+declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10 [rewind]=21)
 
 report() {
   sslprune report "$here/runs" --out "$here/report"
