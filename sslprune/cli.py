@@ -311,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
                         "twice, and a dead worker's step is\npicked up by another worker or the next run "
                         "(resuming from its checkpoint).",
                         epilog=_sweep_doc())
-    sw.add_argument("spec", type=Path, help="sweep spec (TOML)")
+    sw.add_argument("spec", type=Path, nargs="+", help="sweep spec(s) (TOML); several share the workers, so "
+                    "none idles while one spec's last steps wait on each other")
     sw.add_argument("--workers", type=int, default=1, help="worker processes, or jobs with --submit [default: 1]")
     sw.add_argument("--status", action="store_true", help="print what is done and pending, and the epochs "
                     "trained against those without reuse; run nothing")
@@ -467,44 +468,54 @@ def cmd_sweep(args, argv) -> int:
     from . import workers
     from .sweep import load_spec
 
-    spec = load_spec(args.spec)
+    specs = list({p.resolve(): load_spec(p) for p in args.spec}.values())   # all checked before anything runs
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    runtime = Runtime(spec.device, stack=args.stack)
+    if len({s.device for s in specs}) > 1:
+        raise UserError("specs run together train on one device; these name "
+                        + ", ".join(f"{s.path.name}: {s.device}" for s in specs) + ": run them apart")
+    runtime = Runtime(specs[0].device, stack=args.stack)
     runtime.resolved()
+    paths = [s.path for s in specs]
     if not args.status:
         if args.submit:
-            jobs = workers.submit(spec.path, args.workers, args.submit, spec.root / ".submitit",
+            jobs = workers.submit(paths, args.workers, args.submit, specs[0].root / ".submitit",
                                   {"partition": args.slurm_partition, "time": args.slurm_time,
                                    "gpus_per_node": args.slurm_gpus_per_node, "cpus_per_task": args.slurm_cpus_per_task},
                                   runtime)
             print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs)}")
             if args.submit == "slurm":
-                print(f"follow with: sslprune sweep {args.spec} --status")
+                print(f"follow with: sslprune sweep {' '.join(str(p) for p in args.spec)} --status")
                 return 0
             for j in jobs:
                 j.result()
         else:
             # on a CPU, one torch thread a worker (as the demo): N workers of all the cores would fight
             threads = 1 if runtime.device.split(":")[0] == "cpu" and args.workers > 1 else 0
-            codes = workers.run_local(spec.path, args.workers, threads=threads, runtime=runtime)
+            codes = workers.run_local(paths, args.workers, threads=threads, runtime=runtime)
             if any(codes):
                 print(f"worker exit codes {codes}", file=sys.stderr)
-    st = workers.status(spec)
-    print(f"{st['done']}/{st['steps']} steps done; epochs trained {st['epochs_trained']}, "
+    pending = False
+    for spec in specs:
+        pending |= _print_status(workers.status(spec), f"{spec.path.name}: " if len(specs) > 1 else "")
+    return 1 if pending and not args.status else 0
+
+
+def _print_status(st: dict, name: str) -> bool:
+    """One spec's lines of `sweep` (what is done, running now and pending); True if any step is pending."""
+    print(f"{name}{st['done']}/{st['steps']} steps done; epochs trained {st['epochs_trained']}, "
           f"{st['epochs_without_reuse']} without reuse of level-0 training and masks; finished steps took "
           f"{st['worker_seconds'] / 3600:.2f} worker-hours" + ("" if st["worker_cpu_seconds"] is None else
                                                                f", {st['worker_cpu_seconds'] / 3600:.2f} h of the workers' CPU time"))
     for r in st["running"]:  # a worker holds its lock now (on any machine sharing the root)
         since = "" if r["since"] is None else f" for {(time.time() - r['since']) / 60:.0f} min"
-        print(f"running{since}: {r['step']}" + (f" (at {r['at']})" if r["at"] else ""))
+        print(f"{name}running{since}: {r['step']}" + (f" (at {r['at']})" if r["at"] else ""))
     if st["finished_twice"]:
-        print(f"steps finished more than once: {st['finished_twice']}", file=sys.stderr)
+        print(f"{name}steps finished more than once: {st['finished_twice']}", file=sys.stderr)
     if st["pending"]:
-        print(f"{len(st['pending'])} steps pending, e.g. {st['pending'][0]}; run the same command again "
+        print(f"{name}{len(st['pending'])} steps pending, e.g. {st['pending'][0]}; run the same command again "
               f"to finish them", file=sys.stderr)
-        return 0 if args.status else 1
-    return 0
+    return bool(st["pending"])
 
 
 def _check_counts(levels: int, replicates: list[int]) -> None:

@@ -152,10 +152,11 @@ def _worker_main(specs: list[str], worker: str, threads: int = 0, runtime: Runti
         sys.exit(130)
 
 
-def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dict,
+def submit(specs: Path | list[Path], workers: int, cluster: str, folder: Path, slurm: dict,
            runtime: Runtime | None = None) -> list:
     """`workers` jobs through submitit (cluster 'slurm', or 'local' to run them as local processes);
-    returns the jobs. Each job runs `work`; together they finish the sweep."""
+    returns the jobs. Each job runs `work` on every spec; together they finish the sweep(s)."""
+    paths = [str(p) for p in ([specs] if isinstance(specs, (str, Path)) else specs)]
     try:
         import submitit
     except ImportError:
@@ -171,7 +172,7 @@ def submit(spec_path: Path, workers: int, cluster: str, folder: Path, slurm: dic
                                      "cpus_per_task": slurm.get("cpus_per_task")}.items() if v is not None}
     executor.update_parameters(**params)
     with executor.batch():
-        jobs = [executor.submit(work, str(spec_path), f"{cluster}-{i}", runtime=runtime) for i in range(workers)]
+        jobs = [executor.submit(work, paths, f"{cluster}-{i}", runtime=runtime) for i in range(workers)]
     return jobs
 
 
@@ -265,7 +266,8 @@ def finished_twice(ledger: list[dict]) -> list[str]:
 
 def _where(sweep: Sweep, step: Step) -> str | None:
     """How far a running step is: its first unfinished training, within the replicate, and the last
-    epoch it saved, e.g. 'level_6/train, epoch 9 saved' (None: it trains nothing, e.g. a probe)."""
+    epoch it saved, e.g. 'level_6/train, epoch 9 saved' (None: no training of its own under way yet,
+    or none at all, e.g. a probe)."""
     replicate = layout.replicate_dir(sweep.spec.root / step.experiment.name(), step.replicate)
     for d in sweep.train_dirs(step):
         if not layout.is_done(d):

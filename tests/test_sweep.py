@@ -117,6 +117,26 @@ def test_busy_seconds_counts_each_workers_time_once():
     assert busy_seconds(old[:2] + ledger[2:], keys, clock="cpu") is None     # part logged: no total from a part
 
 
+def test_one_sweep_runs_several_specs_with_shared_workers(tmp_path, capsys, monkeypatch):
+    """`sslprune sweep A.toml B.toml`: one pool of workers takes the steps of both (a worker with
+    nothing ready in one spec takes the other's), and each spec's status is said under its name;
+    specs naming different devices are refused before anything is written."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    a = _spec(tmp_path, epochs=1, replicates=1, retrain=("rewind",))
+    b = a.with_name("b.toml")
+    b.write_text(a.read_text().replace('task = ["labels", "rotation"]', 'task = ["labels"]')
+                 .replace("batch_size = 32", "batch_size = 16"))   # another experiment, the same root
+    cuda = a.with_name("cuda.toml")
+    cuda.write_text(a.read_text().replace('root = "runs"', 'root = "other"\ndevice = "cuda"'))
+    assert main(["sweep", str(a), str(cuda)]) == 2
+    assert "specs run together train on one device; these name sweep.toml: cpu, cuda.toml: cuda" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "other").exists()
+    assert main(["sweep", str(a), str(b), str(a), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep.toml: 6/6 steps done" in out and "b.toml: 3/3 steps done" in out
+    assert workers.finished_twice(_ledger(tmp_path / "runs")) == []
+
+
 def test_a_chain_two_specs_share_is_no_repeat_but_training_done_twice_is():
     """finished_twice: a 1-epoch chain a rewind spec takes to level 12 and the labels spec then to 30
     (two finished attempts, the second from where the first stopped), and a resumed kill, are not

@@ -34,10 +34,6 @@ for exp in spec.experiments:
         sys.exit(f"{src}: level 0 of replicate(s) {missing} is not trained yet; run "
                  f"'bash studies/cifar10-cpu/run.sh' first (only level 0 of each replicate is needed)")
 PY
-for spec in pruning baselines; do
-  s=$(date +%s)
-  sslprune sweep "$here/$spec.toml" --workers "$workers"
-  echo "$spec sweep: $(( $(date +%s) - s )) s"
-done
+sslprune sweep "$here/pruning.toml" "$here/baselines.toml" --workers "$workers"
 sslprune report "$here/runs" --out "$here/report"
 python "$here/compare.py" "$here/runs" "$here/report"

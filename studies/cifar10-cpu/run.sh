@@ -1,5 +1,5 @@
 #!/bin/bash
-# The cifar10-cpu study, start to finish: the five sweeps, then the report and natural sparsity.
+# The cifar10-cpu study, start to finish: its five specs in one sweep, then the report and natural sparsity.
 # Re-running resumes; finished steps are read back. Usage: bash studies/cifar10-cpu/run.sh
 # WORKERS (default 2) sweep workers, each on one thread: small networks gain nothing from a second
 # core, so two trainings side by side use the machine better than one on two threads.
@@ -7,12 +7,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/../env.sh"
 export OMP_NUM_THREADS=1
-workers=${WORKERS:-2}
-for spec in labels rotation rewind semi labels-10pct; do
-  s=$(date +%s)
-  sslprune sweep "$here/$spec.toml" --workers "$workers"
-  echo "$spec sweep: $(( $(date +%s) - s )) s"
-done
+# one pool of workers for the five specs: none idles while one spec's last steps wait on each other
+sslprune sweep "$here"/{labels,rotation,rewind,semi,labels-10pct}.toml --workers "${WORKERS:-2}"
 sslprune report "$here/runs" --out "$here/report"
 sslprune sparsity "$here/runs" --threshold 1.2e-7,1e-4,1e-3 --out "$here/report"
 # the findings table (report/findings.md); Hubens et al.'s row once caltech-pretrained has its report

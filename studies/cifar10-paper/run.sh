@@ -1,7 +1,7 @@
 #!/bin/bash
 # The cifar10-paper study on GPUs: six sweeps sharing runs/, then the report and natural sparsity.
 # Re-running resumes; finished steps are read back, interrupted ones resume from their last epoch.
-#   bash studies/cifar10-paper/run.sh                   this machine: every sweep, one worker per GPU each
+#   bash studies/cifar10-paper/run.sh                   this machine: one worker per GPU over every sweep
 #   SUBMIT=slurm PARTITION=gpu bash studies/cifar10-paper/run.sh    SLURM jobs (submitit), returns at once
 #   REPORT=1 bash studies/cifar10-paper/run.sh          the report only, once the sweeps are done
 # SPECS (default: labels rotation exemplar semi npid rewind) picks the sweeps. SLURM: MINUTES per job (default
@@ -29,19 +29,14 @@ if [ "${SUBMIT:-}" = slurm ]; then
   exit
 fi
 
-# This machine: a worker of every sweep on every GPU (a worker with no step ready waits for one);
-# a sweep's local workers take the visible GPUs in turn.
+# This machine: one worker per GPU (a sweep's local workers take the visible GPUs in turn), taking the
+# steps of every spec; a worker with no step ready in one spec takes another's.
 gpus=${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}
+paths=()
+for spec in $specs; do paths+=("$here/$spec.toml"); done
 mkdir -p "$here/logs"
-pids=()
-for spec in $specs; do
-  sslprune sweep "$here/$spec.toml" --workers "$(echo "$gpus" | tr ',' '\n' | grep -c .)" > "$here/logs/$spec.log" 2>&1 &
-  pids+=($!)
-done
-failed=0
-for p in "${pids[@]}"; do wait "$p" || failed=1; done
-if [ "$failed" = 1 ]; then
-  echo "a sweep left steps pending or failed (logs/ beside this file); run this command again" >&2
+if ! sslprune sweep "${paths[@]}" --workers "$(echo "$gpus" | tr ',' '\n' | grep -c .)" > "$here/logs/sweep.log" 2>&1; then
+  echo "steps are pending or a worker failed (logs/sweep.log beside this file); run this command again" >&2
   exit 1
 fi
 report
