@@ -7,8 +7,9 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/../env.sh"
 export OMP_NUM_THREADS=1
-# one pool of workers for the five specs: none idles while one spec's last steps wait on each other
-sslprune sweep "$here"/{labels,rotation,rewind,semi,labels-10pct}.toml --workers "${WORKERS:-2}"
+# one pool of workers for the five specs: none idles while one spec's last steps wait on each other;
+# the longest lottery chains first (S4L's, then RotNet's: they decide when the study can end)
+sslprune sweep "$here"/{semi,rotation,rewind,labels-10pct,labels}.toml --workers "${WORKERS:-2}"
 sslprune report "$here/runs" --out "$here/report"
 sslprune sparsity "$here/runs" --threshold 1.2e-7,1e-4,1e-3 --out "$here/report"
 # the findings table (report/findings.md); Hubens et al.'s row once caltech-pretrained has its report
