@@ -266,7 +266,7 @@ def finished_twice(ledger: list[dict]) -> list[str]:
 
 def _where(sweep: Sweep, step: Step) -> str | None:
     """How far a running step is: its first unfinished training, within the replicate, and the last
-    epoch it saved, e.g. 'level_6/train, epoch 9 saved' (None: no training of its own under way yet,
+    epoch it saved, e.g. level_6/train, epoch 9 saved (None: no training of its own under way yet,
     or none at all, e.g. a probe)."""
     replicate = layout.replicate_dir(sweep.spec.root / step.experiment.name(), step.replicate)
     for d in sweep.train_dirs(step):
