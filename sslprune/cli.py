@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -468,12 +469,17 @@ def cmd_sweep(args, argv) -> int:
     from . import workers
     from .sweep import load_spec
 
-    specs = list({p.resolve(): load_spec(p) for p in args.spec}.values())   # all checked before anything runs
+    typed = {}
+    for p in args.spec:
+        typed.setdefault(p.resolve(), p)                  # each spec once, in the order first typed
+    specs = [load_spec(p) for p in typed.values()]         # all checked before anything runs
+    names = [p.name for p in typed.values()]
+    names = [str(p) if names.count(p.name) > 1 else p.name for p in typed.values()]   # unique labels
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if len({s.device for s in specs}) > 1:
         raise UserError("specs run together train on one device; these name "
-                        + ", ".join(f"{s.path.name}: {s.device}" for s in specs) + ": run them apart")
+                        + ", ".join(f"{n}: {s.device}" for s, n in zip(specs, names)) + ": run them apart")
     runtime = Runtime(specs[0].device, stack=args.stack)
     runtime.resolved()
     paths = [s.path for s in specs]
@@ -485,7 +491,7 @@ def cmd_sweep(args, argv) -> int:
                                   runtime)
             print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs)}")
             if args.submit == "slurm":
-                print(f"follow with: sslprune sweep {' '.join(str(p) for p in args.spec)} --status")
+                print(f"follow with: {shlex.join(['sslprune', 'sweep', *map(str, typed.values()), '--status'])}")
                 return 0
             for j in jobs:
                 j.result()
@@ -496,8 +502,8 @@ def cmd_sweep(args, argv) -> int:
             if any(codes):
                 print(f"worker exit codes {codes}", file=sys.stderr)
     pending = False
-    for spec in specs:
-        pending |= _print_status(workers.status(spec), f"{spec.path.name}: " if len(specs) > 1 else "")
+    for spec, name in zip(specs, names):
+        pending |= _print_status(workers.status(spec), f"{name}: " if len(specs) > 1 else "")
     return 1 if pending and not args.status else 0
 
 

@@ -192,14 +192,15 @@ def status(spec: Spec) -> dict:
             first.setdefault(e["step"], e["epochs_before"])
     ran = sum(sum(_progress(d) for d in sweep.train_dirs(s)) - first[sweep.key(s)] for s in done if sweep.key(s) in first)
     without = ran + sum(s.experiment.train.epochs * (s.level + 1) for s in done if s.level >= 0)
-    twice = finished_twice(ledger)
+    keys = {sweep.key(s) for s in steps}   # the ledger is the root's: other specs' steps are theirs
+    twice = [k for k in finished_twice(ledger) if k in keys]
     started = {e["step"]: e["time"] for e in ledger if e["event"] == "start"}   # the latest start of each
     running = [{"step": sweep.key(s), "since": started.get(sweep.key(s)), "at": _where(sweep, s)}
                for s in steps if not sweep.done(s) and layout.lock_held(sweep.lock(s))]
     return {"steps": len(steps), "done": len(done), "pending": [sweep.key(s) for s in steps if not sweep.done(s)],
             "running": running,
             "epochs_trained": ran, "epochs_without_reuse": without, "finished_twice": twice,
-            "worker_seconds": busy_seconds(ledger, keys := {sweep.key(s) for s in steps}),
+            "worker_seconds": busy_seconds(ledger, keys),
             "worker_cpu_seconds": busy_seconds(ledger, keys, clock="cpu")}   # None: not logged for every step
 
 

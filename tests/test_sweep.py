@@ -119,22 +119,34 @@ def test_busy_seconds_counts_each_workers_time_once():
 
 def test_one_sweep_runs_several_specs_with_shared_workers(tmp_path, capsys, monkeypatch):
     """`sslprune sweep A.toml B.toml`: one pool of workers takes the steps of both (a worker with
-    nothing ready in one spec takes the other's), and each spec's status is said under its name;
-    specs naming different devices are refused before anything is written."""
+    nothing ready in one spec takes the other's), and each spec's status is said under its name (its
+    path where two share a name); a spec given twice runs once; specs naming different devices are
+    refused before anything is written."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     a = _spec(tmp_path, epochs=1, replicates=1, retrain=("rewind",))
-    b = a.with_name("b.toml")
+    (tmp_path / "sub").mkdir()
+    b = tmp_path / "sub" / "sweep.toml"          # the same name, another folder, its own run root
     b.write_text(a.read_text().replace('task = ["labels", "rotation"]', 'task = ["labels"]')
-                 .replace("batch_size = 32", "batch_size = 16"))   # another experiment, the same root
+                 .replace("batch_size = 32", "batch_size = 16"))
     cuda = a.with_name("cuda.toml")
     cuda.write_text(a.read_text().replace('root = "runs"', 'root = "other"\ndevice = "cuda"'))
     assert main(["sweep", str(a), str(cuda)]) == 2
     assert "specs run together train on one device; these name sweep.toml: cpu, cuda.toml: cuda" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "other").exists()
-    assert main(["sweep", str(a), str(b), str(a), "--workers", "2"]) == 0
+    assert main(["sweep", str(a), str(b), str(tmp_path / "sub" / ".." / "sweep.toml"), "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert "sweep.toml: 6/6 steps done" in out and "b.toml: 3/3 steps done" in out
+    assert f"{a}: 6/6 steps done" in out and f"{b}: 3/3 steps done" in out and out.count("steps done") == 2
     assert workers.finished_twice(_ledger(tmp_path / "runs")) == []
+
+
+def test_a_spec_is_not_told_of_another_specs_repeats(tmp_path):
+    """The ledger is the run root's: a step of another spec sharing it, done twice, is that spec's."""
+    spec = load_spec(_spec(tmp_path, epochs=1, replicates=1, retrain=()))
+    spec.root.mkdir()
+    twice = [{"event": "start", "step": "other/x", "pid": p, "worker": "w", "epochs_before": 0} for p in (1, 2)] + \
+            [{"event": "done", "step": "other/x", "pid": p, "worker": "w", "epochs": 3} for p in (1, 2)]
+    (spec.root / "sweep_ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in twice))
+    assert workers.finished_twice(_ledger(spec.root)) == ["other/x"] and status(spec)["finished_twice"] == []
 
 
 def test_a_chain_two_specs_share_is_no_repeat_but_training_done_twice_is():

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The caltech-pretrained study, start to finish: both sweeps, the report, and the table that sets the
+# The caltech-pretrained study, start to finish: both specs in one sweep, the report, and the table that sets the
 # pre-trained arms against the from-scratch ones. It starts from studies/cifar10-cpu's runs (level 0
 # of replicates 1-3 of its labels and RotNet experiments): run that study first.
 # Re-running resumes; finished steps are read back. Usage: bash studies/caltech-pretrained/run.sh

@@ -2,7 +2,7 @@
 # The committed results of this study, docs/results/cifar10-cpu, made again from the finished runs of
 # cifar10-cpu and caltech-pretrained with this checkout's code; nothing is trained. In order: the
 # report and natural sparsity of cifar10-cpu's runs, caltech-pretrained's report and its side-by-side
-# table, the findings table, and what each sweep cost (from its ledger).
+# table, the findings table, and what each spec cost (from its ledger).
 # Usage: bash studies/cifar10-cpu/publish.sh [STUDIES]
 #   STUDIES: the folder holding cifar10-cpu/ and caltech-pretrained/ with their runs/ (default: the
 #   studies/ of this checkout; a git worktree's studies/ when the study ran there). OUT overrides

@@ -1,15 +1,17 @@
 #!/bin/bash
-# The cifar10-paper study on GPUs: six sweeps sharing runs/, then the report and natural sparsity.
+# The cifar10-paper study on GPUs: six specs sharing runs/, then the report and natural sparsity.
 # Re-running resumes; finished steps are read back, interrupted ones resume from their last epoch.
 #   bash studies/cifar10-paper/run.sh                   this machine: one worker per GPU over every sweep
 #   SUBMIT=slurm PARTITION=gpu bash studies/cifar10-paper/run.sh    SLURM jobs (submitit), returns at once
-#   REPORT=1 bash studies/cifar10-paper/run.sh          the report only, once the sweeps are done
-# SPECS (default: labels rotation exemplar semi npid rewind) picks the sweeps. SLURM: MINUTES per job (default
-# 2880), CPUS per job (default 4); the jobs per sweep are below (README.md, "Cost").
+#   REPORT=1 bash studies/cifar10-paper/run.sh          the report only, once every step is done
+# SPECS (default: semi rotation npid exemplar labels rewind: the longest lottery chains first, and rewind
+# after labels and rotation, whose 1-epoch chains it shares to level 12 of their 30) picks the specs.
+# SLURM: one submission per spec, MINUTES per job (default 2880), CPUS per job (default 4); the jobs
+# per spec are below (README.md, "Cost").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/../env.sh"
-specs=${SPECS:-labels rotation exemplar semi npid rewind}
+specs=${SPECS:-semi rotation npid exemplar labels rewind}
 declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10 [rewind]=21)
 
 report() {
@@ -24,7 +26,7 @@ if [ "${SUBMIT:-}" = slurm ]; then
       --slurm-partition "${PARTITION:?set PARTITION to a SLURM partition with GPUs}" --slurm-gpus-per-node 1 \
       --slurm-cpus-per-task "${CPUS:-4}" --slurm-time "${MINUTES:-2880}"
   done
-  echo "progress: for s in $specs; do sslprune sweep $here/\$s.toml --status; done"
+  echo "progress: sslprune sweep $here/*.toml --status"
   echo "jobs that ran out of time leave steps pending: run this command again; when none is: REPORT=1 bash $0"
   exit
 fi
