@@ -2,7 +2,8 @@
 replicates, headed by what produced them) and plots of accuracy against remaining weights (log axis;
 the paper's Fig. 3), each plot as PNG and as SVG beside it (vector, for papers).
 
-Reads nothing but saved files: config.json, masks and done.json of each step.
+Reads nothing but saved files: config.json, masks and done.json of each step. Per-layer densities
+of the masks: report_layers.py (layer_density.csv); the gated study's tables: report_dual.py.
 
 results.csv columns: experiment, objective, reset, replicate, level, remaining, remaining_network,
 eval, metric, value, then the cost columns
@@ -34,7 +35,8 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from . import layout, report_dual
+from . import layout, report_dual, report_layers
+from .figures import percent_axis, save_png, thin_labels
 from .errors import UserError
 from .lottery import load_experiment
 from .models import build_backbone
@@ -408,44 +410,6 @@ def cost_markdown(costs: list[dict]) -> str:
     return "\n".join(lines + [""])
 
 
-def _percent(v: float) -> str:
-    """A density in % as a reader writes it: 100, 80, 64, ..., 11, then two significant digits
-    (8.6, 6.9, ..., 0.12), never 1e+02 or 9x10^1."""
-    return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
-
-
-def _percent_axis(ax, values) -> None:
-    """Log x axis in %, a labelled tick at each value (each level's density: the levels are what was
-    measured, and round decades say little). Values that print alike get one tick; many ticks are
-    set upright (more than ~10 three-digit labels overlap across a 6-inch panel); no minor ticks."""
-    import matplotlib.ticker
-
-    ticks = {}
-    for v in sorted(values, reverse=True):
-        ticks.setdefault(_percent(v), v)
-    ax.set_xscale("log")
-    if ticks:
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(list(ticks.values())))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _percent(v)))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.tick_params(axis="x", labelsize=8, labelrotation=90 if len(ticks) > 10 else 0)
-
-
-def _thin_labels(fig) -> None:
-    """Hide each x tick label that would overlap the last one shown (very many levels, or curves whose
-    densities nearly coincide). Sizes are known only once the figure is laid out and drawn."""
-    fig.tight_layout()
-    fig.canvas.draw()
-    for ax in fig.axes:
-        shown = None
-        for label in ax.get_xticklabels():
-            box = label.get_window_extent()
-            if shown is not None and box.overlaps(shown):
-                label.set_visible(False)
-            else:
-                shown = box
-
-
 def plot_cost(costs: list[dict], path: Path):
     """Test accuracy against MACs and against measured speed-up (PyTorch, CPU, batch 64), every
     curve (weight and channel granularity side by side). Returns the (closed) figure."""
@@ -464,7 +428,7 @@ def plot_cost(costs: list[dict], path: Path):
         axes[0].plot([100 * c["macs_ratio"] for c in pts], [c["acc"] for c in pts], style, marker="o", ms=3, label=label)
         sp = [c for c in pts if "torch_cpu_b64" in c["speedup"]]
         axes[1].plot([c["speedup"]["torch_cpu_b64"] for c in sp], [c["acc"] for c in sp], style, marker="o", ms=3, label=label)
-    _percent_axis(axes[0], [100 * c["macs_ratio"] for c in costs])
+    percent_axis(axes[0], [100 * c["macs_ratio"] for c in costs])
     axes[0].invert_xaxis()
     axes[0].set_xlabel("MACs per image (% of dense)")
     axes[1].set_xlabel("measured speed-up over dense (PyTorch, CPU, batch 64)")
@@ -473,7 +437,7 @@ def plot_cost(costs: list[dict], path: Path):
         ax.set_ylabel(textwrap.fill(f"{ylabel} (mean over replicates)", 45))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    _thin_labels(fig)
+    thin_labels(fig)
     save_png(fig, path)
     return fig
 
@@ -503,7 +467,7 @@ def plot(summary: list[dict], path: Path):
                      "random_adjusted": f"random, natural zeros first ({obj} run)"}.get(reset, f"{obj} / {reset}")
             ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2,
                         ls="--" if reset.startswith("random") else "-", label=label)
-        _percent_axis(ax, [100 * s["remaining"] for s in rows])
+        percent_axis(ax, [100 * s["remaining"] for s in rows])
         ax.invert_xaxis()  # pruning proceeds to the right, as in the paper
         ax.set_xlabel("remaining weights (%)")
         ax.set_ylabel(textwrap.fill(f"{ylabel} (mean ± s.e.)" if spread else ylabel, 56))
@@ -511,24 +475,9 @@ def plot(summary: list[dict], path: Path):
         ax.grid(True, which="both", alpha=0.3)
         if rows:
             ax.legend(fontsize=8)
-    _thin_labels(fig)
+    thin_labels(fig)
     save_png(fig, path)
     return fig
-
-
-def save_png(fig, path: Path) -> None:
-    """Write a matplotlib figure atomically as PNG and, beside it, as SVG (same name: vector, for
-    papers; no date inside, so an unchanged report rewrites the same bytes), then close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    png, svg = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    with plt.rc_context({"svg.hashsalt": "sslprune"}):  # element ids from content, not random
-        fig.savefig(svg, format="svg", metadata={"Date": None})
-    plt.close(fig)
-    layout.save_bytes(path, png.getvalue())
-    layout.save_bytes(path.with_suffix(".svg"), svg.getvalue())
 
 
 STABILITY_COLUMNS = ["experiment", "objective", "replicate", "level", "remaining", "rewind", "rewind_epochs",
@@ -632,37 +581,41 @@ def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
     rows = collect(exp_dirs)
     summary = summarise(rows)
     out = Path(out)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: r[k] for k in COLUMNS} for r in rows)  # 'measure' is for the summary, not a column
     paths = {"csv": out / "results.csv", "md": out / "summary.md", "png": out / "accuracy_vs_remaining.png",
              "svg": out / "accuracy_vs_remaining.svg"}
-    layout.save_text(paths["csv"], buf.getvalue())
+    _save_csv(paths["csv"], COLUMNS, rows)   # 'measure' is for the summary, not a column
     costs = cost_summary(rows)
     stable = collect_stability(exp_dirs)
     stable_summary = stability_summary(stable)
     dual, blocks = report_dual.collect_dual(exp_dirs)
+    per_layer = report_layers.collect(exp_dirs, labels(exp_dirs))
+    layer_summary = report_layers.summarise(per_layer)
     layout.save_text(paths["md"], "# sslprune report\n\n" + provenance(exp_dirs) + "\n" + markdown(summary) + "\n"
-                     + cost_markdown(costs) + stability_markdown(stable_summary) + report_dual.markdown(dual, blocks))
+                     + cost_markdown(costs) + stability_markdown(stable_summary) + report_dual.markdown(dual, blocks)
+                     + report_layers.markdown(layer_summary))
+    if per_layer:
+        paths["layers_csv"], paths["layers_png"] = out / "layer_density.csv", out / "layer_density.png"
+        _save_csv(paths["layers_csv"], report_layers.COLUMNS, per_layer)
+        report_layers.plot(layer_summary, paths["layers_png"])
     if dual:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=report_dual.DUAL_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(dual)
         paths["dual_csv"], paths["dual_png"] = out / "dual.csv", out / "dual_accuracy_vs_macs.png"
-        layout.save_text(paths["dual_csv"], buf.getvalue())
+        _save_csv(paths["dual_csv"], report_dual.DUAL_COLUMNS, dual)
         report_dual.plot(dual, paths["dual_png"])
     if stable:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=STABILITY_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(stable)
         paths["stability_csv"], paths["stability_png"] = out / "stability.csv", out / "stability_vs_rewind.png"
-        layout.save_text(paths["stability_csv"], buf.getvalue())
+        _save_csv(paths["stability_csv"], STABILITY_COLUMNS, stable)
         plot_stability(stable_summary, paths["stability_png"])
     plot(summary, paths["png"])
     if costs:
         paths["cost_png"], paths["cost_svg"] = out / "accuracy_vs_cost.png", out / "accuracy_vs_cost.svg"
         plot_cost(costs, paths["cost_png"])
     return paths
+
+
+def _save_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """rows as CSV with these columns (other keys left out), written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    layout.save_text(path, buf.getvalue())

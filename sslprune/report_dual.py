@@ -118,7 +118,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import save_png
+    from .figures import save_png
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for probe in sorted({s["probe"] for s in summary(rows)}):

@@ -20,7 +20,8 @@ from .errors import UserError
 from .lottery import load_experiment
 from .models import build_backbone
 from .pruning import prunable
-from .report import mean_se, save_png
+from .figures import save_png
+from .report import mean_se
 
 
 def threshold_for(weights: dict[str, torch.Tensor], threshold: float | None) -> float:

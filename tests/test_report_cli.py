@@ -310,3 +310,48 @@ def test_retrain_as_judges_every_objectives_masks_under_one_schedule(tmp_path, d
     assert mixed_retraining(dirs) == []
     with pytest.raises(UserError, match="unknown retrain-as 'nope'"):
         tiny_experiment(retrain_as="nope").validate()
+
+
+def test_the_report_says_where_each_mask_keeps_its_weights(tmp_path, data):
+    """layer_density.csv: a row per (mask, layer) of every level, the lottery's mask and the random
+    baseline's, each count read from the mask itself and summing to the level's remaining weights;
+    summary.md and layer_density.png show them."""
+    import math
+
+    from sslprune import report_layers
+
+    exp = tiny_experiment(epochs=1)
+    d = prepare(exp, tmp_path / "runs", data, None, ["t"])
+    run_replicate(exp, d, data, 1, 2, progress=False)
+    retrain(exp, d, data, 1, 2, "random", progress=False)
+    paths = write_report([d], tmp_path / "report")
+    rows = list(csv.DictReader(open(paths["layers_csv"])))
+    assert list(rows[0]) == report_layers.COLUMNS
+    # the random masks are nested: level 2's was drawn from levels 0 and 1's, written on the way
+    assert {(r["mask"], r["level"]) for r in rows} == {(m, str(lv)) for m in ("lottery", "random") for lv in range(3)}
+    for mask, level in {(r["mask"], r["level"]) for r in rows}:
+        ldir = layout.level_dir(d, 1, int(level))
+        truth = layout.load_mask(ldir / layout.MASK if mask == "lottery" else layout.random_mask(ldir, mask))
+        mine = [r for r in rows if (r["mask"], r["level"]) == (mask, level)]
+        assert {r["layer"]: int(r["kept"]) for r in mine} == {n: int(m.sum()) for n, m in truth.items()}
+        kept, total = sum(int(r["kept"]) for r in mine), sum(int(r["total"]) for r in mine)
+        assert math.isclose(kept / total, float(mine[0]["remaining"]), rel_tol=1e-9)
+        assert math.isclose(kept / total, 0.8 ** int(level), abs_tol=1e-3)
+    md = paths["md"].read_text()
+    assert "## Where the masks keep their weights" in md and "random mask: level 2" in md
+    assert paths["layers_png"].read_bytes()[:4] == b"\x89PNG" and paths["layers_png"].with_suffix(".svg").exists()
+
+
+def test_the_layer_table_turns_to_fit_the_layers():
+    """A row per curve when the network has few layers (the convnet: 3), a row per layer when it has
+    more layers than there are curves (a ResNet-50: 53)."""
+    from sslprune.report_layers import markdown
+
+    def summary(layers, curves):
+        return {(f"obj{c}", "lottery", 4): {"remaining": 0.41, "n": 2, "layers": {f"l{i}": 0.5 for i in range(layers)},
+                                           "total": {f"l{i}": 100 for i in range(layers)}} for c in range(curves)}
+    wide = [line for line in markdown(summary(3, 5)).splitlines() if line.startswith("|")]
+    assert wide[0] == "| mask | l0 (100) | l1 (100) | l2 (100) |" and len(wide) == 2 + 5
+    tall = [line for line in markdown(summary(6, 2)).splitlines() if line.startswith("|")]
+    assert tall[0].startswith("| layer | weights | obj0, lottery mask: level 4, 41% (n=2)") and len(tall) == 2 + 6
+    assert tall[2] == "| l0 | 100 | 50% | 50% |"
