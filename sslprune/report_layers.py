@@ -4,8 +4,8 @@ summary.md, layer_density.png).
 
 Why a report needs it: global pruning ranks every weight of the network together, so a layer whose
 weights start small can all but vanish while another stays nearly whole. In the cifar10-cpu study a
-label mask at 3.5% keeps 74% of the convnet's first conv and 0.4% of its last, where random pruning
-keeps ~3.5% of each: the same remaining weights, two very different networks.
+label mask at 3.5% keeps 74% of the convnet's first conv and 0.4% of its last (replicate 1), where
+random pruning keeps ~3.5% of each: the same remaining weights, two very different networks.
 
 layer_density.csv columns: experiment, objective, mask (lottery | random | random_adjusted),
 replicate, level, remaining (over the pruned layers, as results.csv), layer, kept, total, density.
