@@ -75,6 +75,7 @@ class Prune:
     rewind: Annotated[str, "rewind point: \"<N>it\" (updates) or \"<N>ep\" (epochs); 0 = the init"] = "0it"
     layers: Annotated[int, "layerwise pruning: prune only the first N conv layers, the rest stays dense (0 = all layers)"] = 0
     granularity: Annotated[str, "weight: single weights (unstructured) | channel: whole channels (structured: a compact network can be exported)"] = "weight"
+    scope: Annotated[str, "weight granularity: global (rank every pruned layer's weights together, as Frankle & Carbin and the paper: layers end at different densities) | layer (each layer loses the fraction of its own survivors: every pruned layer keeps the same density)"] = "global"
     channel_score: Annotated[str, "channel granularity: rank channels by l1 | l2 (of their weights) | bn (batch-norm |gamma|)"] = "l1"
     channel_round: Annotated[int, "channel granularity: every layer keeps a multiple of N channels (8: faster kernels; 1 = off)"] = 1
     retrain_as: Annotated[str, "re-train masks on labels (sslprune retrain) with this preset's training settings, e.g. cifar10-resnet18-paper: every objective's masks judged under one labels schedule ('' = this run's own)"] = ""
@@ -141,6 +142,10 @@ class Experiment:
         _choose("schedule", self.train.schedule, {"constant", "step", "cosine"})
         _choose("reset", self.prune.reset, {"rewind", "reinit"})
         _choose("granularity", self.prune.granularity, {"weight", "channel"})
+        _choose("scope", self.prune.scope, {"global", "layer"})
+        if self.prune.granularity == "channel" and self.prune.scope != "global":
+            raise UserError("--scope layer prunes single weights layer by layer; channel granularity ranks "
+                            "channels across layers (scores normalised per group): drop --scope")
         if self.prune.retrain_as:
             _choose("retrain-as", self.prune.retrain_as, set(PRESETS))
         _choose("channel-score", self.prune.channel_score, CHANNEL_SCORES)

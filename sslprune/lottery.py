@@ -302,7 +302,8 @@ def level_mask(exp: Experiment, exp_dir: Path, replicate: int, level: int, backb
                                       round_to=exp.prune.channel_round)
         else:
             scores = SCORES["magnitude"]({n: trained[f"backbone.{n}"] for n in prunable(backbone)})
-            mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
+            mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers),
+                         exp.prune.scope)
     save_mask(path, mask, pruned_layers(backbone, exp.prune.layers))
     return mask
 

@@ -49,16 +49,26 @@ def pruned_layers(backbone: nn.Module, first_convs: int = 0) -> list[str] | None
     return convs[:first_convs]
 
 
-def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float, layers: list[str] | None = None) -> Mask:
+def prune(scores: dict[str, torch.Tensor], mask: Mask, fraction: float, layers: list[str] | None = None,
+          scope: str = "global") -> Mask:
     """Remove round(fraction * surviving) weights: those with the lowest score among the surviving
     ones, globally. Exactly that many, whatever the ties (e.g. many weights at exactly zero).
     `layers` restricts pruning (and the count) to those weights; the others are left as they are.
+    scope "layer": each of those layers on its own instead, round(fraction * its survivors) of its
+    lowest (every pruned layer keeps the same density, to one weight).
 
     Selection by NumPy's argpartition on the surviving scores: linear time, and unlike
     torch.quantile it has no 2^24-element limit (a ResNet-50 has ~25M prunable weights)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     names = list(mask) if layers is None else [n for n in mask if n in layers]
+    if scope == "layer":
+        out = {n: m.clone() for n, m in mask.items()}
+        for n in names:   # a layer already at one weight or none stays as it is (round(0.2 * 1) = 0)
+            out[n] = prune({n: scores[n]}, {n: mask[n]}, fraction)[n]
+        return out
+    if scope != "global":
+        raise ValueError(f"scope must be global or layer, got {scope!r}")
     alive = torch.cat([mask[n].flatten() for n in names])                    # (N,) bool, N weights
     k = int(round(fraction * int(alive.sum())))
     if k == 0:

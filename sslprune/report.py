@@ -356,10 +356,11 @@ def _schedule_text(t) -> str:
 
 
 def _pruning_text(p) -> str:
-    """'20% per level, rewind to 1ep, weight' (the layers and channel options when set)."""
+    """'20% per level, rewind to 1ep, weight' (the layers and scope when set)."""
     reset = f"rewind to {p.rewind}" if p.reset == "rewind" else p.reset
     layers = f", first {p.layers} conv layers" if p.layers else ""
-    return f"{p.fraction:.0%} per level, {reset}, {p.granularity}{layers}"
+    scope = ", each layer alone" if p.scope == "layer" else ""
+    return f"{p.fraction:.0%} per level, {reset}, {p.granularity}{layers}{scope}"
 
 
 def _git_text(git: str | None) -> str:

@@ -39,7 +39,8 @@ RANDOM_MASKS = ("random", "random_adjusted")
 def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level: int,
                 variant: str = "random") -> Mask:
     """Level L's random mask: level L-1's mask with `fraction` of its survivors removed at random
-    (random_adjusted: naturally-zero weights first), globally. Nested across levels, and each
+    (random_adjusted: naturally-zero weights first), globally (--scope layer: in each layer alone,
+    as many as the lottery's layer keeps). Nested across levels, and each
     level keeps exactly as many weights as the lottery's (channels with --channel-round: about as
     many, in the same blocks). Computed once per level from the
     previous one, then read from disk."""
@@ -61,7 +62,8 @@ def random_mask(exp: Experiment, exp_dir: Path, backbone, replicate: int, level:
             else:
                 generator = torch.Generator().manual_seed(derive_seed("adjusted-random-mask", replicate, level))
                 scores = adjusted_random_scores(natural_zeros(_dense_trained(exp_dir, replicate, backbone)), generator)
-            mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers))
+            mask = prune(scores, previous, exp.prune.fraction, pruned_layers(backbone, exp.prune.layers),
+                         exp.prune.scope)   # layer scope: each layer keeps as many as the lottery's
     save_mask(path, mask)
     return mask
 

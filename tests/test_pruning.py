@@ -128,3 +128,51 @@ def test_layerwise_pruning_never_touches_layers_past_n(tmp_path, data):
     assert abs(float(last["remaining_network"]) - (1 - share * (1 - 0.512))) < 1e-3
     with pytest.raises(UserError, match="--layers 9"):
         prepare(tiny_experiment(layers=9), tmp_path / "other", data, None, ["t"])
+
+
+def test_layer_scope_thins_each_layer_by_the_fraction_of_its_own():
+    """scope 'layer': each layer loses round(fraction * its survivors), its own lowest-scoring ones,
+    however small its weights are next to the others' (global would empty it first); nested."""
+    b = build_model("convnet")
+    w = prunable(b)
+    with torch.no_grad():
+        w["features.0.weight"].mul_(1e-8)
+    scores, mask = SCORES["magnitude"](w), dense_mask(b)
+    for _ in range(5):
+        before = {n: int(m.sum()) for n, m in mask.items()}
+        new = prune(scores, mask, 0.2, scope="layer")
+        for n, m in new.items():
+            assert int(m.sum()) == before[n] - round(0.2 * before[n]) and not (m & ~mask[n]).any()
+            kept, dropped = scores[n][m], scores[n][mask[n] & ~m]
+            assert dropped.max() <= kept.min()            # the layer's own lowest went
+        mask = new
+    assert {n: round(float(m.float().mean()), 2) for n, m in mask.items()} == {n: 0.33 for n in mask}
+    assert prune(scores, dense_mask(b), 0.2, layers=["features.3.weight"], scope="layer")["features.0.weight"].all()
+
+
+def test_layer_scope_runs_and_its_random_baseline_keeps_the_lotterys_layer_counts(tmp_path, data):
+    """--scope layer end to end: every pruned layer at 0.8^L of its weights (to one weight per level),
+    the random baseline's mask with the lottery's count in each layer, the name apart from global's,
+    and channel granularity refusing it."""
+    import pytest
+
+    from sslprune import layout
+    from sslprune.errors import UserError
+    from sslprune.lottery import prepare, run_replicate
+    from sslprune.retrain import random_mask
+
+    from .conftest import tiny_experiment
+
+    exp = tiny_experiment(epochs=1, scope="layer")
+    assert exp.name() != tiny_experiment(epochs=1).name()
+    exp_dir = prepare(exp, tmp_path, data, None, ["t"])
+    run_replicate(exp, exp_dir, data, 1, 3, progress=False)
+    backbone = build_model("convnet")
+    for level in range(4):
+        lottery = layout.load_mask(layout.level_dir(exp_dir, 1, level) / layout.MASK)
+        rand = random_mask(exp, exp_dir, backbone, 1, level)
+        for n, m in lottery.items():
+            assert abs(int(m.sum()) - 0.8 ** level * m.numel()) <= level
+            assert int(rand[n].sum()) == int(m.sum())
+    with pytest.raises(UserError, match="--scope layer prunes single weights layer by layer"):
+        tiny_experiment(granularity="channel", scope="layer").validate()
