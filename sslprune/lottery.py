@@ -2,7 +2,7 @@
 
 Level 0 trains the dense network and saves the weights after k updates (the rewind point).
 Level L >= 1 prunes `fraction` of the weights surviving level L-1, by magnitude of level L-1's
-trained weights, globally; resets the survivors (rewind: to the rewind point, the winning ticket
+trained weights, globally (--scope layer: each layer alone); resets the survivors (rewind: to the rewind point, the winning ticket
 with late resetting of Frankle et al. 2019; reinit: a fresh random init, Liu et al. 2019) and
 trains. Every step is idempotent: re-running the same command resumes where it stopped.
 """

@@ -6,7 +6,7 @@ in tasks, not in the backbone) are never pruned.
 
 Criterion apart from selection: `SCORES[name](weights, generator)` scores each weight; `prune`
 removes the lowest-scoring `fraction` of the weights that survive the current mask, ranked
-globally across layers, so masks are nested by construction.
+globally across layers (or each layer alone: scope "layer"), so masks are nested by construction.
 """
 from __future__ import annotations
 

@@ -21,34 +21,51 @@ from . import layout
 from .figures import percent, percent_axis, save_png, thin_labels
 from .lottery import load_experiment
 from .models import build_backbone
-from .pruning import density, pruned_layers
+from .pruning import prunable, pruned_layers
 
 COLUMNS = ["experiment", "objective", "mask", "replicate", "level", "remaining", "layer", "kept", "total", "density"]
 
 
 def collect(exp_dirs: list[Path], names: dict[Path, str]) -> list[dict]:
-    """A row per (mask, layer) of every level on disk whose mask is written. names: each experiment
-    directory's curve label (report.labels)."""
+    """A row per (mask, layer) of every level on disk: the lottery's mask, and each random baseline's
+    where its re-training finished (as results.csv has them), layers in the network's order (input
+    side first). names: each experiment directory's curve label (report.labels)."""
     rows = []
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
-        layers = pruned_layers(build_backbone(exp), exp.prune.layers)
+        backbone = build_backbone(exp)
+        order = pruned_layers(backbone, exp.prune.layers) or list(prunable(backbone))
+        mine = []
         for replicate, level, ldir in layout.levels(exp_dir):
             masks = {"lottery": ldir / layout.MASK}
             masks |= {e.reset: e.mask for e in layout.evaluations(ldir)
-                      if e.kind == "retrain" and e.reset.startswith("random")}
+                      if e.kind == "retrain" and e.reset.startswith("random") and layout.is_done(e.path)}
             for source, path in masks.items():
-                if not path.exists():
+                counts = _counts(path)
+                if counts is None:
                     continue
-                mask = layout.load_mask(path)
-                remaining = density(mask, layers)
-                for layer, m in mask.items():
-                    if layers is None or layer in layers:
-                        kept = int(m.sum())
-                        rows.append(dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir).resolve()],
-                                         mask=source, replicate=replicate, level=level, remaining=remaining,
-                                         layer=layer, kept=kept, total=m.numel(), density=kept / m.numel()))
+                kept, total = sum(counts[n][0] for n in order), sum(counts[n][1] for n in order)
+                mine += [dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir).resolve()], mask=source,
+                              replicate=replicate, level=level, remaining=kept / total, layer=n, kept=counts[n][0],
+                              total=counts[n][1], density=counts[n][0] / counts[n][1]) for n in order]
+        if any(r["level"] > 0 for r in mine):   # a dense-only run (the gated study's) has nothing to show
+            rows += mine
     return rows
+
+
+def _counts(mask_path: Path) -> dict[str, tuple[int, int]] | None:
+    """{layer: (kept, total)} of a mask, from the density.json written beside it (a list of rows in
+    runs made before its seal, {"layers": rows, ...} since): a ResNet-50 study has hundreds of
+    25M-weight masks, and the counts are all a report needs. The mask itself where that file is
+    missing; None where neither is."""
+    side = mask_path.parent / layout.DENSITY
+    if side.exists():
+        saved = layout.load_json(side)
+        rows = saved["layers"] if isinstance(saved, dict) else saved
+        return {r["layer"]: (int(r["kept"]), int(r["total"])) for r in rows}
+    if not mask_path.exists():
+        return None
+    return {n: (int(m.sum()), m.numel()) for n, m in layout.load_mask(mask_path).items()}
 
 
 def summarise(rows: list[dict]) -> dict[tuple, dict]:
@@ -82,21 +99,23 @@ def markdown(summary: dict[tuple, dict]) -> str:
     curves = sorted(deepest, key=lambda c: (c[0], c[1] != "lottery", c[1]))
     at = {c: summary[(*c, deepest[c])] for c in curves}
     layers = list(dict.fromkeys(lay for c in curves for lay in at[c]["layers"]))
-    total = {lay: next(at[c]["total"][lay] for c in curves if lay in at[c]["total"]) for lay in layers}
+    # weights per layer: one number, or each model's where two models share a layer's name
+    total = {lay: " / ".join(f"{t:,}" for t in dict.fromkeys(at[c]["total"][lay] for c in curves if lay in at[c]["total"]))
+             for lay in layers}
     name = {c: f"{c[0]}, {c[1]} mask: level {deepest[c]}, {percent(100 * at[c]['remaining'])}% (n={at[c]['n']})"
             for c in curves}
     cell = lambda c, lay: "" if lay not in at[c]["layers"] else f"{100 * at[c]['layers'][lay]:.3g}%"  # noqa: E731
     lines = ["## Where the masks keep their weights", "",
              "Kept fraction of each pruned layer at each curve's deepest level (mean over replicates; every "
-             "level in layer_density.csv and layer_density.png). Global pruning ranks all layers' weights "
-             "together, so layers may end very unequal.", ""]
+             "level in layer_density.csv and layer_density.png). Global pruning (the default) ranks all "
+             "layers' weights together, so layers may end very unequal; `--scope layer` keeps them alike.", ""]
     if len(layers) <= len(curves):
-        lines += ["| mask | " + " | ".join(f"{lay} ({total[lay]:,})" for lay in layers) + " |",
+        lines += ["| mask | " + " | ".join(f"{lay} ({total[lay]})" for lay in layers) + " |",
                   "|---|" + "---|" * len(layers)]
         lines += [f"| {name[c]} | " + " | ".join(cell(c, lay) for lay in layers) + " |" for c in curves]
     else:
         lines += ["| layer | weights | " + " | ".join(name[c] for c in curves) + " |", "|---|---|" + "---|" * len(curves)]
-        lines += [f"| {lay} | {total[lay]:,} | " + " | ".join(cell(c, lay) for c in curves) + " |" for lay in layers]
+        lines += [f"| {lay} | {total[lay]} | " + " | ".join(cell(c, lay) for c in curves) + " |" for lay in layers]
     return "\n".join(lines + [""])
 
 

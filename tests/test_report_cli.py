@@ -327,8 +327,9 @@ def test_the_report_says_where_each_mask_keeps_its_weights(tmp_path, data):
     paths = write_report([d], tmp_path / "report")
     rows = list(csv.DictReader(open(paths["layers_csv"])))
     assert list(rows[0]) == report_layers.COLUMNS
-    # the random masks are nested: level 2's was drawn from levels 0 and 1's, written on the way
-    assert {(r["mask"], r["level"]) for r in rows} == {(m, str(lv)) for m in ("lottery", "random") for lv in range(3)}
+    # a random mask where its re-training finished, as in results.csv (levels 0 and 1's were drawn on
+    # the way to level 2's: nested, on disk, not re-trained)
+    assert {(r["mask"], r["level"]) for r in rows} == {("lottery", "0"), ("lottery", "1"), ("lottery", "2"), ("random", "2")}
     for mask, level in {(r["mask"], r["level"]) for r in rows}:
         ldir = layout.level_dir(d, 1, int(level))
         truth = layout.load_mask(ldir / layout.MASK if mask == "lottery" else layout.random_mask(ldir, mask))
@@ -343,8 +344,8 @@ def test_the_report_says_where_each_mask_keeps_its_weights(tmp_path, data):
 
 
 def test_the_layer_table_turns_to_fit_the_layers():
-    """A row per curve when the network has few layers (the convnet: 3), a row per layer when it has
-    more layers than there are curves (a ResNet-50: 53)."""
+    """A row per curve when there are at least as many curves as layers (a study of the 3-layer
+    convnet), a row per layer when there are more layers than curves (a ResNet-50 has 53)."""
     from sslprune.report_layers import markdown
 
     def summary(layers, curves):
