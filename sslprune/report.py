@@ -122,8 +122,9 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                 if not layout.is_done(e.path):
                     continue
                 done = layout.load_json(e.path / layout.DONE)
-                mask = layout.load_mask(e.mask)
-                remaining, remaining_network = density(mask, layers), density(mask)
+                counts = layout.mask_counts(e.mask)   # from density.json: no mask read per row
+                weights = [n for n in counts if n not in ("total", "pruned layers")]   # its summary rows
+                remaining, remaining_network = _share(counts, layers or weights), _share(counts, weights)
                 cost = _cost(e.mask.parent / layout.COST, exp.prune.granularity)
                 # every run but the lottery's own trains on labels (re-training, probes, fine-tuning)
                 measures = {**MEASURES, "test_acc": own_metric if e.kind == "train" else "class accuracy"}
@@ -133,6 +134,11 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                                      eval=eval_name, metric=metric, measure=measures.get(metric, metric),
                                      value=done[metric], **cost))
     return rows
+
+
+def _share(counts: dict[str, tuple[int, int]], layers: list[str]) -> float:
+    """Kept over total weights of these layers."""
+    return sum(counts[n][0] for n in layers) / sum(counts[n][1] for n in layers)
 
 
 def _cost(path: Path, granularity: str) -> dict:

@@ -41,7 +41,7 @@ def collect(exp_dirs: list[Path], names: dict[Path, str]) -> list[dict]:
             masks |= {e.reset: e.mask for e in layout.evaluations(ldir)
                       if e.kind == "retrain" and e.reset.startswith("random") and layout.is_done(e.path)}
             for source, path in masks.items():
-                counts = _counts(path)
+                counts = layout.mask_counts(path)
                 if counts is None:
                     continue
                 kept, total = sum(counts[n][0] for n in order), sum(counts[n][1] for n in order)
@@ -51,21 +51,6 @@ def collect(exp_dirs: list[Path], names: dict[Path, str]) -> list[dict]:
         if any(r["level"] > 0 for r in mine):   # a dense-only run (the gated study's) has nothing to show
             rows += mine
     return rows
-
-
-def _counts(mask_path: Path) -> dict[str, tuple[int, int]] | None:
-    """{layer: (kept, total)} of a mask, from the density.json written beside it (a list of rows in
-    runs made before its seal, {"layers": rows, ...} since): a ResNet-50 study has hundreds of
-    25M-weight masks, and the counts are all a report needs. The mask itself where that file is
-    missing; None where neither is."""
-    side = mask_path.parent / layout.DENSITY
-    if side.exists():
-        saved = layout.load_json(side)
-        rows = saved["layers"] if isinstance(saved, dict) else saved
-        return {r["layer"]: (int(r["kept"]), int(r["total"])) for r in rows}
-    if not mask_path.exists():
-        return None
-    return {n: (int(m.sum()), m.numel()) for n, m in layout.load_mask(mask_path).items()}
 
 
 def summarise(rows: list[dict]) -> dict[tuple, dict]:
