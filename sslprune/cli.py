@@ -39,12 +39,15 @@ what a pruned network is worth (Caron et al. 2020), and the command for each:
   stability to SGD noise         sslprune eval stability RUN [--level L]    (linear-mode connectivity of two
                                  copies from the rewind point; lotteries with other --rewind for the sweep)
   layerwise pruning              sslprune lottery ... --layers N   (only the first N convs; then any of the above)
+  each layer alike               sslprune lottery ... --scope layer   (not global: every layer at one density;
+                                 the report's layer_density.csv shows where any mask keeps its weights)
   pre-trained, then pruned       sslprune lottery ... --pretrained FILE   (ours, torchvision, MoCo, DINO, SwAV,
                                  SimCLR, solo-learn, lightly, VISSL; --pretrained-prefix overrides the detection)
   channel pruning                sslprune lottery ... --granularity channel [--channel-score l1|l2|bn] [--channel-round 8]
   params, MACs, latency          sslprune eval cost RUN   (each mask's network against dense, measured)
   a standalone network           sslprune export RUN --level L [--retrain rewind] --format safetensors,onnx
   everything, mean +- s.e.       sslprune report RUN... --out DIR   (arms 1 and 2 share one table per D)
+  a study, many runs at once     sslprune sweep SPEC... --workers N   (several specs, one pool; --status)
 """
 
 
