@@ -55,6 +55,10 @@ def work(specs: str | Path | list, worker: str, poll: float = 0.5, runtime: Runt
     worker finished. runtime: how steps train (default: the spec's device, the rest automatic)."""
     sweeps = [Sweep(load_spec(Path(p)), runtime, worker) for p in ([specs] if isinstance(specs, (str, Path)) else specs)]
     steps = [(sweep, step) for sweep in sweeps for step in sweep.steps()]
+    # every lottery chain before any evaluation, across specs (stable: in spec order otherwise): a
+    # chain trains its levels one after the other, so the sooner each starts, the sooner the study
+    # can end; evaluations of finished levels fill what the chains leave
+    steps.sort(key=lambda pair: pair[1].kind != "lottery")
     finished = 0
     while True:
         pending = [(sweep, s) for sweep, s in steps if not sweep.done(s)]
@@ -74,6 +78,7 @@ def work(specs: str | Path | list, worker: str, poll: float = 0.5, runtime: Runt
                 _ledger(sweep.spec.root, event="done", step=key, worker=worker, epochs=epochs)
                 finished += 1
                 progressed = True
+                break   # look again from the top: a chain no one has started goes first
         if not progressed:
             time.sleep(poll)  # what is left runs elsewhere, or waits for a level being trained
 

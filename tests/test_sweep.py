@@ -139,6 +139,20 @@ def test_one_sweep_runs_several_specs_with_shared_workers(tmp_path, capsys, monk
     assert workers.finished_twice(_ledger(tmp_path / "runs")) == []
 
 
+def test_a_worker_starts_every_chain_before_any_evaluation(tmp_path, monkeypatch):
+    """Across specs, a worker takes every lottery chain no one has started before an evaluation of a
+    finished level (a chain trains level after level: the later it starts, the later the study ends)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    a = _spec(tmp_path, epochs=1, replicates=1, retrain=("rewind",))
+    b = a.with_name("b.toml")
+    b.write_text(a.read_text().replace('task = ["labels", "rotation"]', 'task = ["labels"]')
+                 .replace("batch_size = 32", "batch_size = 16"))
+    assert workers.work([a, b], "w") == 2 * (1 + 2) + (1 + 2)
+    kinds = ["lottery" if e["step"].endswith("/lottery") else "evaluation" for e in _ledger(tmp_path / "runs")
+             if e["event"] == "start"]
+    assert kinds == ["lottery"] * 3 + ["evaluation"] * 6
+
+
 def test_a_spec_is_not_told_of_another_specs_repeats(tmp_path):
     """The ledger is the run root's: a step of another spec sharing it, done twice, is that spec's."""
     spec = load_spec(_spec(tmp_path, epochs=1, replicates=1, retrain=()))
