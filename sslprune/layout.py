@@ -478,20 +478,6 @@ def load_mask(path: Path) -> dict[str, torch.Tensor]:
     return load_sealed(path, Path(path).parent / DENSITY)
 
 
-def mask_counts(path: Path) -> dict[str, tuple[int, int]] | None:
-    """{layer: (kept, total)} of a mask, from the density.json written beside it (a list of rows in
-    runs made before its seal, {"layers": rows, ...} since; its 'total' and 'pruned layers' rows
-    too): reports need the counts, not hundreds of 25M-weight masks. From the mask itself where that
-    file is missing; None where neither is."""
-    side = Path(path).parent / DENSITY
-    if side.exists():
-        saved = load_json(side)
-        return {r["layer"]: (int(r["kept"]), int(r["total"])) for r in (saved["layers"] if isinstance(saved, dict) else saved)}
-    if not Path(path).exists():
-        return None
-    return {n: (int(m.sum()), m.numel()) for n, m in load_mask(path).items()}
-
-
 def load_rewind(exp_dir: Path, replicate: int) -> dict[str, torch.Tensor]:
     """The rewind point, checked against level 0's done.json (which seals it once level 0 is trained)."""
     return load_sealed(replicate_dir(exp_dir, replicate) / REWIND, level_dir(exp_dir, replicate, 0) / "train" / DONE)

@@ -93,7 +93,9 @@ def experiments(exp_dirs: list[Path]) -> list[Path]:
     return unique
 
 
-def collect(exp_dirs: list[Path]) -> list[dict]:
+def collect(exp_dirs: list[Path], cache: dict | None = None) -> list[dict]:
+    """results.csv's rows. cache: the masks' counts, read once per report (report_layers.mask_counts)."""
+    cache = {} if cache is None else cache
     rows = []
     names = labels(exp_dirs)
     for exp_dir in exp_dirs:
@@ -122,9 +124,8 @@ def collect(exp_dirs: list[Path]) -> list[dict]:
                 if not layout.is_done(e.path):
                     continue
                 done = layout.load_json(e.path / layout.DONE)
-                counts = layout.mask_counts(e.mask)   # from density.json: no mask read per row
-                weights = [n for n in counts if n not in ("total", "pruned layers")]   # its summary rows
-                remaining, remaining_network = _share(counts, layers or weights), _share(counts, weights)
+                counts = report_layers.mask_counts(e.mask, cache)   # a level's mask read once, checked
+                remaining, remaining_network = _share(counts, layers or list(counts)), _share(counts, list(counts))
                 cost = _cost(e.mask.parent / layout.COST, exp.prune.granularity)
                 # every run but the lottery's own trains on labels (re-training, probes, fine-tuning)
                 measures = {**MEASURES, "test_acc": own_metric if e.kind == "train" else "class accuracy"}
@@ -585,7 +586,8 @@ def plot_stability(summary: list[dict], path: Path):
 
 def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
     exp_dirs = experiments(exp_dirs)
-    rows = collect(exp_dirs)
+    masks = {}   # each mask's counts, read once for both tables
+    rows = collect(exp_dirs, masks)
     summary = summarise(rows)
     out = Path(out)
     paths = {"csv": out / "results.csv", "md": out / "summary.md", "png": out / "accuracy_vs_remaining.png",
@@ -595,7 +597,7 @@ def write_report(exp_dirs: list[Path], out: Path) -> dict[str, Path]:
     stable = collect_stability(exp_dirs)
     stable_summary = stability_summary(stable)
     dual, blocks = report_dual.collect_dual(exp_dirs)
-    per_layer = report_layers.collect(exp_dirs, labels(exp_dirs))
+    per_layer = report_layers.collect(exp_dirs, labels(exp_dirs), masks)
     layer_summary = report_layers.summarise(per_layer)
     layout.save_text(paths["md"], "# sslprune report\n\n" + provenance(exp_dirs) + "\n" + markdown(summary) + "\n"
                      + cost_markdown(costs) + stability_markdown(stable_summary) + report_dual.markdown(dual, blocks)

@@ -26,10 +26,19 @@ from .pruning import prunable, pruned_layers
 COLUMNS = ["experiment", "objective", "mask", "replicate", "level", "remaining", "layer", "kept", "total", "density"]
 
 
-def collect(exp_dirs: list[Path], names: dict[Path, str]) -> list[dict]:
+def mask_counts(path: Path, cache: dict) -> dict[str, tuple[int, int]]:
+    """{layer: (kept, total)} of a mask, read (and checked against its seal: a damaged mask is
+    refused, never counted) once per report however many evaluations share it."""
+    if path not in cache:
+        cache[path] = {n: (int(m.sum()), m.numel()) for n, m in layout.load_mask(path).items()}
+    return cache[path]
+
+
+def collect(exp_dirs: list[Path], names: dict[Path, str], cache: dict | None = None) -> list[dict]:
     """A row per (mask, layer) of every level on disk: the lottery's mask, and each random baseline's
     where its re-training finished (as results.csv has them), layers in the network's order (input
-    side first). names: each experiment directory's curve label (report.labels)."""
+    side first). names: each experiment directory's curve label (report.labels); cache: mask_counts'."""
+    cache = {} if cache is None else cache
     rows = []
     for exp_dir in exp_dirs:
         exp, _ = load_experiment(exp_dir)
@@ -41,9 +50,9 @@ def collect(exp_dirs: list[Path], names: dict[Path, str]) -> list[dict]:
             masks |= {e.reset: e.mask for e in layout.evaluations(ldir)
                       if e.kind == "retrain" and e.reset.startswith("random") and layout.is_done(e.path)}
             for source, path in masks.items():
-                counts = layout.mask_counts(path)
-                if counts is None:
+                if not path.exists():
                     continue
+                counts = mask_counts(path, cache)
                 kept, total = sum(counts[n][0] for n in order), sum(counts[n][1] for n in order)
                 mine += [dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir).resolve()], mask=source,
                               replicate=replicate, level=level, remaining=kept / total, layer=n, kept=counts[n][0],

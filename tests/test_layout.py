@@ -62,22 +62,3 @@ def test_a_level_moved_aside_is_not_a_level(tmp_path):
     assert layout.replicates(exp) == [1]
     assert [(r, lv) for r, lv, _ in layout.levels(exp)] == [(1, 0)]
 
-
-def test_mask_counts_read_both_density_formats_and_the_mask_without_one(tmp_path):
-    """layout.mask_counts: the counts a report needs, from density.json as written now ({"layers": rows,
-    seal}), as written before the seal (a bare list of rows), and from the mask where none is beside it."""
-    import torch
-
-    from sslprune.lottery import save_mask
-    mask = {"a.weight": torch.tensor([True, False, True, True]), "b.weight": torch.zeros(3, dtype=torch.bool)}
-    want = {"a.weight": (3, 4), "b.weight": (0, 3)}
-    save_mask(tmp_path / "new" / layout.MASK, mask)
-    got = layout.mask_counts(tmp_path / "new" / layout.MASK)
-    assert {k: got[k] for k in want} == want and got["total"] == (3, 7)
-    old = tmp_path / "old"
-    layout.save_tensors(old / layout.MASK, mask)
-    layout.save_json(old / layout.DENSITY, layout.load_json(tmp_path / "new" / layout.DENSITY)["layers"])
-    assert layout.mask_counts(old / layout.MASK) == got
-    bare = tmp_path / "bare"
-    layout.save_tensors(bare / layout.MASK, mask)
-    assert layout.mask_counts(bare / layout.MASK) == want and layout.mask_counts(tmp_path / "none" / layout.MASK) is None
