@@ -253,10 +253,11 @@ def cost(root: Path, experiment: str) -> tuple[float, float | None] | None:
 
 
 def finished_twice(ledger: list[dict]) -> list[str]:
-    """Steps some of whose training was done twice: a finished attempt that started with fewer epochs
-    than an earlier finished one had left. A lottery chain shared by two specs with different levels
-    (a rewind study's 1-epoch chain, to level 12, is the labels study's, to level 30) is finished by
-    each in turn, the second going on from where the first stopped: that is no repeat."""
+    """Steps some of whose work was done twice: a finished attempt that started with fewer epochs
+    than an earlier finished one had left, or any second finish of a step that trains no epochs (a
+    probe). A lottery chain shared by two specs with different levels (a rewind study's 1-epoch chain,
+    to level 12, is the labels study's, to level 30) is finished by each in turn, the second going on
+    from where the first stopped: that is no repeat."""
     began, had, twice = {}, {}, set()   # had: epochs a step had when an attempt last finished it
     for e in ledger:
         who = (e.get("worker"), e["pid"], e["step"])
@@ -264,7 +265,7 @@ def finished_twice(ledger: list[dict]) -> list[str]:
             began[who] = e
         elif who in began:
             before = began.pop(who)["epochs_before"]
-            if e["step"] in had and before < had[e["step"]]:
+            if e["step"] in had and (before < had[e["step"]] or had[e["step"]] == 0):
                 twice.add(e["step"])
             had[e["step"]] = max(had.get(e["step"], 0), before + e["epochs"])
     return sorted(twice)

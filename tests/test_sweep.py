@@ -166,14 +166,15 @@ def test_a_spec_is_not_told_of_another_specs_repeats(tmp_path):
 def test_a_chain_two_specs_share_is_no_repeat_but_training_done_twice_is():
     """finished_twice: a 1-epoch chain a rewind spec takes to level 12 and the labels spec then to 30
     (two finished attempts, the second from where the first stopped), and a resumed kill, are not
-    repeats; two attempts that both trained from the start are."""
+    repeats; two attempts that both trained from the start are, and so is a probe finished twice."""
     def ev(event, step, pid, n):
         return {"event": event, "step": step, "pid": pid, "worker": "w", **({"epochs_before": n} if event == "start" else {"epochs": n})}
     ledger = [ev("start", "chain", 1, 0), ev("done", "chain", 1, 130),     # rewind.toml: levels 0-12
               ev("start", "chain", 2, 130), ev("done", "chain", 2, 180),   # labels.toml: 13-30 on top
               ev("start", "r", 3, 0), ev("start", "r", 4, 7), ev("done", "r", 4, 8),   # 3 killed, 4 resumed
-              ev("start", "x", 5, 0), ev("start", "x", 6, 0), ev("done", "x", 5, 15), ev("done", "x", 6, 15)]
-    assert workers.finished_twice(ledger) == ["x"]
+              ev("start", "x", 5, 0), ev("start", "x", 6, 0), ev("done", "x", 5, 15), ev("done", "x", 6, 15),
+              ev("start", "probe", 7, 0), ev("done", "probe", 7, 0), ev("start", "probe", 8, 0), ev("done", "probe", 8, 0)]
+    assert workers.finished_twice(ledger) == ["probe", "x"]    # a probe trains no epochs: twice is twice
 
 
 def test_local_workers_take_the_visible_gpus_in_turn(monkeypatch):
