@@ -3,6 +3,7 @@ and SVG beside it). Used by report, report_layers, report_dual and sparsity."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 from . import layout
@@ -29,6 +30,33 @@ def percent_axis(ax, values) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: percent(v)))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.tick_params(axis="x", labelsize=8, labelrotation=90 if len(ticks) > 10 else 0)
+
+
+def colours(names) -> dict:
+    """One colour per name, the same in every panel of a figure, so a curve is found again by its
+    colour (tab10; tab20 past ten names)."""
+    import matplotlib
+
+    names = sorted(set(names))
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+
+INSIDE = 6  # legend entries that still fit inside a panel without hiding its curves
+
+
+def legend_height(entries: int) -> float:
+    """Inches a panel needs below it for a legend of that many entries (0 when it fits inside)."""
+    return 0.0 if entries <= INSIDE else 0.6 + 0.17 * math.ceil(entries / 2)
+
+
+def legend(ax, fontsize: int = 8) -> None:
+    """The axes' legend: inside them while it is short, else below them in two columns, where it
+    hides no curve (give the figure legend_height() more; tight_layout makes the room)."""
+    if len(ax.get_legend_handles_labels()[1]) <= INSIDE:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.legend(fontsize=fontsize - 1, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
 
 
 def thin_labels(fig) -> None:

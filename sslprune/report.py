@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import layout, report_dual, report_layers
-from .figures import percent_axis, save_png, thin_labels
+from .figures import colours, legend, legend_height, percent_axis, save_png, thin_labels
 from .errors import UserError
 from .lottery import load_experiment
 from .models import build_backbone
@@ -183,6 +183,9 @@ def mixed_retraining(exp_dirs: list[Path]) -> list[str]:
 
 
 TRANSFER_PRUNED = "pruned during transfer"
+# a curve's line style says how its weights were set (its colour, what found its mask); solid: the
+# ticket, a fine-tuning, a probe of the lottery's own network
+LINESTYLES = {"reinit": "--", "random": ":", "random_adjusted": "-.", TRANSFER_PRUNED: "--"}
 
 
 def _data_label(saved: dict) -> str:
@@ -459,9 +462,14 @@ def plot(summary: list[dict], path: Path):
     sections = _sections(summary) or [("retrain", "test_acc", "", "no results yet", "test accuracy")]
     cols = min(3, len(sections))
     rows_ = math.ceil(len(sections) / cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(6 * cols, 4.5 * rows_), squeeze=False)
+    # each row of panels 4.5 inches, and room below for its longest legend when that goes below
+    entries = [len({(s["objective"], s["reset"]) for s in _rows(summary, *sec[:3])}) for sec in sections]
+    heights = [4.5 + max(legend_height(n) for n in entries[r * cols:(r + 1) * cols]) for r in range(rows_)]
+    fig, axes = plt.subplots(rows_, cols, figsize=(6 * cols, sum(heights)), squeeze=False,
+                             gridspec_kw=dict(height_ratios=heights))
     for ax in axes.flat[len(sections):]:
         ax.set_visible(False)
+    colour = colours(s["objective"] for s in summary)   # what found the mask: the same in every panel
     for ax, (ev, metric, measure, title, ylabel) in zip(axes.flat, sections):
         rows = _rows(summary, ev, metric, measure)
         spread = any(s["n"] > 1 for s in rows)  # error bars and '± s.e.' only when there is a spread
@@ -473,8 +481,8 @@ def plot(summary: list[dict], path: Path):
             err = [0 if math.isnan(s["se"]) else s["se"] for s in pts] if spread else None
             label = {"random": f"random pruning ({obj} run)",
                      "random_adjusted": f"random, natural zeros first ({obj} run)"}.get(reset, f"{obj} / {reset}")
-            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2,
-                        ls="--" if reset.startswith("random") else "-", label=label)
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, color=colour[obj],
+                        ls=LINESTYLES.get(reset, "-"), label=label)
         percent_axis(ax, [100 * s["remaining"] for s in rows])
         ax.invert_xaxis()  # pruning proceeds to the right, as in the paper
         ax.set_xlabel("remaining weights (%)")
@@ -482,7 +490,7 @@ def plot(summary: list[dict], path: Path):
         ax.set_title(textwrap.fill(title, 60), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         if rows:
-            ax.legend(fontsize=8)
+            legend(ax)
     thin_labels(fig)
     save_png(fig, path)
     return fig
@@ -561,7 +569,13 @@ def plot_stability(summary: list[dict], path: Path):
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
     curves = sorted({(s["objective"], s["level"]) for s in summary})
+    # objectives by colour, densities by line and marker: the question is one objective against
+    # another at the same density
+    colour = colours(obj for obj, _ in curves)
+    levels = sorted({level for _, level in curves})
+    looks = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
     for obj, level in curves:
+        ls, marker = looks[levels.index(level) % len(looks)]
         pts = sorted((s for s in summary if (s["objective"], s["level"]) == (obj, level)), key=lambda s: s["rewind_epochs"])
         label = f"{obj}, {100 * pts[0]['remaining']:.3g}% of the weights"
         for ax, key in zip(axes.flat, ("instability", "retrained")):
@@ -569,14 +583,14 @@ def plot_stability(summary: list[dict], path: Path):
             if kept:
                 ax.errorbar([p["rewind_epochs"] for p in kept], [p[key][0] for p in kept],
                             yerr=[0 if math.isnan(p[key][1]) else p[key][1] for p in kept],
-                            marker="o", ms=3, capsize=2, label=label)
+                            color=colour[obj], ls=ls, marker=marker, ms=4, capsize=2, label=label)
     for ax, ylabel in zip(axes.flat, ("instability (max error on the path - mean of the ends)",
                                       "test class accuracy, re-trained on labels from the rewind point")):
         ax.set_xlabel("rewind point (epochs of dense training)")
         ax.set_ylabel(textwrap.fill(ylabel, 56))
         ax.grid(True, alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
+            legend(ax)
     axes.flat[0].axhline(0, color="grey", lw=0.8)
     axes.flat[0].set_title("Linear-mode-connectivity instability of the tickets", fontsize=10)
     axes.flat[1].set_title("Their masks re-trained on labels", fontsize=10)

@@ -123,6 +123,23 @@ def test_each_measure_has_its_own_table_and_axis(tmp_path):
         "test class accuracy", "test rotation accuracy"]
 
 
+def test_a_curve_keeps_its_colour_across_panels_and_its_line_says_how_weights_were_set(tmp_path):
+    rows = [{**r, "reset": reset} for reset in ("rewind", "reinit", "random") for r in _rows(3)]
+    rows += _rows(3, ev="task", objective="rotation") + _rows(3, ev="task")   # 'labels' sorts first in both
+    fig = plot(summarise(rows), tmp_path / "p.png")
+    style = {(ax.get_title()[:10], c.get_label()): (c.lines[0].get_color(), c.lines[0].get_linestyle())
+             for ax in fig.axes for c in ax.containers}   # errorbar: the label is the container's
+    assert style[("Masks re-t", "labels / reinit")][1] == "--" and style[("Masks re-t", "random pruning (labels run)")][1] == ":"
+    colour = {label: c for (_, label), (c, _) in style.items() if label.endswith("/ rewind")}
+    assert colour["labels / rewind"] != colour["rotation / rewind"]
+    assert style[("Each objec", "labels / rewind")][0] == style[("Masks re-t", "labels / rewind")][0]
+    # ten curves in one panel: the legend goes below the axes, where it hides none of them
+    many = [{**r, "objective": f"o{i}", "experiment": f"e{i}"} for i in range(10) for r in _rows(3)]
+    ax = plot(summarise(many), tmp_path / "many.png").axes[0]
+    assert len(ax.get_legend().get_texts()) == 10
+    assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
+
+
 def test_cost_plot_and_table_say_what_they_measure(tmp_path):
     costs = [dict(eval=ev, curve=f"{obj} / rewind", level=level, n=1, granularity="channel", measure=measure,
                   remaining=0.8 ** level, acc=0.5, params=1000, macs_ratio=0.7 ** level,
