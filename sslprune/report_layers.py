@@ -131,7 +131,8 @@ def plot(summary: dict[tuple, dict], path: Path):
     for ax, obj in zip(axes.flat, objectives):
         keys = sorted(k for k in summary if k[0] == obj)
         layers = list(dict.fromkeys(lay for k in keys for lay in summary[k]["layers"]))
-        colours = matplotlib.colormaps["viridis"]([i / max(1, len(layers) - 1) for i in range(len(layers))])
+        # viridis by depth, stopping short of its pale yellow end (unreadable on white)
+        colours = matplotlib.colormaps["viridis"]([0.85 * i / max(1, len(layers) - 1) for i in range(len(layers))])
         named = len(layers) <= 10   # a legend entry per layer; beyond, the first and the last
         for mask in sorted({k[1] for k in keys}, key=lambda m: (m != "lottery", m)):
             pts = sorted((k for k in keys if k[1] == mask), key=lambda k: -summary[k]["remaining"])
