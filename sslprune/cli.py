@@ -284,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
                         "at zero (no speed-up). Load it with sslprune.export.load_exported(DIR).")
     ex.add_argument("run_dir", type=Path, help="experiment directory printed by 'sslprune lottery'")
     ex.add_argument("--level", type=int, required=True, help="the level to export")
+    ex.add_argument("--levels", dest="levels_misused", default=None, help=argparse.SUPPRESS)
     ex.add_argument("--replicate", type=int, default=1, help="the replicate [default: 1]")
     ex.add_argument("--retrain", default=None, choices=["rewind", "reinit", "random", "random_adjusted"],
                     help="export the level re-trained on labels from this start, with its label head (a "

@@ -231,6 +231,8 @@ def test_one_grammar_level_picks_levels_creates_and_lists_take_commas(tmp_path, 
     capsys.readouterr()
     assert main(["retrain", str(exp), "--levels", "1", "--quiet"]) == 2
     assert "'retrain' picks existing levels with --level, e.g. --level 1" in capsys.readouterr().err
+    assert main(["export", str(exp), "--level", "1", "--levels", "1"]) == 2   # export takes one level
+    assert "'export' picks existing levels with --level" in capsys.readouterr().err
     assert main(["retrain", str(exp), "--level", "1", "--variants", "rewind,random", "--quiet"]) == 0
     assert {e.reset for e in layout.evaluations(layout.level_dir(exp, 1, 1)) if e.kind == "retrain"} == {"rewind", "random"}
     with pytest.raises(SystemExit) as e:                                  # argparse: one line, exit 2

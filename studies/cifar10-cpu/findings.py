@@ -1,4 +1,4 @@
-"""The study's report turned into the findings table: each claim of the paper (F1-F6, F8; PAPER.md),
+"""The study's report turned into the findings table: each claim of the paper (F1-F6, F8 of the project's notes on Caron et al. 2020),
 Hubens et al.'s (from the caltech-pretrained report) and the rewind point, with the numbers that
 decide it and a verdict.
 

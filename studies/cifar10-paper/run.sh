@@ -12,7 +12,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/../env.sh"
 specs=${SPECS:-semi rotation npid exemplar labels rewind}
-declare -A jobs=([labels]=48 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10 [rewind]=21)
+declare -A jobs=([labels]=60 [rotation]=18 [exemplar]=24 [semi]=10 [npid]=10 [rewind]=21)
 
 report() {
   sslprune report "$here/runs" --out "$here/report"
