@@ -497,7 +497,7 @@ def plot(summary: list[dict], path: Path):
 
 
 STABILITY_COLUMNS = ["experiment", "objective", "replicate", "level", "remaining", "rewind", "rewind_epochs",
-                     "instability", "retrained_acc"]
+                     "instability", "points", "retrained_acc"]
 
 
 def collect_stability(exp_dirs: list[Path]) -> list[dict]:
@@ -517,6 +517,7 @@ def collect_stability(exp_dirs: list[Path]) -> list[dict]:
             rows.append(dict(experiment=Path(exp_dir).name, objective=names[Path(exp_dir).resolve()], replicate=replicate,
                              level=level, remaining=density(layout.load_mask(ldir / layout.MASK), layers),
                              rewind=st["rewind"], rewind_epochs=st["rewind_epochs"], instability=st["instability"],
+                             points=len(st["alphas"]),   # the path's resolution: its maximum is over these
                              retrained_acc=layout.load_json(retrained / layout.DONE)["test_acc"]
                              if layout.is_done(retrained) else ""))
     return rows
@@ -539,6 +540,7 @@ def stability_summary(rows: list[dict]) -> list[dict]:
         acc = [r["retrained_acc"] for r in rs if r["retrained_acc"] != ""]
         out.append(dict(objective=obj, level=level, rewind_epochs=epochs, rewind=rs[0]["rewind"],
                         remaining=sum(r["remaining"] for r in rs) / len(rs),
+                        points="/".join(str(p) for p in sorted({r["points"] for r in rs})),
                         instability=mean_se([r["instability"] for r in rs]),
                         retrained=mean_se(acc) if acc else None))
     return out
@@ -553,11 +555,11 @@ def stability_markdown(summary: list[dict]) -> str:
              "between two copies trained from the rewind point, minus the mean error of the two, on the "
              "objective's own task (its metric above); about 0: stable. Re-trained: the mask re-trained on "
              "labels from the same rewind point.", "",
-             "| objective | level | remaining | rewind (epochs) | instability | re-trained accuracy |",
-             "|---|---|---|---|---|---|"]
+             "| objective | level | remaining | rewind (epochs) | instability | points on the path | re-trained accuracy |",
+             "|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['objective']} | {s['level']} | {s['remaining']:.2%} | {s['rewind']} ({s['rewind_epochs']:g}) | "
-                     f"{cell(s['instability'])} | {cell(s['retrained'])} |")
+                     f"{cell(s['instability'])} | {s['points']} | {cell(s['retrained'])} |")
     return "\n".join(lines + [""])
 
 

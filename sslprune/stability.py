@@ -130,13 +130,24 @@ def level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: in
     out = layout.stability_dir(ldir)
     with layout.step_guard(layout.step_lock(ldir, out.name)):   # one writer at a time
         if layout.is_done(out):
-            return _same_options(layout.load_json(out / layout.DONE), points, bn, bn_batches, out)
+            return _same_options(layout.load_json(out / layout.DONE), points, bn, bn_batches, out, exp_dir)
         return _level_stability(exp, exp_dir, data, replicate, level, runtime, points, bn, bn_batches, progress, out)
 
 
-def _same_options(done: dict, points: int, bn: str, bn_batches: int, out: Path) -> dict:
-    """A finished measurement, if it was made with the options asked for now; else refused (never
-    another path's numbers under these options)."""
+def _model_seal(run: Path) -> str | None:
+    """The sha256 a finished run's done.json records for its model (None: none recorded)."""
+    files = layout.load_json(run / layout.DONE).get("files", {}) if layout.is_done(run) else {}
+    return (files.get(layout.MODEL) or {}).get("sha256")
+
+
+def _same_options(done: dict, points: int, bn: str, bn_batches: int, out: Path, exp_dir: Path) -> dict:
+    """A finished measurement, if it was made with the options asked for now, on the copies there
+    now; else refused (never another path's numbers under these options, nor the path between
+    networks since retrained). Measurements from before copy seals were recorded pass."""
+    for run, sealed in zip(done.get("copies", []), done.get("copy_seals", [])):
+        if sealed is not None and _model_seal(Path(exp_dir) / run) != sealed:
+            raise UserError(f"{out} was measured between other networks than {Path(exp_dir) / run} holds now "
+                            f"(retrained since); move {out} away to measure again")
     had = (len(done["alphas"]), done["bn"], done["bn_batches"] if done["bn"] == "recompute" else None)
     if had != (points, bn, bn_batches if bn == "recompute" else None):
         made = f"--points {had[0]} --bn {had[1]}" + (f" --bn-batches {had[2]}" if had[2] is not None else "")
@@ -172,18 +183,19 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
         trained.append(train(net, head, data, exp.train, exp.data, mask, run, seed=seed, runtime=runtime,
                              progress=progress)["test_acc"])
         ends.append({name: t.cpu() for name, t in weights(net, head).items()})
-    device = runtime.resolved().device
-    backbone, task = backbone.to(device), task.to(device)
-    normalize = Normalize(*data.channel_stats()).to(device)
+    rt = runtime.resolved()
+    backbone, task = backbone.to(rt.device), task.to(rt.device)
+    normalize = Normalize(*data.channel_stats()).to(rt.device)
     alphas = [i / (points - 1) for i in range(points)]
-    metrics = path_metrics(backbone, task, *[{name: t.to(device) for name, t in e.items()} for e in ends], data,
-                           normalize, alphas, exp.train.batch_size, bn, bn_batches)
+    with rt.autocast():   # the precision training evaluated the copies in: the ends compare to theirs
+        metrics = path_metrics(backbone, task, *[{name: t.to(rt.device) for name, t in e.items()} for e in ends],
+                               data, normalize, alphas, exp.train.batch_size, bn, bn_batches)
     result = {"instability": instability(metrics), "alphas": alphas, "test_acc": metrics,
               "error": [1.0 - m for m in metrics], "ends_trained_acc": trained, "metric": task.metric,
               "rewind": exp.prune.rewind, "rewind_step": k,
               "rewind_epochs": k / per_epoch, "reset": exp.prune.reset, "bn": bn,
               "bn_batches": bn_batches, "copies": [str(run.relative_to(exp_dir)) for run, _ in copies],
-              "seeds": [seed for _, seed in copies]}
+              "seeds": [seed for _, seed in copies], "copy_seals": [_model_seal(run) for run, _ in copies]}
     layout.save_json(out / layout.DONE, result)
     return result
 
@@ -245,7 +257,8 @@ class Stability:
         out = layout.stability_dir(sweep.level_dir(step))
         if layout.is_done(out):  # measured under other options: no result of this table, refused
             t = {"points": 11, "bn": "recompute", "bn_batches": 20} | sweep.item(step)   # level_stability's defaults
-            _same_options(layout.load_json(out / layout.DONE), t["points"], t["bn"], t["bn_batches"], out)
+            _same_options(layout.load_json(out / layout.DONE), t["points"], t["bn"], t["bn_batches"], out,
+                          sweep.exp_dir(step.experiment))
         return out
 
     def train_dirs(self, sweep, step) -> list[Path]:
@@ -271,8 +284,9 @@ class Stability:
         for r, level, res in stability_run(args.run_dir, args.replicates, args.level, runtime_of(args), args.points,
                                            args.bn, args.bn_batches, not args.quiet, list(argv)):
             path = " ".join(f"{m:.3f}" for m in res["test_acc"])
+            ends = "/".join(f"{a:.3f}" for a in res["ends_trained_acc"])
             print(f"replicate {r} level {level}: instability {res['instability']:.4f} (rewind {res['rewind']}; "
-                  f"{res['metric']} along the path: {path})")
+                  f"{res['metric']} along the path: {path}; the copies as trained: {ends})")
         return 0
 
 

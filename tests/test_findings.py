@@ -181,3 +181,21 @@ def test_f3_without_the_labels_arms_is_not_tested(tmp_path):
 def test_report_without_results_fails_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no results.csv"):
         F.main([str(tmp_path)])
+
+
+def test_levels_and_replicates_left_out_are_named_and_one_replicate_never_reproduces_f4(tmp_path):
+    """A comparison takes the levels and replicates both arms have (the rule); those it leaves out
+    are said next to the verdict, never dropped in silence."""
+    report = tmp_path / "report"
+    rows = [r for r in study_rows() if not (r["experiment"] == E["labels"] and r["reset"] == "rewind"
+                                            and r["eval"] == "retrain" and (r["level"] == 15 or r["replicate"] == 3))]
+    _write(report / "results.csv", rows)
+    _write(report / "natural_sparsity.csv",
+           [dict(experiment=E[o], replicate=1, level=0, threshold=1.2e-7, layer="total", zeros=0, total=100, fraction=0.8)
+            for o in ("labels", "rotation")])
+    md = F.main([str(report)]).read_text()
+    f2 = md.split("**F2: ")[1].split("\n")[0]
+    assert "Not compared: L10 labels/reinit replicate(s) [3] (unpaired)" in f2
+    assert "L15 of labels/rewind vs labels/reinit (an arm has no replicate there)" in f2
+    assert "(n=2)" in _table(md)["F2"]
+    assert verdicts(md)["F4"] == "inconclusive"   # 80% zeros, but from one replicate

@@ -1,4 +1,6 @@
 """eval stability: linear-mode-connectivity instability (Frankle et al. 2020) of a level's ticket."""
+import csv
+
 import pytest
 import torch
 
@@ -79,6 +81,13 @@ def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path
     for other in ({"points": 3, "bn": "keep"}, {"points": 5, "bn": "recompute"}):
         with pytest.raises(UserError, match="was measured with --points 5 --bn keep; ask for those"):
             level_stability(exp, exp_dir, data, 1, 1, progress=False, **other)
+    # a copy retrained since (another model under its done.json): the path is not served again
+    copy2 = layout.stability_dir(layout.level_dir(exp_dir, 1, 1)) / "copy_2"
+    done = layout.load_json(copy2 / layout.DONE)
+    layout.save_json(copy2 / layout.DONE, {**done, "files": {layout.MODEL: {"sha256": "0" * 64, "size": 1}}})
+    with pytest.raises(UserError, match="measured between other networks than .*copy_2 holds now"):
+        level_stability(exp, exp_dir, data, 1, 1, points=5, bn="keep", progress=False)
+    layout.save_json(copy2 / layout.DONE, done)
     # level 0 with a rewind point after the init trains both copies from it (the dense run started at the init)
     dense = level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
     assert dense["copies"] == ["replicate_1/level_0/stability/copy_1", "replicate_1/level_0/stability/copy_2"]
@@ -109,6 +118,7 @@ def test_report_plots_instability_against_the_rewind_point(tmp_path, data):
     paths = write_report(dirs, tmp_path / "report")
     lines = paths["stability_csv"].read_text().splitlines()
     assert len(lines) == 3 and all(",rotation,1,1," in line for line in lines[1:])   # one curve, two rewind points
+    assert all(row["points"] == "3" for row in csv.DictReader(lines))   # the path's resolution, said
     assert paths["stability_png"].exists() and paths["stability_png"].with_suffix(".svg").exists()
     assert "rewind (epochs)" in paths["md"].read_text()
     # elsewhere the two experiments are two curves, told apart by their rewind point, never averaged

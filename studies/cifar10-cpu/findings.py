@@ -17,7 +17,8 @@ VERDICT RULES (fixed before any data was seen; applied mechanically)
   d +- 2 s.e. inside [-T, T]).  T = 0.02 (2 accuracy points).  "positive": d > 0 beyond noise holds,
   d < 0 beyond noise fails, else inconclusive ("negative": the same with the sign turned).
 - Compared levels: 10, 13 and 15 where both arms have them (remaining from the data). No compared
-  level, or an arm absent: missing.
+  level, or an arm absent: missing. (Said beside the numbers, added after the data was in, changing
+  no verdict: which of 10, 13, 15 were left out, and replicates one arm has and the other lacks.)
 - Parts and levels combine: any fails -> fails; else any missing -> missing; else all hold -> holds;
   else inconclusive. holds = "reproduced", fails = "not reproduced", missing = "not tested".
 - F1 (retrain, test_acc): (a) rotation/reinit - labels/reinit at each compared level: within +-T
@@ -31,7 +32,7 @@ VERDICT RULES (fixed before any data was seen; applied mechanically)
   boost is beyond noise with d > T and excess is not negative beyond noise; else inconclusive.
 - F4: natural_sparsity.csv, layer 'total', level 0, the threshold nearest float32 machine epsilon
   (2^-23) within a factor 2; per objective (labels, rotation) the mean fraction over replicates:
-  >= 0.5 holds, < 0.5 fails; the verdict combines the objectives present (the absent are named;
+  >= 0.5 holds (n >= 2, as everywhere else: added after the data, which gives 0.00), < 0.5 fails; the verdict combines the objectives present (the absent are named;
   none present: not tested).
 - F5: one verdict per probe dataset of the rotation experiment (eval 'probe ...'; metric
   test_mean_class_acc, else test_acc). (a) level 10 - level 0: holds if n >= 2 and d - 2 s.e. >= -T;
@@ -194,10 +195,14 @@ class Finding:
     def __init__(self, name, claim, what):
         self.name, self.claim, self.what, self.note = name, claim, what, ""
         self.lines, self.parts, self.missing, self.levels, self.ns = [], [], [], {}, set()
+        self.left_out = set()   # levels and replicates a comparison could not pair: said, never silent
 
     def compare(self, res, a, b, rule, levels=None, tag="") -> str:
         """A - B at each level (default: the compared levels both have), one line and status each."""
-        levels = res.levels(a, b) if levels is None else levels
+        if levels is None:
+            levels = res.levels(a, b)
+            if left := [lv for lv in LEVELS if lv not in levels]:
+                self.left_out.add(f"L{'/L'.join(map(str, left))} of {a[0]} vs {b[0]} (an arm has no replicate there)")
         if not levels:
             return self.absent(res, (a, b), f"{a[0]} and {b[0]}")
         return combine([self.judge(f"{tag}L{lv}: {a[0]}", res.get(a, lv), b[0], res.get(b, lv), rule, lv,
@@ -212,6 +217,9 @@ class Finding:
         """x - y ({replicate: value} each) paired by replicate, judged by rule, written as one line."""
         reps = sorted(x.keys() & y.keys())
         d = ms(x[r] - y[r] for r in reps)
+        for name, only in ((la.split(": ")[-1], x.keys() - y.keys()), (lb, y.keys() - x.keys())):
+            if only:
+                self.left_out.add(f"L{lv} {name} replicate(s) {sorted(only)} (unpaired)")
         self.levels[lv], self.ns = rem, self.ns | {d[2]}
         self.lines.append(f"{la} {fmt(ms(x[r] for r in reps))} vs {lb} {fmt(ms(y[r] for r in reps))}, "
                           f"diff {fmt_d(d)} → {rule(d)}")
@@ -234,6 +242,7 @@ class Finding:
         decisive = [line.rsplit(" → ", 1)[0] for line in self.lines if key and line.endswith(f"→ {key}")]
         parts = "".join(f"{n}: {s}; " for n, s in self.parts).removesuffix("; ")
         miss = f" Missing: {'; '.join(dict.fromkeys(self.missing))}." if self.missing else ""
+        miss += f" Not compared: {'; '.join(sorted(self.left_out))}." if self.left_out else ""
         return (f"**{self.name}: {v}.** {parts + '. ' if parts else ''}Verdict: {why}"
                 f"{': ' + '; '.join(decisive) if decisive else ''}.{miss} {self.note}").strip()
 
@@ -307,7 +316,7 @@ def f4(report: Path, E) -> Finding:
             f.missing.append(f"{E[obj]} level 0 in {path.name}")
             continue
         f.ns |= {s[2]}
-        f.parts.append((f"{obj} >= 0.5", "holds" if s[0] >= 0.5 else "fails"))
+        f.parts.append((f"{obj} >= 0.5", "fails" if s[0] < 0.5 else "holds" if s[2] >= 2 else "inconclusive"))
         f.lines.append(f"{obj}: fraction {fmt(s)} (n={s[2]}) → {f.parts[-1][1]}")
     return f
 
@@ -466,7 +475,9 @@ def header(args, sp, E, rows) -> list[str]:
              + f". Data: {Path(str(sp['labels'].data_root)).name}, {e0.data.train_per_class} train / "
              f"{e0.data.test_per_class} test images per class; model {e0.model.model}, {e0.train.optimizer} "
              f"{e0.train.epochs} epochs. Rules: findings.py's docstring; numbers are mean ± s.e. over the replicates "
-             "paired in each comparison.", "", "Replicates per experiment (deepest level of its lottery and of its "
+             "paired in each comparison. With 2-3 replicates, 2 s.e. is a loose bar (a paired t-test at 95% "
+             "needs 4.3 s.e. at n = 3, 12.7 at n = 2): a verdict that rests on one comparison is weak evidence, "
+             "and the table gives every number behind it.", "", "Replicates per experiment (deepest level of its lottery and of its "
              "re-trainings on labels):", ""]
     named = {}
     for key, exp in E.items():  # the rewind spec's 1ep experiments are labels.toml's and rotation.toml's
