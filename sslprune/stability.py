@@ -144,7 +144,7 @@ def _same_options(done: dict, points: int, bn: str, bn_batches: int, out: Path, 
     """A finished measurement, if it was made with the options asked for now, on the copies there
     now; else refused (never another path's numbers under these options, nor the path between
     networks since retrained). Measurements from before copy seals were recorded pass."""
-    for run, sealed in zip(done.get("copies", []), done.get("copy_seals", [])):
+    for run, sealed in zip(done.get("copies", []), done.get("copies_sealed", [])):
         if sealed is not None and _model_seal(Path(exp_dir) / run) != sealed:
             raise UserError(f"{out} was measured between other networks than {Path(exp_dir) / run} holds now "
                             f"(retrained since); move {out} away to measure again")
@@ -195,7 +195,7 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
               "rewind": exp.prune.rewind, "rewind_step": k,
               "rewind_epochs": k / per_epoch, "reset": exp.prune.reset, "bn": bn,
               "bn_batches": bn_batches, "copies": [str(run.relative_to(exp_dir)) for run, _ in copies],
-              "seeds": [seed for _, seed in copies], "copy_seals": [_model_seal(run) for run, _ in copies]}
+              "seeds": [seed for _, seed in copies], "copies_sealed": [_model_seal(run) for run, _ in copies]}
     layout.save_json(out / layout.DONE, result)
     return result
 
