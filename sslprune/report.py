@@ -569,8 +569,8 @@ def plot_stability(summary: list[dict], path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
     curves = sorted({(s["objective"], s["level"]) for s in summary})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + legend_height(len(curves))), squeeze=False)
     # objectives by colour, densities by line and marker: the question is one objective against
     # another at the same density
     colour = colours(obj for obj, _ in curves)
