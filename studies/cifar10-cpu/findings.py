@@ -60,6 +60,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -235,7 +236,7 @@ class Finding:
 
     def paragraph(self) -> str:
         v = self.verdict()
-        why = {"reproduced": f"every part holds ({len(self.lines)} lines of numbers)", "not reproduced": "a part fails",
+        why = {"reproduced": f"every part holds ({len(self.lines)} line{'s' if len(self.lines) > 1 else ''} of numbers)", "not reproduced": "a part fails",
                "not tested": "data is missing", "inconclusive": "nothing fails, but not every part holds "
                "(n < 2, or differences within noise)"}[v]
         key = {"not reproduced": "fails", "inconclusive": "inconclusive"}.get(v)  # the comparisons that decided it
@@ -471,7 +472,8 @@ def header(args, sp, E, rows) -> list[str]:
     """What data, which report, and how many replicates each experiment has, to which level."""
     e0 = sp["labels"].experiments[0]
     lines = ["# Findings of the cifar10-cpu study", "",
-             f"From `{args.report / 'results.csv'}`" + (f" and `{args.caltech / 'results.csv'}`" if args.caltech else "")
+             # paths relative to findings.md, which sits in args.report: the committed file names no machine's folders
+             f"From `results.csv`" + (f" and `{os.path.relpath(args.caltech / 'results.csv', args.report)}`" if args.caltech else "")
              + f". Data: {Path(str(sp['labels'].data_root)).name}, {e0.data.train_per_class} train / "
              f"{e0.data.test_per_class} test images per class; model {e0.model.model}, {e0.train.optimizer} "
              f"{e0.train.epochs} epochs. Rules: findings.py's docstring; numbers are mean ± s.e. over the replicates "
