@@ -9,7 +9,7 @@ from sslprune.data.augment import Normalize
 from sslprune.errors import UserError
 from sslprune.lottery import build, prepare, run_replicate
 from sslprune.stability import instability, interpolate, level_stability, path_metrics, recompute_batchnorm
-from sslprune.train import weights
+from sslprune.train import draw_images, weights
 
 from .conftest import digits_lottery, tiny_experiment
 
@@ -44,6 +44,24 @@ def test_recomputed_batchnorm_is_the_exact_average_in_train_mode(data):
     torch.testing.assert_close(backbone.features[1].running_mean, out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert not backbone.training and backbone.features[1].momentum == 0.1   # left in eval mode, momentum back
     assert all(torch.equal(v, task.state_dict()[k]) for k, v in bank.items() if "running" not in k)
+
+
+def test_recomputed_batchnorm_sees_the_training_augmentation(data):
+    """Statistics from batches cropped and flipped as training draws them (fixed seed), not from the
+    images as they are: those leave a trained network's ends below its accuracy as trained."""
+    exp = tiny_experiment(task="labels", crop_pad=2, flip=True)
+    backbone, task = build(exp, data, seed=0)
+    normalize = Normalize(*data.channel_stats())
+    images, batches, size = data.train.images, 2, 32
+    recompute_batchnorm(backbone, task, images, data.train.labels, normalize, size, batches, exp.data)
+    generator = torch.Generator().manual_seed(0)          # the draws recompute_batchnorm makes
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([draw_images(images, order[i * size:(i + 1) * size], exp.data, generator) for i in range(batches)])
+    with torch.no_grad():
+        out = backbone.features[0](normalize(seen))                       # (2 * 32, 32, H, W)
+        plain = backbone.features[0](normalize(images[order[:batches * size]]))
+    torch.testing.assert_close(backbone.features[1].running_mean, out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out.mean((0, 2, 3)), plain.mean((0, 2, 3)), rtol=1e-3, atol=1e-4)   # it tells them apart
 
 
 def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path, data, monkeypatch):
@@ -92,6 +110,18 @@ def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path
     dense = level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
     assert dense["copies"] == ["replicate_1/level_0/stability/copy_1", "replicate_1/level_0/stability/copy_2"]
     assert all(abs(m - t) < 0.15 for m, t in zip(dense["test_acc"][::2], dense["ends_trained_acc"]))
+    assert dense["bn_augmentation"] == {"crop_pad": 1, "flip": True}
+    # a path measured by an earlier sslprune (statistics from unaugmented images, nothing recorded) is
+    # refused; deleting its done.json measures the path again from the same copies, none retrained
+    out = layout.stability_dir(layout.level_dir(exp_dir, 1, 0))
+    old = {k: v for k, v in dense.items() if k != "bn_augmentation"}
+    layout.save_json(out / layout.DONE, old)
+    with pytest.raises(UserError, match=r"under other augmentation than this run's .*delete .*done.json"):
+        level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
+    (out / layout.DONE).unlink()
+    starts.clear()
+    again = level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
+    assert again == dense and again["copies_sealed"] == dense["copies_sealed"]   # the same copies, read back
 
 
 def test_eval_stability_cli_refuses_bad_options_before_training(tmp_path, capsys):
