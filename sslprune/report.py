@@ -41,6 +41,7 @@ from .errors import UserError
 from .lottery import load_experiment
 from .models import build_backbone
 from .pruning import density, pruned_layers
+from .stability import bn_description
 from .tasks import TASKS, Task
 
 # cost.json of the row's mask (sslprune eval cost): empty until measured
@@ -497,7 +498,7 @@ def plot(summary: list[dict], path: Path):
 
 
 STABILITY_COLUMNS = ["experiment", "objective", "replicate", "level", "remaining", "rewind", "rewind_epochs",
-                     "instability", "points", "retrained_acc"]
+                     "instability", "points", "batchnorm", "retrained_acc"]
 
 
 def collect_stability(exp_dirs: list[Path]) -> list[dict]:
@@ -518,6 +519,7 @@ def collect_stability(exp_dirs: list[Path]) -> list[dict]:
                              level=level, remaining=density(layout.load_mask(ldir / layout.MASK), layers),
                              rewind=st["rewind"], rewind_epochs=st["rewind_epochs"], instability=st["instability"],
                              points=len(st["alphas"]),   # the path's resolution: its maximum is over these
+                             batchnorm=bn_description(st),  # paths measured otherwise are told apart
                              retrained_acc=layout.load_json(retrained / layout.DONE)["test_acc"]
                              if layout.is_done(retrained) else ""))
     return rows
@@ -541,6 +543,7 @@ def stability_summary(rows: list[dict]) -> list[dict]:
         out.append(dict(objective=obj, level=level, rewind_epochs=epochs, rewind=rs[0]["rewind"],
                         remaining=sum(r["remaining"] for r in rs) / len(rs),
                         points="/".join(str(p) for p in sorted({r["points"] for r in rs})),
+                        batchnorm="; ".join(sorted({r["batchnorm"] for r in rs})),   # more than one: said
                         instability=mean_se([r["instability"] for r in rs]),
                         retrained=mean_se(acc) if acc else None))
     return out
@@ -555,11 +558,12 @@ def stability_markdown(summary: list[dict]) -> str:
              "between two copies trained from the rewind point, minus the mean error of the two, on the "
              "objective's own task (its metric above); about 0: stable. Re-trained: the mask re-trained on "
              "labels from the same rewind point.", "",
-             "| objective | level | remaining | rewind (epochs) | instability | points on the path | re-trained accuracy |",
-             "|---|---|---|---|---|---|---|"]
+             "| objective | level | remaining | rewind (epochs) | instability | points on the path | batch-norm on the path "
+             "| re-trained accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['objective']} | {s['level']} | {s['remaining']:.2%} | {s['rewind']} ({s['rewind_epochs']:g}) | "
-                     f"{cell(s['instability'])} | {s['points']} | {cell(s['retrained'])} |")
+                     f"{cell(s['instability'])} | {s['points']} | {s['batchnorm']} | {cell(s['retrained'])} |")
     return "\n".join(lines + [""])
 
 

@@ -85,9 +85,10 @@ def recompute_batchnorm(backbone: nn.Module, task: Task, images: torch.Tensor, l
 
 def path_metrics(backbone: nn.Module, task: Task, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                  data: Dataset, normalize: Normalize, alphas: list[float], batch_size: int,
-                 bn: str = "recompute", bn_batches: int = 20, aug: Data | None = None) -> list[float]:
+                 bn: str = "recompute", bn_batches: int = 20, *, aug: Data | None) -> list[float]:
     """The task's test metric at each alpha on the line from weights a (alpha 0) to b (alpha 1);
-    bn "recompute": batch-norm statistics from training batches under `aug` (the run's data config)."""
+    bn "recompute": batch-norm statistics from training batches under `aug`, the run's data config
+    (None: the images as they are; asked for by name, so that no caller drops it unawares)."""
     device = next(backbone.parameters()).device
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
@@ -136,8 +137,8 @@ def level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: in
     out = layout.stability_dir(ldir)
     with layout.step_guard(layout.step_lock(ldir, out.name)):   # one writer at a time
         if layout.is_done(out):
-            return _same_options(layout.load_json(out / layout.DONE), _options(points, bn, bn_batches, exp), out,
-                                 exp_dir)
+            return _same_options(layout.load_json(out / layout.DONE), exp, _options(points, bn, bn_batches, exp),
+                                 out, exp_dir)
         return _level_stability(exp, exp_dir, data, replicate, level, runtime, points, bn, bn_batches, progress, out)
 
 
@@ -147,11 +148,25 @@ def _model_seal(run: Path) -> str | None:
     return (files.get(layout.MODEL) or {}).get("sha256")
 
 
+def _augmentation(exp: Experiment) -> dict:
+    return {"crop_pad": exp.data.crop_pad, "flip": exp.data.flip}
+
+
 def _options(points: int, bn: str, bn_batches: int, exp: Experiment) -> dict:
     """How a measurement is made, as a finished one records it and must match to be served again."""
     recompute = bn == "recompute"
     return {"points": points, "bn": bn, "bn_batches": bn_batches if recompute else None,
-            "bn_augmentation": {"crop_pad": exp.data.crop_pad, "flip": exp.data.flip} if recompute else None}
+            "bn_augmentation": _augmentation(exp) if recompute else None}
+
+
+def bn_description(done: dict) -> str:
+    """How a finished measurement set the batch-norm statistics on its path, in words (the report's)."""
+    had = _recorded(done)
+    if had["bn"] != "recompute":
+        return had["bn"]
+    aug = had["bn_augmentation"]
+    views = " + ".join(([f"crop {aug['crop_pad']}"] if aug["crop_pad"] else []) + (["flip"] if aug["flip"] else []))
+    return f"recompute, {had['bn_batches']} batches, {views or 'unaugmented'}"
 
 
 def _recorded(done: dict) -> dict:
@@ -161,7 +176,7 @@ def _recorded(done: dict) -> dict:
             "bn_augmentation": done.get("bn_augmentation", {"crop_pad": 0, "flip": False}) if recompute else None}
 
 
-def _same_options(done: dict, want: dict, out: Path, exp_dir: Path) -> dict:
+def _same_options(done: dict, exp: Experiment, want: dict, out: Path, exp_dir: Path) -> dict:
     """A finished measurement, if it was made as asked for now, on the copies there now; else refused
     (never another path's numbers under these options, nor the path between networks since
     retrained). Measurements from before copy seals were recorded pass."""
@@ -174,7 +189,7 @@ def _same_options(done: dict, want: dict, out: Path, exp_dir: Path) -> dict:
         return done
     again = (f"delete {out / layout.DONE} to measure the path again (its copies are read back, nothing is "
              f"retrained)")
-    if {k for k in want if had[k] != want[k]} == {"bn_augmentation"}:
+    if had["bn_augmentation"] not in (None, _augmentation(exp)):   # no options of today measure it that way
         raise UserError(f"{out} recomputed batch-norm statistics under other augmentation than this run's "
                         f"({had['bn_augmentation']}; an earlier sslprune used none); {again}")
     made = f"--points {had['points']} --bn {had['bn']}" + (
@@ -215,12 +230,14 @@ def _level_stability(exp: Experiment, exp_dir: Path, data: Dataset, replicate: i
     alphas = [i / (points - 1) for i in range(points)]
     with rt.autocast():   # the precision training evaluated the copies in: the ends compare to theirs
         metrics = path_metrics(backbone, task, *[{name: t.to(rt.device) for name, t in e.items()} for e in ends],
-                               data, normalize, alphas, exp.train.batch_size, bn, bn_batches, exp.data)
+                               data, normalize, alphas, exp.train.batch_size, bn, bn_batches,
+                               aug=exp.data)
     result = {"instability": instability(metrics), "alphas": alphas, "test_acc": metrics,
               "error": [1.0 - m for m in metrics], "ends_trained_acc": trained, "metric": task.metric,
               "rewind": exp.prune.rewind, "rewind_step": k,
               "rewind_epochs": k / per_epoch, "reset": exp.prune.reset, "bn": bn, "bn_batches": bn_batches,
-              "bn_augmentation": _options(points, bn, bn_batches, exp)["bn_augmentation"], "copies": [str(run.relative_to(exp_dir)) for run, _ in copies],
+              "bn_augmentation": _options(points, bn, bn_batches, exp)["bn_augmentation"],
+              "copies": [str(run.relative_to(exp_dir)) for run, _ in copies],
               "seeds": [seed for _, seed in copies], "copies_sealed": [_model_seal(run) for run, _ in copies]}
     layout.save_json(out / layout.DONE, result)
     return result
@@ -283,7 +300,7 @@ class Stability:
         out = layout.stability_dir(sweep.level_dir(step))
         if layout.is_done(out):  # measured under other options: no result of this table, refused
             t = {"points": 11, "bn": "recompute", "bn_batches": 20} | sweep.item(step)   # level_stability's defaults
-            _same_options(layout.load_json(out / layout.DONE),
+            _same_options(layout.load_json(out / layout.DONE), step.experiment,
                           _options(t["points"], t["bn"], t["bn_batches"], step.experiment), out,
                           sweep.exp_dir(step.experiment))
         return out

@@ -19,7 +19,8 @@ def test_two_identical_copies_have_zero_instability(data):
     backbone, task = build(exp, data, seed=3)
     state = {k: v.clone() for k, v in weights(backbone, task).items()}
     normalize = Normalize(*data.channel_stats())
-    metrics = path_metrics(backbone, task, state, state, data, normalize, [i / 4 for i in range(5)], 32)
+    metrics = path_metrics(backbone, task, state, state, data, normalize, [i / 4 for i in range(5)], 32,
+                           aug=exp.data)
     assert len(set(metrics)) == 1 and instability(metrics) == 0.0
 
 
@@ -69,13 +70,19 @@ def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path
     exp = tiny_experiment(task="rotation", epochs=2, rewind="1it")
     exp_dir = prepare(exp, tmp_path, data, None, ["t"])
     run_replicate(exp, exp_dir, data, 1, 1, progress=False)
-    starts, real_train = {}, stability_mod.train
+    starts, real_train, finished, paths, real_path = {}, stability_mod.train, {}, [], stability_mod.path_metrics
 
     def spy(backbone, task, data, cfg, aug, mask, out, seed, **k):  # where each copy really starts
         starts[str(out.relative_to(exp_dir))] = ({n: v.clone() for n, v in weights(backbone, task).items()}, mask, seed)
+        finished[str(out.relative_to(exp_dir))] = layout.is_done(out)   # read back, or trained now
         return real_train(backbone, task, data, cfg, aug, mask, out, seed=seed, **k)
 
+    def path_spy(*args, aug, **k):  # the augmentation the batch-norm statistics are recomputed under
+        paths.append(aug)
+        return real_path(*args, aug=aug, **k)
+
     monkeypatch.setattr(stability_mod, "train", spy)
+    monkeypatch.setattr(stability_mod, "path_metrics", path_spy)
     kept = level_stability(exp, exp_dir, data, 1, 1, points=5, bn="keep", progress=False)
     # copy 2 starts from the ticket (the rewind point, head and batch-norm included; train() applies the
     # level's mask), with another seed than copy 1, the level's own run
@@ -110,17 +117,19 @@ def test_level_stability_end_to_end_ends_reproduce_the_trained_networks(tmp_path
     dense = level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
     assert dense["copies"] == ["replicate_1/level_0/stability/copy_1", "replicate_1/level_0/stability/copy_2"]
     assert all(abs(m - t) < 0.15 for m, t in zip(dense["test_acc"][::2], dense["ends_trained_acc"]))
-    assert dense["bn_augmentation"] == {"crop_pad": 1, "flip": True}
+    assert dense["bn_augmentation"] == {"crop_pad": 1, "flip": True} and paths[-1] == exp.data   # the run's own
     # a path measured by an earlier sslprune (statistics from unaugmented images, nothing recorded) is
     # refused; deleting its done.json measures the path again from the same copies, none retrained
     out = layout.stability_dir(layout.level_dir(exp_dir, 1, 0))
     old = {k: v for k, v in dense.items() if k != "bn_augmentation"}
     layout.save_json(out / layout.DONE, old)
-    with pytest.raises(UserError, match=r"under other augmentation than this run's .*delete .*done.json"):
-        level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
+    for points in (3, 5):   # other options too: no options of today measure it as it was, so only the delete
+        with pytest.raises(UserError, match=r"under other augmentation than this run's .*delete .*done.json"):
+            level_stability(exp, exp_dir, data, 1, 0, points=points, bn="recompute", progress=False)
     (out / layout.DONE).unlink()
-    starts.clear()
+    finished.clear()
     again = level_stability(exp, exp_dir, data, 1, 0, points=3, bn="recompute", progress=False)
+    assert finished == {"replicate_1/level_0/stability/copy_1": True, "replicate_1/level_0/stability/copy_2": True}
     assert again == dense and again["copies_sealed"] == dense["copies_sealed"]   # the same copies, read back
 
 
@@ -149,6 +158,7 @@ def test_report_plots_instability_against_the_rewind_point(tmp_path, data):
     lines = paths["stability_csv"].read_text().splitlines()
     assert len(lines) == 3 and all(",rotation,1,1," in line for line in lines[1:])   # one curve, two rewind points
     assert all(row["points"] == "3" for row in csv.DictReader(lines))   # the path's resolution, said
+    assert all(row["batchnorm"] == "recompute, 20 batches, crop 1 + flip" for row in csv.DictReader(lines))
     assert paths["stability_png"].exists() and paths["stability_png"].with_suffix(".svg").exists()
     assert "rewind (epochs)" in paths["md"].read_text()
     # elsewhere the two experiments are two curves, told apart by their rewind point, never averaged
